@@ -1,0 +1,6 @@
+"""VideoNSA attention kernels: a pure-PyTorch reference of the released model's function, and dispatch."""
+
+from . import reference
+from .reference import hybrid_attention, nsa_head_layout, token_is_vision
+
+__all__ = ["reference", "hybrid_attention", "nsa_head_layout", "token_is_vision"]

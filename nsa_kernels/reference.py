@@ -1,0 +1,527 @@
+"""Pure-PyTorch reference of the VideoNSA hybrid attention.
+
+This module computes, readably and differentiably, the exact attention function the released VideoNSA
+checkpoint was trained and evaluated with (``reference-semantics.md`` in the project docs), quirks included:
+
+* token typing from the three M-RoPE rows (a token is text when temporal == height == width);
+* the 28 -> 64 head layout: every query head is computed twice, against kv head ``h // 16`` and
+  ``(h + 28) // 16``, and the two results are averaged; heads 56-63 are zero;
+* compression attends to the query's own block and every *later* block;
+* selection ranks blocks with a log-sum-exp read in the wrong layout (``[B, T, P]`` view of a
+  ``[B, P, T]`` array) and breaks ties with fla's bitonic sorting network;
+* in the mixed path text rows get half of three uniform averages of vision values, and vision rows get a
+  causal running mean of all values.
+
+Every function processes queries in chunks so that no ``T x T`` matrix is ever materialised.
+
+Layouts follow fla's NSA ops (batch, time, heads, dim): ``q`` is ``[B, Tq, P, D]`` on the padded head
+layout, ``k``/``v`` are ``[B, Tk, Hkv, D]``. Query row ``r`` sits at position ``Tk - Tq + r``: a pass that
+continues a KV cache passes only its own queries but the whole key range.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+# Elements of one score tile (query rows x heads x keys) before the query axis is chunked.
+_TILE_ELEMENTS = 1 << 24
+# fla's top-k kernel walks the candidate blocks in chunks of this many and keeps the best half of a chunk.
+_TOPK_CHUNK = 64
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Token typing and head layout
+# ----------------------------------------------------------------------------------------------------------
+def token_is_vision(position_ids: torch.Tensor) -> torch.Tensor:
+    """Vision mask from multimodal RoPE position ids.
+
+    Args:
+        position_ids: ``[3, B, T]`` integer (temporal, height, width) ids, as Qwen2.5-VL builds them.
+
+    Returns:
+        ``[B, T]`` bool, True for vision. A token is text iff its three ids are equal, so a vision token whose
+        coordinates coincide (the first token of every video, for instance) is typed text: the released
+        weights were trained with exactly this rule.
+    """
+    if position_ids.dim() != 3 or position_ids.shape[0] != 3:
+        raise ValueError(
+            f"position_ids must be [3, batch, seq_len] multimodal RoPE ids, got shape {tuple(position_ids.shape)}"
+        )
+    temporal, height, width = position_ids.unbind(0)
+    return ~((temporal == height) & (temporal == width))
+
+
+def nsa_head_layout(num_heads: int, num_kv_heads: int) -> tuple[int, int]:
+    """Padded NSA head count ``P`` and group width ``G`` (query heads per kv head) of the reference layout.
+
+    The authors' code lays the query heads out twice and pads to a group width that its Triton kernels
+    accept (a power of two >= 16). For Qwen2.5-VL-7B (28 heads, 4 kv heads) this is ``(64, 16)``; other
+    layouts follow the same rule.
+    """
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+    group = max(16, 1 << math.ceil(math.log2(math.ceil(2 * num_heads / num_kv_heads))))
+    return group * num_kv_heads, group
+
+
+def pad_heads(x: torch.Tensor, num_padded: int) -> torch.Tensor:
+    """``[..., H, *rest]`` (head axis 2) -> ``[..., P, *rest]``: heads ``0..H-1``, the same again, then zeros."""
+    num_heads = x.shape[2]
+    zeros = x.new_zeros(*x.shape[:2], num_padded - 2 * num_heads, *x.shape[3:])
+    return torch.cat([x, x, zeros], dim=2)
+
+
+def fold_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Inverse of :func:`pad_heads` for outputs: the average of the two copies of every head."""
+    return (x[:, :, :num_heads] + x[:, :, num_heads : 2 * num_heads]) * 0.5
+
+
+def _expand_kv(x: torch.Tensor, group: int) -> torch.Tensor:
+    """``[B, T, Hkv, D]`` -> ``[B, T, Hkv * group, D]``: padded head ``j`` reads kv head ``j // group``."""
+    return x.repeat_interleave(group, dim=2)
+
+
+def _query_chunks(num_queries: int, heads: int, keys: int):
+    """Yield ``(start, stop)`` query ranges whose score tile stays within ``_TILE_ELEMENTS``."""
+    step = max(1, _TILE_ELEMENTS // max(1, heads * keys))
+    for start in range(0, num_queries, step):
+        yield start, min(num_queries, start + step)
+
+
+def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float):
+    """Softmax attention with an explicit visibility mask.
+
+    Args:
+        q: ``[B, Tc, P, D]``; k, v: ``[B, N, P, D]``; visible: bool, broadcastable to ``[B, Tc, P, N]``.
+
+    Returns:
+        output ``[B, Tc, P, D]`` and natural-log log-sum-exp ``[B, Tc, P]`` (float32). Every row of the NSA
+        branches has at least one visible key, so no row is empty.
+    """
+    scores = torch.einsum("bqhd,bkhd->bqhk", q.float(), k.float()) * scale
+    scores = scores.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse[..., None])
+    out = torch.einsum("bqhk,bkhd->bqhd", probs, v.float())
+    return out.to(q.dtype), lse
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The three NSA branches
+# ----------------------------------------------------------------------------------------------------------
+def compress_kv(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Mean-pool ``[B, T, Hkv, D]`` over consecutive blocks -> ``[B, ceil(T / block_size), Hkv, D]``.
+
+    A final partial block is divided by the number of tokens it holds. Zeroed text tokens are counted (they
+    are zeros, not removed).
+    """
+    batch, length, heads, dim = x.shape
+    num_blocks = -(-length // block_size)
+    padded = F.pad(x.float(), (0, 0, 0, 0, 0, num_blocks * block_size - length))
+    sums = padded.view(batch, num_blocks, block_size, heads, dim).sum(dim=2)
+    counts = torch.full((num_blocks,), float(block_size), device=x.device)
+    counts[-1] = length - (num_blocks - 1) * block_size
+    return (sums / counts[None, :, None, None]).to(x.dtype)
+
+
+def compression_attention(
+    q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, block_size: int, scale: float, num_keys: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of every query over the compressed blocks ``c >= t // block_size`` (own and later blocks).
+
+    Args:
+        q: ``[B, Tq, P, D]``, rows at positions ``num_keys - Tq ...``.
+        k_cmp, v_cmp: ``[B, NB, Hkv, D]`` from :func:`compress_kv`.
+        num_keys: length ``Tk`` of the key range the blocks were pooled from.
+
+    Returns:
+        ``o_cmp`` ``[B, Tq, P, D]`` and ``lse`` ``[B, P, Tq]`` float32, contiguous (the layout the selection
+        step misreads).
+    """
+    num_q, heads = q.shape[1], q.shape[2]
+    group = heads // k_cmp.shape[2]
+    k_exp, v_exp = _expand_kv(k_cmp, group), _expand_kv(v_cmp, group)
+    blocks = torch.arange(k_cmp.shape[1], device=q.device)
+    outs, lses = [], []
+    for start, stop in _query_chunks(num_q, heads, k_cmp.shape[1]):
+        pos = torch.arange(start, stop, device=q.device) + (num_keys - num_q)
+        visible = (blocks[None, :] >= (pos // block_size)[:, None])[None, :, None, :]
+        out, lse = _masked_attention(q[:, start:stop], k_exp, v_exp, visible, scale)
+        outs.append(out)
+        lses.append(lse)
+    return torch.cat(outs, dim=1), torch.cat(lses, dim=1).transpose(1, 2).contiguous()
+
+
+def _compare_and_swap(vals, ids, distance: int, flip: torch.Tensor):
+    """One layer of a bitonic network over the last axis (length 64).
+
+    Pairs are ``distance`` apart. A pair is swapped iff ``(left > right) != flip``; so where ``flip`` is set
+    (descending order) EQUAL values are swapped too. This asymmetry decides ties and is reproduced exactly.
+    """
+    rows, width = vals.shape
+    shape = (rows, width // (2 * distance), 2, distance)
+    v, i = vals.view(shape), ids.view(shape)
+    left, right = v[:, :, 0], v[:, :, 1]
+    swap = (left > right) != flip.view(1, width // (2 * distance), distance)
+    new_v = torch.stack([torch.where(swap, right, left), torch.where(swap, left, right)], dim=2)
+    new_i = torch.stack([torch.where(swap, i[:, :, 1], i[:, :, 0]), torch.where(swap, i[:, :, 0], i[:, :, 1])], 2)
+    return new_v.view(rows, width), new_i.view(rows, width)
+
+
+def _bitonic_merge(vals, ids, stage: int, descending):
+    """Bitonic merge of runs of ``2**stage`` elements.
+
+    ``descending`` is a bool for the whole row, or None for alternating runs (run ``r`` sorted descending
+    iff ``r`` is odd), as in the sorting phase of fla's network.
+    """
+    width = vals.shape[1]
+    pos = torch.arange(width, device=vals.device)
+    for step in range(stage):
+        distance = 1 << (stage - 1 - step)
+        left_pos = pos.view(width // (2 * distance), 2, distance)[:, 0]
+        if descending is None:
+            flip = ((left_pos >> stage) & 1).bool()
+        else:
+            flip = torch.full_like(left_pos, bool(descending), dtype=torch.bool)
+        vals, ids = _compare_and_swap(vals, ids, distance, flip)
+    return vals, ids
+
+
+def _sort_chunk(vals, ids, descending: bool):
+    """Sort rows of 64 with fla's network: alternating stages 1..5, then a final stage in one direction."""
+    stages = int(math.log2(vals.shape[1]))
+    for stage in range(1, stages):
+        vals, ids = _bitonic_merge(vals, ids, stage, None)
+    return _bitonic_merge(vals, ids, stages, descending)
+
+
+def select_blocks(
+    q: torch.Tensor,
+    k_cmp: torch.Tensor,
+    lse: torch.Tensor,
+    block_count: int,
+    block_size: int,
+    scale: float,
+    num_keys: int,
+) -> torch.Tensor:
+    """Top-k block selection, as fla's ``parallel_nsa_topk`` computes it for the released model.
+
+    For query position ``t`` (current block ``n = t // block_size``) and kv head ``g``, block ``c < n`` scores
+    ``sum_{j in group g} exp(scale * q_j . k_cmp[c] - lse_read[t, j])`` and block ``n`` scores exactly 1 per
+    head. ``lse_read`` is ``lse`` (``[B, P, Tq]``) read as if laid out ``[B, Tq, P]`` (the authors' kernel reads
+    element ``P * t + j`` of the flat array). Blocks are ranked with fla's bitonic network (chunks of 64
+    candidates in index order merged with the running best 32), which decides exact ties.
+
+    Args:
+        q: ``[B, Tq, P, D]``; k_cmp: ``[B, NB, Hkv, D]``; lse: ``[B, P, Tq]`` float32.
+
+    Returns:
+        int32 ``[B, Tq, Hkv, S]``, ``S = next_power_of_2(block_count)``: block numbers by descending score, -1
+        in unused trailing slots.
+    """
+    batch, num_q, heads, dim = q.shape
+    kv_heads, num_blocks = k_cmp.shape[2], k_cmp.shape[1]
+    group = heads // kv_heads
+    slots = 1 << math.ceil(math.log2(block_count)) if block_count > 1 else 1
+    lse_read = lse.reshape(batch, -1).view(batch, num_q, heads)
+    result = torch.empty(batch, num_q, kv_heads, slots, dtype=torch.int32, device=q.device)
+    q_scaled = (q.float() * scale).view(batch, num_q, kv_heads, group, dim)
+    k_float = k_cmp.float()
+    half = _TOPK_CHUNK // 2
+    keep_previous = torch.arange(_TOPK_CHUNK, device=q.device) < half
+    for start, stop in _query_chunks(num_q, heads, num_blocks):
+        rows = stop - start
+        current = (torch.arange(start, stop, device=q.device) + (num_keys - num_q)) // block_size  # [rows]
+        num_chunks = int(current.max()) // _TOPK_CHUNK + 1
+        padded_blocks = num_chunks * _TOPK_CHUNK
+        # importance [B, rows, Hkv, padded_blocks]
+        logits = torch.einsum("bqgjd,bcgd->bqgjc", q_scaled[:, start:stop], k_float)
+        logits = logits - lse_read[:, start:stop].view(batch, rows, kv_heads, group, 1)
+        blocks = torch.arange(num_blocks, device=q.device)
+        earlier = (blocks[None, :] < current[:, None])[None, :, None, None, :]
+        probs = torch.where(earlier, torch.exp(logits), torch.zeros((), device=q.device))
+        probs = torch.where((blocks[None, :] == current[:, None])[None, :, None, None, :], 1.0, probs)
+        importance = F.pad(probs.sum(dim=3), (0, padded_blocks - num_blocks))
+        block_ids = torch.arange(padded_blocks, device=q.device)
+        ids = torch.where(block_ids[None, :] <= current[:, None], block_ids[None, :] + 1, 0).to(torch.int32)
+        ids = ids[None, :, None, :].expand(batch, rows, kv_heads, padded_blocks)
+
+        flat = batch * rows * kv_heads
+        importance = importance.reshape(flat, padded_blocks)
+        ids = ids.reshape(flat, padded_blocks)
+        active_until = current[None, :, None].expand(batch, rows, kv_heads).reshape(flat)
+        best_vals, best_ids = _sort_chunk(importance[:, :_TOPK_CHUNK], ids[:, :_TOPK_CHUNK], descending=True)
+        for chunk in range(1, num_chunks):
+            lo = chunk * _TOPK_CHUNK
+            vals, cids = _sort_chunk(importance[:, lo : lo + _TOPK_CHUNK], ids[:, lo : lo + _TOPK_CHUNK], False)
+            # previous best 32 (descending) followed by this chunk's best 32 (ascending) is bitonic
+            vals = torch.where(keep_previous, best_vals, vals)
+            cids = torch.where(keep_previous, best_ids, cids)
+            vals, cids = _bitonic_merge(vals, cids, int(math.log2(_TOPK_CHUNK)), True)
+            active = (active_until >= lo)[:, None]
+            best_vals = torch.where(active, vals, best_vals)
+            best_ids = torch.where(active, cids, best_ids)
+        result[:, start:stop] = (best_ids[:, :slots] - 1).view(batch, rows, kv_heads, slots)
+    return result
+
+
+def selected_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indices: torch.Tensor, block_size: int, scale: float
+) -> torch.Tensor:
+    """Attention of every query over the tokens of its selected blocks that are at or before it.
+
+    Args:
+        q: ``[B, Tq, P, D]``; k, v: ``[B, Tk, Hkv, D]``; block_indices: int ``[B, Tq, Hkv, S]`` (-1 = empty).
+
+    Returns:
+        ``[B, Tq, P, D]``.
+    """
+    batch, num_q, heads, _ = q.shape
+    num_keys, kv_heads = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    num_blocks = -(-num_keys // block_size)
+    k_exp, v_exp = _expand_kv(k, group), _expand_kv(v, group)
+    key_pos = torch.arange(num_keys, device=q.device)
+    outs = []
+    for start, stop in _query_chunks(num_q, heads, num_keys):
+        idx = block_indices[:, start:stop].long()
+        chosen = torch.zeros(batch, stop - start, kv_heads, num_blocks + 1, dtype=torch.bool, device=q.device)
+        chosen.scatter_(-1, torch.where(idx < 0, num_blocks, idx), True)  # empty slots land in a spare column
+        token_chosen = chosen[..., key_pos // block_size].repeat_interleave(group, dim=2)
+        pos = torch.arange(start, stop, device=q.device) + (num_keys - num_q)
+        causal = (key_pos[None, :] <= pos[:, None])[None, :, None, :]
+        outs.append(_masked_attention(q[:, start:stop], k_exp, v_exp, token_chosen & causal, scale)[0])
+    return torch.cat(outs, dim=1)
+
+
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_size: int, scale: float):
+    """Causal sliding-window attention: query ``t`` sees keys ``t - window_size + 1 ... t``.
+
+    Args:
+        q: ``[B, Tq, P, D]``; k, v: ``[B, Tk, Hkv, D]``. Returns ``[B, Tq, P, D]``.
+    """
+    num_q, heads = q.shape[1], q.shape[2]
+    num_keys = k.shape[1]
+    group = heads // k.shape[2]
+    outs = []
+    step = max(1, min(window_size, _TILE_ELEMENTS // (heads * 2 * window_size)))  # a chunk sees <= 2W keys
+    for start in range(0, num_q, step):
+        stop = min(num_q, start + step)
+        pos = torch.arange(start, stop, device=q.device) + (num_keys - num_q)
+        first = max(0, int(pos[0]) - window_size + 1)
+        last = int(pos[-1]) + 1
+        key_pos = torch.arange(first, last, device=q.device)
+        visible = ((key_pos[None, :] <= pos[:, None]) & (key_pos[None, :] > pos[:, None] - window_size))[
+            None, :, None, :
+        ]
+        k_win = _expand_kv(k[:, first:last], group)
+        v_win = _expand_kv(v[:, first:last], group)
+        outs.append(_masked_attention(q[:, start:stop], k_win, v_win, visible, scale)[0])
+    return torch.cat(outs, dim=1)
+
+
+def nsa_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gates: torch.Tensor,
+    *,
+    block_count: int,
+    block_size: int,
+    window_size: int,
+    scale: float,
+    return_intermediates: bool = False,
+):
+    """The three NSA branches mixed by gates (the authors' ``nsa_func``).
+
+    Args:
+        q: ``[B, Tq, P, D]`` on the padded head layout; k, v: ``[B, Tk, Hkv, D]``;
+        gates: ``[B, Tq, P, 3]`` sigmoid gates ordered (compression, selection, window).
+
+    Returns:
+        ``[B, Tq, P, D]``; with ``return_intermediates`` also a dict of ``k_cmp``, ``v_cmp``, ``lse_cmp``,
+        ``block_indices``, ``o_cmp``, ``o_slc``, ``o_swd``.
+    """
+    num_keys = k.shape[1]
+    k_cmp, v_cmp = compress_kv(k, block_size), compress_kv(v, block_size)
+    o_cmp, lse = compression_attention(q, k_cmp, v_cmp, block_size, scale, num_keys)
+    with torch.no_grad():  # block choice is discrete: no gradient flows through it, as in the authors' kernels
+        block_indices = select_blocks(q, k_cmp, lse, block_count, block_size, scale, num_keys)
+    o_slc = selected_attention(q, k, v, block_indices, block_size, scale)
+    o_swd = window_attention(q, k, v, window_size, scale)
+    out = o_cmp * gates[..., 0:1] + o_slc * gates[..., 1:2] + o_swd * gates[..., 2:3]
+    if not return_intermediates:
+        return out
+    return out, dict(
+        k_cmp=k_cmp, v_cmp=v_cmp, lse_cmp=lse, block_indices=block_indices, o_cmp=o_cmp, o_slc=o_slc, o_swd=o_swd
+    )
+
+
+def dense_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, key_padding_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Causal GQA attention (query head ``h`` reads kv head ``h // (Hq / Hkv)``), Qwen2.5-VL's text attention.
+
+    Args:
+        q: ``[B, Hq, Tq, D]``; k, v: ``[B, Hkv, Tk, D]``, query row ``r`` at position ``Tk - Tq + r``;
+        key_padding_mask: bool ``[B, Tk]``, True for real tokens.
+
+    Returns:
+        ``[B, Tq, Hq, D]``. Rows of padding positions are zero.
+    """
+    num_q, num_keys = q.shape[2], k.shape[2]
+    group = q.shape[1] // k.shape[1]
+    q_t, k_t, v_t = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    k_exp, v_exp = _expand_kv(k_t, group), _expand_kv(v_t, group)
+    key_pos = torch.arange(num_keys, device=q.device)
+    if key_padding_mask is None:
+        key_padding_mask = torch.ones(q.shape[0], num_keys, dtype=torch.bool, device=q.device)
+    outs = []
+    for start, stop in _query_chunks(num_q, q.shape[1], num_keys):
+        pos = torch.arange(start, stop, device=q.device) + (num_keys - num_q)
+        visible = (key_pos[None, :] <= pos[:, None])[None] & key_padding_mask[:, None, :]
+        # a padding query may see no key at all; let it see its causal prefix and zero it below
+        query_is_padding = ~key_padding_mask[:, pos]
+        visible = visible | (query_is_padding[..., None] & (key_pos[None, :] <= pos[:, None])[None])
+        out, _ = _masked_attention(q_t[:, start:stop], k_exp, v_exp, visible[:, :, None, :], scale)
+        outs.append(out * ~query_is_padding[..., None, None])
+    return torch.cat(outs, dim=1)
+
+
+def hybrid_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    gate_logits: torch.Tensor,
+    token_is_vision: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    block_size: int = 64,
+    block_count: int = 32,
+    window_size: int = 256,
+    scale: float | None = None,
+    return_intermediates: bool = False,
+    nsa_fn=None,
+    dense_fn=None,
+):
+    """The VideoNSA attention of one text decoder layer (reference-semantics sections 2-5).
+
+    Each sample is computed on its own real tokens (``attention_mask``), compacted in order, so padding does
+    not shift NSA blocks, and chooses its own path: no vision token among its queries -> dense attention;
+    every token vision -> NSA on the padded head layout; otherwise the mixed path (NSA on vision-masked
+    q/k/v with vision-masked gate logits, plus dense attention of the text-masked queries over all keys).
+
+    Args:
+        query: ``[B, Hq, Tq, D]`` after RoPE; key, value: ``[B, Hkv, Tk, D]`` (the cache included), query row
+            ``r`` at position ``Tk - Tq + r``.
+        gate_logits: ``[B, Tq, Hq, 3]`` = ``g_proj_2(gelu(g_proj_1(x))) / temperature``, (cmp, slc, swa).
+        token_is_vision: bool ``[B, Tk]`` for every key position.
+        attention_mask: bool ``[B, Tk]``, True for real tokens; None when nothing is padded.
+        nsa_fn: the NSA implementation (:func:`nsa_attention` signature); defaults to this module's.
+        dense_fn: ``dense_fn(q [B, Hq, Tq, D]) -> [B, Tq, Hq, D]``, causal GQA attention over ``key``/``value``
+            honouring the padding; defaults to :func:`dense_attention`.
+
+    Returns:
+        ``[B, Tq, Hq, D]`` (the input of ``o_proj``); with ``return_intermediates``, also a list with one dict
+        per sample (``None`` for dense-path samples) holding ``gates64``, the NSA intermediates and, for the
+        mixed path, ``dense_output``.
+    """
+    batch, num_heads, num_q, head_dim = query.shape
+    kv_heads, num_keys = key.shape[1], key.shape[2]
+    _check_hybrid_inputs(query, key, value, gate_logits, token_is_vision, attention_mask)
+    scale = head_dim**-0.5 if scale is None else scale
+    padded_heads, _ = nsa_head_layout(num_heads, kv_heads)
+    nsa_fn = nsa_attention if nsa_fn is None else nsa_fn
+    if attention_mask is None:
+        attention_mask = torch.ones(batch, num_keys, dtype=torch.bool, device=query.device)
+    if dense_fn is None:
+        def dense_fn(q):
+            return dense_attention(q, key, value, scale, attention_mask)
+
+    query_valid = attention_mask[:, num_keys - num_q :]
+    query_vision = token_is_vision[:, num_keys - num_q :] & query_valid
+    uses_nsa = query_vision.any(dim=1)  # per sample
+    all_vision = (token_is_vision | ~attention_mask).all(dim=1)
+    mixed = uses_nsa & ~all_vision
+
+    # Dense part: the whole query for dense-path samples, the text-masked query for mixed samples.
+    dense_query_mask = torch.where(mixed[:, None], ~query_vision, torch.ones_like(query_vision))
+    dense_out = dense_fn(query * dense_query_mask[:, None, :, None])
+    out = dense_out * ~(uses_nsa & all_vision)[:, None, None, None]
+
+    intermediates = [None] * batch
+    nsa_rows = []
+    for b in torch.nonzero(uses_nsa).flatten().tolist():
+        keys = torch.nonzero(attention_mask[b]).flatten()
+        rows = torch.nonzero(query_valid[b]).flatten()
+        vision = token_is_vision[b, keys]
+        q_b = query[b][:, rows].transpose(0, 1)[None]  # [1, m, Hq, D]
+        k_b = key[b][:, keys].transpose(0, 1)[None]
+        v_b = value[b][:, keys].transpose(0, 1)[None]
+        logits = gate_logits[b, rows][None]
+        if mixed[b]:
+            q_vis = vision[-len(rows) :][None, :, None, None]
+            q_b, logits = q_b * q_vis, logits * q_vis
+            k_b, v_b = k_b * vision[None, :, None, None], v_b * vision[None, :, None, None]
+        gates = pad_heads(torch.sigmoid(logits), padded_heads)
+        result = nsa_fn(
+            pad_heads(q_b, padded_heads), k_b, v_b, gates,
+            block_count=block_count, block_size=block_size, window_size=window_size, scale=scale,
+            **({"return_intermediates": True} if return_intermediates else {}),
+        )
+        nsa_out, extra = result if return_intermediates else (result, None)
+        nsa_rows.append((b, rows, fold_heads(nsa_out, num_heads)[0]))
+        if return_intermediates:
+            extra["gates64"] = gates
+            if mixed[b]:
+                extra["dense_output"] = dense_out[b : b + 1, rows]
+            intermediates[b] = extra
+    if nsa_rows:  # out-of-place so that autograd sees every sample's rows
+        nsa_full = torch.zeros_like(out)
+        for b, rows, rows_out in nsa_rows:
+            nsa_full = nsa_full.index_put((torch.tensor(b, device=out.device), rows), rows_out.to(out.dtype))
+        out = nsa_full + out
+    return (out, intermediates) if return_intermediates else out
+
+
+def _check_hybrid_inputs(query, key, value, gate_logits, token_is_vision, attention_mask) -> None:
+    """Reject inputs of the wrong rank, shape or dtype with a message that says what to pass instead."""
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+        raise ValueError(
+            "query, key and value must be 4-D [batch, heads, seq_len, head_dim]; got "
+            f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
+        )
+    batch, num_heads, num_q, head_dim = query.shape
+    if key.shape != value.shape or key.shape[0] != batch or key.shape[3] != head_dim:
+        raise ValueError(
+            f"key {tuple(key.shape)} and value {tuple(value.shape)} must both be [{batch}, kv_heads, seq_len, "
+            f"{head_dim}] to match query {tuple(query.shape)}"
+        )
+    if num_heads % key.shape[1]:
+        raise ValueError(f"query heads ({num_heads}) must be a multiple of kv heads ({key.shape[1]})")
+    if key.shape[2] < num_q:
+        raise ValueError(f"key length ({key.shape[2]}) is shorter than the query length ({num_q})")
+    if not query.is_floating_point() or key.dtype != query.dtype or value.dtype != query.dtype:
+        raise TypeError(
+            f"query, key and value must share one floating dtype; got {query.dtype}, {key.dtype}, {value.dtype}"
+        )
+    if gate_logits.shape != (batch, num_q, num_heads, 3):
+        raise ValueError(
+            f"gate_logits must be [{batch}, {num_q}, {num_heads}, 3] (cmp, slc, swa per head); "
+            f"got {tuple(gate_logits.shape)}"
+        )
+    if token_is_vision.dtype != torch.bool or token_is_vision.shape != (batch, key.shape[2]):
+        raise ValueError(
+            f"token_is_vision must be a bool tensor [{batch}, {key.shape[2]}] (one flag per key position); got "
+            f"{token_is_vision.dtype} {tuple(token_is_vision.shape)}"
+        )
+    if attention_mask is not None and (
+        attention_mask.dtype != torch.bool or attention_mask.shape != (batch, key.shape[2])
+    ):
+        raise ValueError(
+            f"attention_mask must be a bool tensor [{batch}, {key.shape[2]}] (True = real token); got "
+            f"{attention_mask.dtype} {tuple(attention_mask.shape)}"
+        )
