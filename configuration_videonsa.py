@@ -1,0 +1,138 @@
+"""Configuration of VideoNSA: Qwen2.5-VL whose text layers run Native Sparse Attention on video tokens."""
+
+from huggingface_hub.dataclasses import strict
+from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import (
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLTextConfig,
+    Qwen2_5_VLVisionConfig,
+)
+
+NSA_BACKENDS = ("auto", "triton", "torch")
+NSA_KEYS = (
+    "nsa_enabled",
+    "nsa_block_size",
+    "nsa_block_count",
+    "nsa_window_size",
+    "nsa_gate_temperature",
+    "nsa_backend",
+)
+AUTO_MAP = {
+    "AutoConfig": "configuration_videonsa.VideoNSAConfig",
+    "AutoModel": "modeling_videonsa.VideoNSAForConditionalGeneration",
+    "AutoModelForImageTextToText": "modeling_videonsa.VideoNSAForConditionalGeneration",
+    "AutoModelForVision2Seq": "modeling_videonsa.VideoNSAForConditionalGeneration",
+}
+
+
+@strict
+class VideoNSATextConfig(Qwen2_5_VLTextConfig):
+    r"""
+    Qwen2.5-VL's text configuration plus the hybrid attention of VideoNSA.
+
+    nsa_enabled (`bool`, defaults to `True`):
+        Video tokens use Native Sparse Attention. `False` runs plain dense attention with the same weights (the
+        gate MLPs are then unused); the paper reports the fine-tuned weights help in dense mode too.
+    nsa_block_size (`int`, defaults to 64):
+        Tokens per NSA block, for compression (mean pooling) and selection. A power of two >= 16. At the
+        processor's default resolution one temporal patch of a video is exactly one block.
+    nsa_block_count (`int`, defaults to 32):
+        Blocks kept by the selection branch per query and kv head (rounded up to a power of two, as the released
+        kernels do).
+    nsa_window_size (`int`, defaults to 256):
+        Keys seen by the sliding-window branch, the query's own included.
+    nsa_gate_temperature (`float`, defaults to 0.3):
+        The gate logits are divided by it before the sigmoid.
+    nsa_backend (`str`, defaults to `"auto"`):
+        `"triton"` (bundled kernels, CUDA), `"torch"` (the pure-PyTorch reference, any device) or `"auto"`
+        (Triton on CUDA when it is importable, otherwise torch).
+    """
+
+    model_type = "videonsa_text"
+
+    nsa_enabled: bool = True
+    nsa_block_size: int = 64
+    nsa_block_count: int = 32
+    nsa_window_size: int = 256
+    nsa_gate_temperature: float = 0.3
+    nsa_backend: str = "auto"
+
+    def __post_init__(self, **kwargs):
+        validate_nsa_settings(self)
+        super().__post_init__(**kwargs)
+
+
+def validate_nsa_settings(config) -> None:
+    """Raise a `ValueError` that names the offending NSA key, its value and what is accepted."""
+
+    def positive_int(name):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        return value
+
+    block_size = positive_int("nsa_block_size")
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"nsa_block_size must be a power of two >= 16 (e.g. 64), got {block_size}")
+    positive_int("nsa_block_count")
+    positive_int("nsa_window_size")
+    temperature = config.nsa_gate_temperature
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"nsa_gate_temperature must be a number > 0, got {temperature!r}")
+    if config.nsa_backend not in NSA_BACKENDS:
+        raise ValueError(f"nsa_backend must be one of {NSA_BACKENDS}, got {config.nsa_backend!r}")
+    if not isinstance(config.nsa_enabled, bool):
+        raise ValueError(f"nsa_enabled must be True or False, got {config.nsa_enabled!r}")
+
+
+@strict
+class VideoNSAConfig(Qwen2_5_VLConfig):
+    r"""
+    Configuration of [`VideoNSAForConditionalGeneration`]: a Qwen2.5-VL configuration whose text part is a
+    [`VideoNSATextConfig`]. The NSA keys (`nsa_enabled`, `nsa_block_size`, `nsa_block_count`, `nsa_window_size`,
+    `nsa_gate_temperature`, `nsa_backend`) live in `text_config`, next to the other attention settings, and are
+    readable and settable on this object too (`config.nsa_window_size = 128`). They may be passed flat, as
+    Qwen2.5-VL's Hub configs pass their text keys.
+
+    ```python
+    >>> config = VideoNSAConfig(nsa_block_count=16)
+    >>> config.text_config.nsa_block_count, config.nsa_block_count
+    (16, 16)
+    ```
+    """
+
+    model_type = "videonsa"
+    # transformers >= 5.18 reads `sub_configs_defaults`, earlier 5.x `sub_configs`
+    sub_configs_defaults = {"vision_config": Qwen2_5_VLVisionConfig, "text_config": VideoNSATextConfig}
+    sub_configs = {"vision_config": Qwen2_5_VLVisionConfig, "text_config": VideoNSATextConfig}
+
+    def __post_init__(self, **kwargs):
+        # A text config given as a dict (or flat keys) must become a VideoNSATextConfig, whatever the version.
+        if isinstance(self.text_config, Qwen2_5_VLTextConfig) and not isinstance(
+            self.text_config, VideoNSATextConfig
+        ):
+            self.text_config = VideoNSATextConfig(**self.text_config.to_dict())
+        super().__post_init__(**kwargs)
+        if not getattr(self, "auto_map", None):
+            self.auto_map = dict(AUTO_MAP)
+
+
+def _delegate_to_text_config(name):
+    def getter(self):
+        return getattr(self.text_config, name)
+
+    def setter(self, value):
+        previous = getattr(self.text_config, name)
+        setattr(self.text_config, name, value)
+        try:
+            validate_nsa_settings(self.text_config)
+        except ValueError:
+            setattr(self.text_config, name, previous)
+            raise
+
+    return property(getter, setter, doc=f"`text_config.{name}`")
+
+
+for _key in NSA_KEYS:
+    setattr(VideoNSAConfig, _key, _delegate_to_text_config(_key))
+
+__all__ = ["VideoNSAConfig", "VideoNSATextConfig"]

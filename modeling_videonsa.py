@@ -1,0 +1,394 @@
+"""VideoNSA: Qwen2.5-VL whose text decoder runs the hybrid attention of the released checkpoint.
+
+Video tokens go through Native Sparse Attention (compression, top-k block selection, sliding window, mixed per
+head by a gate MLP); text tokens keep dense attention. The attention is computed by the bundled ``nsa_kernels``
+package (Triton kernels on CUDA, a PyTorch reference elsewhere), which computes exactly the function the weights
+were trained with (see ``nsa_kernels/reference.py``).
+
+Everything else (vision tower, MLPs, RoPE, generation utilities) is Qwen2.5-VL's, by subclassing.
+
+How ``nsa_kernels/`` is found when the model is loaded with ``trust_remote_code``: transformers copies only this
+file and its single-level relative imports into its dynamic-module cache, so a package folder is never fetched
+(transformers issue 29714). :func:`load_nsa_kernels` therefore resolves the folder from where the model was loaded
+(the local directory, or the Hub snapshot of the very commit this file came from, through ``huggingface_hub``'s
+cache, which also works offline) and places it beside this file in the dynamic-module cache, where it is
+imported as a subpackage. ``save_pretrained`` writes the code files and ``nsa_kernels/`` next to the weights.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import importlib
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.cache_utils import DynamicCache
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import WeightRenaming
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+    Qwen2_5_VLAttention,
+    Qwen2_5_VLDecoderLayer,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLModel,
+    Qwen2_5_VLTextModel,
+    apply_rotary_pos_emb,
+    eager_attention_forward,
+)
+from transformers.utils import logging
+
+try:  # imported by transformers' remote-code loader, as part of a package ...
+    from .configuration_videonsa import VideoNSAConfig, VideoNSATextConfig
+except ImportError:  # ... or from a source checkout on sys.path
+    from configuration_videonsa import VideoNSAConfig, VideoNSATextConfig
+
+logger = logging.get_logger(__name__)
+
+_CODE_FILES = ("configuration_videonsa.py", "modeling_videonsa.py", "processing_videonsa.py")
+_KERNELS = None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The bundled kernels package
+# ----------------------------------------------------------------------------------------------------------
+def _kernels_source(name_or_path: str, revision: str) -> Path | None:
+    """Where the ``nsa_kernels/`` that belongs with this code lives: a local model directory or a Hub snapshot."""
+    if name_or_path and os.path.isdir(name_or_path):
+        folder = Path(name_or_path) / "nsa_kernels"
+        return folder if folder.is_dir() else None
+    if not name_or_path or not re.fullmatch(r"[0-9a-f]{40}", revision):
+        return None
+    from huggingface_hub import snapshot_download
+
+    try:  # the files of the same commit as this module; served from the local cache when offline
+        snapshot = snapshot_download(name_or_path, revision=revision, allow_patterns=["nsa_kernels/*.py"])
+    except Exception as error:  # noqa: BLE001 - any hub failure means "not available here"
+        logger.warning(f"Could not fetch nsa_kernels/ of {name_or_path}@{revision}: {error}")
+        return None
+    folder = Path(snapshot) / "nsa_kernels"
+    return folder if folder.is_dir() else None
+
+
+def load_nsa_kernels(config=None):
+    """Import the ``nsa_kernels`` package that ships with this model's code.
+
+    Run from a source checkout, the sibling folder is used as it is. Run as a dynamic module of transformers'
+    remote-code loader, the folder is first synchronised from the model's directory or Hub snapshot into the
+    dynamic-module cache beside this file (changed files are replaced, as transformers does for code files).
+    """
+    global _KERNELS
+    if _KERNELS is not None:
+        return _KERNELS
+    here = Path(__file__).resolve().parent
+    target = here / "nsa_kernels"
+    if __package__ and __package__.startswith("transformers_modules"):
+        source = _kernels_source(getattr(config, "name_or_path", "") or "", here.name)
+        if source is not None:
+            _sync_python_files(source, target)
+    if not (target / "__init__.py").is_file():
+        raise ImportError(
+            f"VideoNSA's attention kernels (nsa_kernels/) were not found beside {__file__} nor in the model's "
+            "directory or Hub repository. Load the model with from_pretrained from a folder or repo that contains "
+            "nsa_kernels/ (save_pretrained and push_to_hub.py write it)."
+        )
+    _KERNELS = importlib.import_module(f"{__package__}.nsa_kernels" if __package__ else "nsa_kernels")
+    return _KERNELS
+
+
+def _sync_python_files(source: Path, target: Path) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    for file in sorted(source.glob("*.py")):
+        destination = target / file.name
+        if not destination.exists() or not filecmp.cmp(file, destination, shallow=False):
+            shutil.copyfile(file, destination)
+    importlib.invalidate_caches()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Token typing, computed once per forward and handed to every layer
+# ----------------------------------------------------------------------------------------------------------
+@dataclass
+class VideoNSATokens:
+    """What every layer needs to know about the tokens of a pass.
+
+    Attributes:
+        is_vision: bool ``[B, Tk]`` for every key position (cached ones first), from the M-RoPE ids.
+        key_padding_mask: bool ``[B, Tk]``, True for real tokens, or None when nothing is padded.
+        has_vision_query: whether any real token of this pass is vision; if not, every layer is dense.
+    """
+
+    is_vision: torch.Tensor
+    key_padding_mask: torch.Tensor | None
+    has_vision_query: bool
+
+
+def _mrope_rows(position_ids: torch.Tensor | None) -> torch.Tensor | None:
+    """The ``[3, B, T]`` (temporal, height, width) rows of Qwen2.5-VL's position ids, or None for 1-D positions."""
+    if position_ids is None or position_ids.dim() != 3:
+        return None
+    return position_ids[1:] if position_ids.shape[0] == 4 else position_ids
+
+
+def _key_padding_mask(attention_mask, batch: int, num_keys: int) -> torch.Tensor | None:
+    """A bool ``[B, Tk]`` padding mask from a 2-D mask, or from a prepared 4-D causal mask (its last query row sees
+    every real key)."""
+    if isinstance(attention_mask, dict):
+        attention_mask = attention_mask.get("full_attention")
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() == 2:
+        mask = attention_mask.bool()
+    elif attention_mask.dim() == 4:
+        last_row = attention_mask[:, 0, -1, :]
+        mask = last_row if last_row.dtype == torch.bool else last_row == 0
+    else:
+        raise ValueError(f"attention_mask must be 2-D [batch, seq_len] or 4-D, got {tuple(attention_mask.shape)}")
+    if mask.shape != (batch, num_keys):
+        raise ValueError(
+            f"attention_mask covers {tuple(mask.shape)} positions but the pass has batch {batch} and "
+            f"{num_keys} key positions (cache + new tokens); pass a mask over the whole sequence"
+        )
+    return mask if not mask.all() else None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Attention, decoder layer, text model
+# ----------------------------------------------------------------------------------------------------------
+class VideoNSAAttention(Qwen2_5_VLAttention):
+    """Qwen2.5-VL's attention plus the gate MLP of VideoNSA.
+
+    ``g_proj_1``: hidden -> hidden (bias), ``g_proj_2``: hidden -> 3 * num_heads (bias); the logits, divided by
+    ``nsa_gate_temperature`` and viewed ``[B, T, num_heads, 3]``, gate (compression, selection, window). Passes
+    without a vision query (text-only prompts, decode steps) are Qwen2.5-VL's dense attention unchanged.
+    """
+
+    def __init__(self, config: VideoNSATextConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.g_proj_1 = nn.Linear(self.hidden_size, self.hidden_size, bias=True)
+        self.g_proj_2 = nn.Linear(self.hidden_size, 3 * self.num_heads, bias=True)
+
+    def gate_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """``[B, T, hidden]`` -> ``[B, T, num_heads, 3]`` gate logits (before vision masking and sigmoid)."""
+        logits = self.g_proj_2(F.gelu(self.g_proj_1(hidden_states)))
+        return logits.view(*hidden_states.shape[:2], self.num_heads, 3) / self.config.nsa_gate_temperature
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        videonsa_tokens: VideoNSATokens | None = None,
+        **kwargs,
+    ):
+        if videonsa_tokens is None or not videonsa_tokens.has_vision_query or not self.config.nsa_enabled:
+            return super().forward(
+                hidden_states,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                position_embeddings=position_embeddings,
+                **kwargs,
+            )
+        batch, length, _ = hidden_states.shape
+        shape = (batch, length, -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)
+        if key.shape[2] != videonsa_tokens.is_vision.shape[1]:
+            raise ValueError(
+                f"The cache holds {key.shape[2]} key positions but {videonsa_tokens.is_vision.shape[1]} tokens were "
+                "typed; VideoNSA's hybrid attention needs a cache that grows with the sequence (DynamicCache)."
+            )
+        dense_interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+
+        def dense_fn(dense_query):
+            return dense_interface(
+                self,
+                dense_query,
+                key,
+                value,
+                attention_mask,
+                dropout=0.0 if not self.training else self.attention_dropout,
+                scaling=self.scaling,
+                sliding_window=self.sliding_window,
+                position_ids=position_ids,
+                **kwargs,
+            )[0]
+
+        kernels = load_nsa_kernels(self.config)
+        output = kernels.hybrid_attention(
+            query,
+            key,
+            value,
+            self.gate_logits(hidden_states),
+            videonsa_tokens.is_vision,
+            videonsa_tokens.key_padding_mask,
+            block_size=self.config.nsa_block_size,
+            block_count=self.config.nsa_block_count,
+            window_size=self.config.nsa_window_size,
+            scale=self.scaling,
+            nsa_fn=kernels.resolve_nsa_fn(self.config.nsa_backend, query.device),
+            dense_fn=dense_fn,
+        )
+        return self.o_proj(output.reshape(batch, length, -1)), None
+
+
+class VideoNSADecoderLayer(Qwen2_5_VLDecoderLayer):
+    def __init__(self, config: VideoNSATextConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.self_attn = VideoNSAAttention(config, layer_idx)
+
+
+class VideoNSATextModel(Qwen2_5_VLTextModel):
+    """Qwen2.5-VL's text decoder with :class:`VideoNSADecoderLayer` s; types the tokens once per forward."""
+
+    config_class = VideoNSATextConfig
+    config: VideoNSATextConfig
+
+    def __init__(self, config: VideoNSATextConfig):
+        super().__init__(config)
+        self.layers = nn.ModuleList(
+            [VideoNSADecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+        )
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        use_cache=None,
+        **kwargs,
+    ):
+        reference_tensor = inputs_embeds if inputs_embeds is not None else input_ids
+        if reference_tensor is None:
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        batch, length = reference_tensor.shape[:2]
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and past_key_values is None and not torch.jit.is_tracing():
+            past_key_values = DynamicCache(config=self.config)
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        tokens = self._type_tokens(position_ids, attention_mask, past_key_values, past, batch, length)
+        return super().forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            videonsa_tokens=tokens,
+            **kwargs,
+        )
+
+    def _type_tokens(self, position_ids, attention_mask, cache, past, batch, length) -> VideoNSATokens:
+        """Vision flags of the cached and new tokens; the cache remembers them for later passes."""
+        device = self.embed_tokens.weight.device
+        rows = _mrope_rows(position_ids)
+        kernels = load_nsa_kernels(self.config)
+        if rows is None:
+            new = torch.zeros(batch, length, dtype=torch.bool, device=device)
+        else:
+            new = kernels.token_is_vision(rows.to(device))
+        cached = getattr(cache, "videonsa_token_is_vision", None) if cache is not None else None
+        if past and (cached is None or cached.shape[1] < past):
+            if new.any():
+                raise ValueError(
+                    "This pass adds vision tokens to a cache whose earlier tokens VideoNSA did not type (the cache "
+                    "was not filled by this model). Prefill the whole prompt with this model."
+                )
+            cached = torch.zeros(batch, past, dtype=torch.bool, device=device)
+        is_vision = new if not past else torch.cat([cached[:, :past].to(device), new], dim=1)
+        if cache is not None:
+            cache.videonsa_token_is_vision = is_vision
+        padding = _key_padding_mask(attention_mask, batch, past + length)
+        real_new = new if padding is None else new & padding[:, past:]
+        return VideoNSATokens(is_vision, padding, bool(real_new.any()))
+
+
+class VideoNSAModel(Qwen2_5_VLModel):
+    config_class = VideoNSAConfig
+    config: VideoNSAConfig
+    _no_split_modules = ["VideoNSADecoderLayer", "Qwen2_5_VLVisionBlock"]
+
+    def __init__(self, config: VideoNSAConfig):
+        super().__init__(config)
+        self.language_model = VideoNSATextModel._from_config(config.text_config)
+        self.post_init()
+
+
+class VideoNSAForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
+    """VideoNSA for video/image + text to text generation; ``generate`` and training work as for Qwen2.5-VL.
+
+    Example:
+
+    ```python
+    >>> from transformers import AutoModel, AutoProcessor
+    >>> model = AutoModel.from_pretrained("Enxin/VideoNSA", trust_remote_code=True, dtype="bfloat16")
+    >>> processor = AutoProcessor.from_pretrained("Enxin/VideoNSA", trust_remote_code=True)
+    >>> messages = [{"role": "user", "content": [{"type": "video", "video": "clip.mp4"},
+    ...                                          {"type": "text", "text": "What happens?"}]}]
+    >>> inputs = processor.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
+    ...                                        return_dict=True, return_tensors="pt").to(model.device)
+    >>> out = model.generate(**inputs, max_new_tokens=64)
+    ```
+    """
+
+    config_class = VideoNSAConfig
+    config: VideoNSAConfig
+    _no_split_modules = ["VideoNSADecoderLayer", "Qwen2_5_VLVisionBlock"]
+
+    def __init__(self, config: VideoNSAConfig):
+        load_nsa_kernels(config)
+        super().__init__(config)
+        self.model = VideoNSAModel(config)
+        self.post_init()
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save weights and config as usual, plus the code files and ``nsa_kernels/`` so the folder loads alone."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        here = Path(__file__).resolve().parent
+        save_directory = Path(save_directory)
+        for name in _CODE_FILES:
+            if (here / name).is_file():
+                shutil.copyfile(here / name, save_directory / name)
+        kernels_dir = Path(load_nsa_kernels(self.config).__file__).parent
+        _sync_python_files(kernels_dir, save_directory / "nsa_kernels")
+
+
+# Checkpoints saved by transformers 4.x (and the authors' release) keep the text decoder at `model.layers.N...`,
+# the vision tower at `visual.*` and `lm_head` at the top; map them onto the 5.x layout when loading.
+register_checkpoint_conversion_mapping(
+    "VideoNSAForConditionalGeneration",
+    [
+        WeightRenaming(source_patterns=r"^visual", target_patterns="model.visual"),
+        WeightRenaming(
+            source_patterns=r"^model(?!\.(language_model|visual))", target_patterns="model.language_model"
+        ),
+    ],
+    overwrite=True,
+)
+
+VideoNSAConfig.register_for_auto_class()
+VideoNSAForConditionalGeneration.register_for_auto_class("AutoModel")
+
+__all__ = [
+    "VideoNSAAttention",
+    "VideoNSADecoderLayer",
+    "VideoNSAForConditionalGeneration",
+    "VideoNSAModel",
+    "VideoNSATextModel",
+]
