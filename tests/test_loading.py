@@ -1,0 +1,138 @@
+"""Loading paths a Hub user hits: local folder, repo id from an (offline) HF cache, old key layout, save/reload.
+
+The remote-code cases run in fresh processes whose ``sys.path`` does not hold this repository, so the model, its
+config and its ``nsa_kernels/`` can only come from the checkpoint folder or the cache.
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from modeling_videonsa import VideoNSAForConditionalGeneration
+from tiny import tiny_model, video_prompt
+
+REPO_ID = "Enxin/VideoNSA"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+LOAD_SCRIPT = r"""
+import json, sys, torch
+from pathlib import Path
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
+source, inputs_path, out_path, resave = sys.argv[1:5]
+assert not any(Path(p).resolve() == Path({repo!r}) for p in sys.path if p), "the repo leaked onto sys.path"
+config = AutoConfig.from_pretrained(source, trust_remote_code=True)
+model = AutoModel.from_pretrained(source, trust_remote_code=True).eval()
+other = AutoModelForImageTextToText.from_pretrained(source, trust_remote_code=True)
+kernels = sys.modules[type(model).__module__].load_nsa_kernels()
+with torch.no_grad():
+    logits = model(**torch.load(inputs_path)).logits
+torch.save(logits, out_path)
+if resave != "-":
+    model.save_pretrained(resave)
+print(json.dumps(dict(config=type(config).__name__, model=type(model).__name__, other=type(other).__name__,
+                      module=type(model).__module__, kernels=kernels.__file__)))
+"""
+
+
+def _load_in_fresh_process(tmp_path, source, inputs, resave="-", env_extra=None):
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+    env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_DISABLE_TELEMETRY="1", **(env_extra or {}))
+    script = tmp_path / "load.py"
+    script.write_text(LOAD_SCRIPT.replace("{repo!r}", repr(str(Path(__file__).resolve().parents[1]))))
+    torch.save(inputs, tmp_path / "inputs.pt")
+    result = subprocess.run(
+        [sys.executable, str(script), str(source), str(tmp_path / "inputs.pt"), str(tmp_path / "logits.pt"), resave],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    info = json.loads(result.stdout.strip().splitlines()[-1])
+    return info, torch.load(tmp_path / "logits.pt")
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    model = tiny_model()
+    folder = tmp_path_factory.mktemp("checkpoint")
+    model.save_pretrained(folder)
+    inputs = video_prompt([5, (4, 4, 6), 7])
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    return folder, inputs, logits
+
+
+def test_save_pretrained_writes_a_self_contained_folder(saved):
+    folder, _, _ = saved
+    names = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    assert {"config.json", "configuration_videonsa.py", "modeling_videonsa.py", "nsa_kernels/__init__.py",
+            "nsa_kernels/reference.py", "nsa_kernels/dispatch.py"} <= names
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "videonsa" and config["text_config"]["nsa_block_size"] == 16
+    assert config["auto_map"]["AutoModel"] == "modeling_videonsa.VideoNSAForConditionalGeneration"
+    # transformers writes Qwen2.5-VL checkpoints in the 4.x key layout (as it does for Qwen2.5-VL itself);
+    # mapped back, the file holds exactly the model's state dict, gate MLPs included.
+    saved_keys = {
+        re.sub(r"^visual\.", "model.visual.", re.sub(r"^model\.(?!language_model\.|visual\.)", "model.language_model.", key))
+        for key in load_file(folder / "model.safetensors")
+    }
+    assert saved_keys == set(tiny_model().state_dict())
+    assert "model.language_model.layers.1.self_attn.g_proj_2.bias" in saved_keys
+
+
+def test_local_folder_loads_with_remote_code_and_resaves(saved, tmp_path):
+    folder, inputs, expected = saved
+    info, logits = _load_in_fresh_process(tmp_path, folder, inputs, resave=str(tmp_path / "resaved"))
+    assert info["config"] == "VideoNSAConfig"
+    assert info["model"] == info["other"] == "VideoNSAForConditionalGeneration"
+    assert info["module"].startswith("transformers_modules")
+    assert info["kernels"].startswith(str(tmp_path / "modules"))  # the bundled copy, not this checkout
+    torch.testing.assert_close(logits, expected)
+    again = tmp_path / "again"
+    again.mkdir()
+    _, relogits = _load_in_fresh_process(again, tmp_path / "resaved", inputs)
+    torch.testing.assert_close(relogits, expected)
+
+
+def _populate_hub_cache(cache: Path, folder: Path) -> None:
+    """Lay the folder out as huggingface_hub's cache does after a download of REPO_ID at COMMIT."""
+    repo = cache / ("models--" + REPO_ID.replace("/", "--"))
+    snapshot = repo / "snapshots" / COMMIT
+    shutil.copytree(folder, snapshot, ignore=shutil.ignore_patterns("__pycache__"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(COMMIT)
+
+
+def test_repo_id_loads_from_an_offline_hub_cache(saved, tmp_path):
+    folder, inputs, expected = saved
+    cache = tmp_path / "hub"
+    _populate_hub_cache(cache, folder)
+    info, logits = _load_in_fresh_process(
+        tmp_path, REPO_ID, inputs, env_extra=dict(HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1")
+    )
+    assert info["model"] == "VideoNSAForConditionalGeneration"
+    assert f"{os.sep}{COMMIT}{os.sep}nsa_kernels{os.sep}" in info["kernels"]
+    torch.testing.assert_close(logits, expected)
+
+
+def test_old_key_layout_loads(saved, tmp_path):
+    """transformers 4.x / the authors' release: `model.layers.N...`, `visual.*`, `lm_head` at the top."""
+    folder, inputs, expected = saved
+    old = tmp_path / "old"
+    shutil.copytree(folder, old)
+    tensors = load_file(folder / "model.safetensors")
+    renamed = {}
+    for key, value in tensors.items():
+        key = key.replace("model.language_model.", "model.").replace("model.visual.", "visual.")
+        renamed[key] = value
+    assert "model.layers.0.self_attn.g_proj_1.weight" in renamed and "visual.merger.mlp.0.weight" in renamed
+    save_file(renamed, old / "model.safetensors", metadata={"format": "pt"})
+    model = VideoNSAForConditionalGeneration.from_pretrained(old).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, expected)
