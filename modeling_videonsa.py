@@ -170,6 +170,7 @@ class VideoNSAAttention(Qwen2_5_VLAttention):
 
     def __init__(self, config: VideoNSATextConfig, layer_idx: int):
         super().__init__(config, layer_idx)
+        self.last_path = None  # "dense" or "hybrid (...)": which attention the last call ran, for inspection
         self.g_proj_1 = nn.Linear(self.hidden_size, self.hidden_size, bias=True)
         self.g_proj_2 = nn.Linear(self.hidden_size, 3 * self.num_heads, bias=True)
 
@@ -189,6 +190,7 @@ class VideoNSAAttention(Qwen2_5_VLAttention):
         **kwargs,
     ):
         if videonsa_tokens is None or not videonsa_tokens.has_vision_query or not self.config.nsa_enabled:
+            self.last_path = "dense"
             return super().forward(
                 hidden_states,
                 attention_mask=attention_mask,
@@ -228,6 +230,8 @@ class VideoNSAAttention(Qwen2_5_VLAttention):
             )[0]
 
         kernels = load_nsa_kernels(self.config)
+        nsa_fn = kernels.resolve_nsa_fn(self.config.nsa_backend, query.device)
+        self.last_path = f"hybrid ({nsa_fn.__module__.rsplit('.', 1)[-1]} NSA + {self.config._attn_implementation} dense)"
         output = kernels.hybrid_attention(
             query,
             key,
@@ -239,7 +243,7 @@ class VideoNSAAttention(Qwen2_5_VLAttention):
             block_count=self.config.nsa_block_count,
             window_size=self.config.nsa_window_size,
             scale=self.scaling,
-            nsa_fn=kernels.resolve_nsa_fn(self.config.nsa_backend, query.device),
+            nsa_fn=nsa_fn,
             dense_fn=dense_fn,
         )
         return self.o_proj(output.reshape(batch, length, -1)), None

@@ -211,3 +211,17 @@ def test_config_defaults_and_round_trip(tmp_path):
     assert VideoNSAConfig.from_pretrained(tmp_path).to_dict() == custom.to_dict()
     flat = VideoNSAConfig(nsa_block_count=16, hidden_size=256, num_attention_heads=8)
     assert flat.text_config.nsa_block_count == 16 and flat.text_config.hidden_size == 256
+
+
+def test_dense_part_follows_the_attn_implementation():
+    """The dense part of the hybrid goes through transformers' attention interface: eager and sdpa agree."""
+    inputs = left_pad_batch([video_prompt(TEXT_VIDEO_TEXT, seed=3), video_prompt([4, (2, 4, 4), 11], seed=4)])
+    logits = []
+    for implementation in ("sdpa", "eager"):
+        model = tiny_model()
+        model.set_attn_implementation(implementation)
+        with torch.no_grad():
+            logits.append(model(**inputs).logits)
+        assert model.model.language_model.layers[0].self_attn.last_path.endswith(f"{implementation} dense)")
+    real = inputs["attention_mask"].bool()
+    torch.testing.assert_close(logits[0][real], logits[1][real], rtol=1e-4, atol=1e-5)
