@@ -79,6 +79,11 @@ def fold_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     return (x[:, :, :num_heads] + x[:, :, num_heads : 2 * num_heads]) * 0.5
 
 
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """Half precision -> float32 for accumulation; float32 and float64 stay as they are."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _expand_kv(x: torch.Tensor, group: int) -> torch.Tensor:
     """``[B, T, Hkv, D]`` -> ``[B, T, Hkv * group, D]``: padded head ``j`` reads kv head ``j // group``."""
     return x.repeat_interleave(group, dim=2)
@@ -98,14 +103,14 @@ def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible
         q: ``[B, Tc, P, D]``; k, v: ``[B, N, P, D]``; visible: bool, broadcastable to ``[B, Tc, P, N]``.
 
     Returns:
-        output ``[B, Tc, P, D]`` and natural-log log-sum-exp ``[B, Tc, P]`` (float32). Every row of the NSA
+        output ``[B, Tc, P, D]`` and natural-log log-sum-exp ``[B, Tc, P]`` (float32 or wider). Every row of the NSA
         branches has at least one visible key, so no row is empty.
     """
-    scores = torch.einsum("bqhd,bkhd->bqhk", q.float(), k.float()) * scale
+    scores = torch.einsum("bqhd,bkhd->bqhk", _upcast(q), _upcast(k)) * scale
     scores = scores.masked_fill(~visible, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse[..., None])
-    out = torch.einsum("bqhk,bkhd->bqhd", probs, v.float())
+    out = torch.einsum("bqhk,bkhd->bqhd", probs, _upcast(v))
     return out.to(q.dtype), lse
 
 
@@ -120,9 +125,9 @@ def compress_kv(x: torch.Tensor, block_size: int) -> torch.Tensor:
     """
     batch, length, heads, dim = x.shape
     num_blocks = -(-length // block_size)
-    padded = F.pad(x.float(), (0, 0, 0, 0, 0, num_blocks * block_size - length))
+    padded = F.pad(_upcast(x), (0, 0, 0, 0, 0, num_blocks * block_size - length))
     sums = padded.view(batch, num_blocks, block_size, heads, dim).sum(dim=2)
-    counts = torch.full((num_blocks,), float(block_size), device=x.device)
+    counts = torch.full((num_blocks,), float(block_size), device=x.device, dtype=padded.dtype)
     counts[-1] = length - (num_blocks - 1) * block_size
     return (sums / counts[None, :, None, None]).to(x.dtype)
 
@@ -228,8 +233,8 @@ def select_blocks(
     slots = 1 << math.ceil(math.log2(block_count)) if block_count > 1 else 1
     lse_read = lse.reshape(batch, -1).view(batch, num_q, heads)
     result = torch.empty(batch, num_q, kv_heads, slots, dtype=torch.int32, device=q.device)
-    q_scaled = (q.float() * scale).view(batch, num_q, kv_heads, group, dim)
-    k_float = k_cmp.float()
+    q_scaled = (_upcast(q) * scale).view(batch, num_q, kv_heads, group, dim)
+    k_float = _upcast(k_cmp)
     half = _TOPK_CHUNK // 2
     keep_previous = torch.arange(_TOPK_CHUNK, device=q.device) < half
     for start, stop in _query_chunks(num_q, heads, num_blocks):
@@ -242,9 +247,15 @@ def select_blocks(
         logits = logits - lse_read[:, start:stop].view(batch, rows, kv_heads, group, 1)
         blocks = torch.arange(num_blocks, device=q.device)
         earlier = (blocks[None, :] < current[:, None])[None, :, None, None, :]
-        probs = torch.where(earlier, torch.exp(logits), torch.zeros((), device=q.device))
+        # Exactly tied scores (zero queries, all-text blocks) must stay exactly tied: ATen evaluates exp and
+        # reductions differently in vector lanes and in a loop's scalar tail, which can split a tie by an ulp.
+        # So exp in float64, the group summed head by head (lane-independent adds), then rounded to float32.
+        probs = torch.where(earlier, torch.exp(logits.double()), torch.zeros((), device=q.device, dtype=torch.float64))
         probs = torch.where((blocks[None, :] == current[:, None])[None, :, None, None, :], 1.0, probs)
-        importance = F.pad(probs.sum(dim=3), (0, padded_blocks - num_blocks))
+        importance = probs[:, :, :, 0]
+        for head in range(1, group):
+            importance = importance + probs[:, :, :, head]
+        importance = F.pad(importance.float(), (0, padded_blocks - num_blocks))
         block_ids = torch.arange(padded_blocks, device=q.device)
         ids = torch.where(block_ids[None, :] <= current[:, None], block_ids[None, :] + 1, 0).to(torch.int32)
         ids = ids[None, :, None, :].expand(batch, rows, kv_heads, padded_blocks)
