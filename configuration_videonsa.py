@@ -21,6 +21,7 @@ AUTO_MAP = {
     "AutoModel": "modeling_videonsa.VideoNSAForConditionalGeneration",
     "AutoModelForImageTextToText": "modeling_videonsa.VideoNSAForConditionalGeneration",
     "AutoModelForVision2Seq": "modeling_videonsa.VideoNSAForConditionalGeneration",
+    "AutoProcessor": "processing_videonsa.VideoNSAProcessor",
 }
 
 

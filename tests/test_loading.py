@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from modeling_videonsa import VideoNSAForConditionalGeneration
-from tiny import tiny_model, video_prompt
+from tiny_videonsa import tiny_model, video_prompt
 
 REPO_ID = "Enxin/VideoNSA"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
