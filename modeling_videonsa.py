@@ -57,22 +57,19 @@ _KERNELS = None
 # ----------------------------------------------------------------------------------------------------------
 # The bundled kernels package
 # ----------------------------------------------------------------------------------------------------------
-def _kernels_source(name_or_path: str, revision: str) -> Path | None:
-    """Where the ``nsa_kernels/`` that belongs with this code lives: a local model directory or a Hub snapshot."""
+def _checkpoint_source(name_or_path: str, revision: str) -> Path | None:
+    """The folder this model's code came from: a local model directory, or the Hub snapshot of the commit."""
     if name_or_path and os.path.isdir(name_or_path):
-        folder = Path(name_or_path) / "nsa_kernels"
-        return folder if folder.is_dir() else None
+        return Path(name_or_path)
     if not name_or_path or not re.fullmatch(r"[0-9a-f]{40}", revision):
         return None
     from huggingface_hub import snapshot_download
 
-    try:  # the files of the same commit as this module; served from the local cache when offline
-        snapshot = snapshot_download(name_or_path, revision=revision, allow_patterns=["nsa_kernels/*.py"])
+    try:  # the code files of the same commit as this module; served from the local cache when offline
+        return Path(snapshot_download(name_or_path, revision=revision, allow_patterns=["*.py", "nsa_kernels/*.py"]))
     except Exception as error:  # noqa: BLE001 - any hub failure means "not available here"
-        logger.warning(f"Could not fetch nsa_kernels/ of {name_or_path}@{revision}: {error}")
+        logger.warning(f"Could not fetch the code files of {name_or_path}@{revision}: {error}")
         return None
-    folder = Path(snapshot) / "nsa_kernels"
-    return folder if folder.is_dir() else None
 
 
 def load_nsa_kernels(config=None):
@@ -88,9 +85,9 @@ def load_nsa_kernels(config=None):
     here = Path(__file__).resolve().parent
     target = here / "nsa_kernels"
     if __package__ and __package__.startswith("transformers_modules"):
-        source = _kernels_source(getattr(config, "name_or_path", "") or "", here.name)
-        if source is not None:
-            _sync_python_files(source, target)
+        source = _checkpoint_source(getattr(config, "name_or_path", "") or "", here.name)
+        if source is not None and (source / "nsa_kernels").is_dir():
+            _sync_python_files(source / "nsa_kernels", target)
     if not (target / "__init__.py").is_file():
         raise ImportError(
             f"VideoNSA's attention kernels (nsa_kernels/) were not found beside {__file__} nor in the model's "
@@ -366,9 +363,14 @@ class VideoNSAForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         super().save_pretrained(save_directory, *args, **kwargs)
         here = Path(__file__).resolve().parent
         save_directory = Path(save_directory)
+        # transformers' dynamic-module cache keeps each code file in a folder of its own hash, so files other than
+        # this one are looked up where the model came from.
+        origin = _checkpoint_source(self.config.name_or_path or "", here.name)
         for name in _CODE_FILES:
-            if (here / name).is_file():
-                shutil.copyfile(here / name, save_directory / name)
+            for folder in (here, origin):
+                if folder is not None and (folder / name).is_file():
+                    shutil.copyfile(folder / name, save_directory / name)
+                    break
         kernels_dir = Path(load_nsa_kernels(self.config).__file__).parent
         _sync_python_files(kernels_dir, save_directory / "nsa_kernels")
 

@@ -440,9 +440,9 @@ def hybrid_attention(
         per sample (``None`` for dense-path samples) holding ``gates64``, the NSA intermediates and, for the
         mixed path, ``dense_output``.
     """
+    _check_hybrid_inputs(query, key, value, gate_logits, token_is_vision, attention_mask)
     batch, num_heads, num_q, head_dim = query.shape
     kv_heads, num_keys = key.shape[1], key.shape[2]
-    _check_hybrid_inputs(query, key, value, gate_logits, token_is_vision, attention_mask)
     scale = head_dim**-0.5 if scale is None else scale
     padded_heads, _ = nsa_head_layout(num_heads, kv_heads)
     nsa_fn = nsa_attention if nsa_fn is None else nsa_fn

@@ -47,3 +47,40 @@ def test_reference_matches_authors_code(path):
         if stored in expected:
             torch.testing.assert_close(inter[name], expected[stored], **tol)
     torch.testing.assert_close(out.reshape(1, T, -1), expected["output"], **tol)
+
+
+def _inputs(T=70, Hq=28, Hkv=4, D=8, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    return dict(
+        query=torch.randn(1, Hq, T, D, generator=g, dtype=dtype),
+        key=torch.randn(1, Hkv, T, D, generator=g, dtype=dtype),
+        value=torch.randn(1, Hkv, T, D, generator=g, dtype=dtype),
+        gate_logits=torch.randn(1, T, Hq, 3, generator=g, dtype=dtype),
+        token_is_vision=torch.ones(1, T, dtype=torch.bool),
+    )
+
+
+@pytest.mark.parametrize(
+    "change, error, message",
+    [
+        (lambda x: x.update(query=x["query"][0]), ValueError, "4-D"),
+        (lambda x: x.update(key=x["key"][..., :4]), ValueError, "must both be"),
+        (lambda x: x.update(value=x["value"].double()), TypeError, "one floating dtype"),
+        (lambda x: x.update(query=x["query"][:, :27]), ValueError, "gate_logits|multiple"),
+        (lambda x: x.update(gate_logits=x["gate_logits"][..., :2]), ValueError, "gate_logits"),
+        (lambda x: x.update(token_is_vision=x["token_is_vision"].long()), ValueError, "bool"),
+        (lambda x: x.update(token_is_vision=x["token_is_vision"][:, 1:]), ValueError, "one flag per key"),
+        (lambda x: x.update(query=x["query"].long(), key=x["key"].long(), value=x["value"].long()), TypeError,
+         "floating"),
+    ],
+)
+def test_bad_attention_inputs_are_rejected_with_a_clear_message(change, error, message):
+    inputs = _inputs()
+    change(inputs)
+    with pytest.raises(error, match=message):
+        reference.hybrid_attention(**inputs, block_size=16, block_count=2, window_size=32)
+
+
+def test_position_ids_must_be_mrope_rows():
+    with pytest.raises(ValueError, match=r"\[3, batch, seq_len\]"):
+        reference.token_is_vision(torch.zeros(2, 5, dtype=torch.long))

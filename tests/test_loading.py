@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from modeling_videonsa import VideoNSAForConditionalGeneration
-from tiny_videonsa import tiny_model, video_prompt
+from tiny_videonsa import build_tiny_checkpoint, tiny_model, video_prompt
 
 REPO_ID = "Enxin/VideoNSA"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -25,12 +25,14 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 LOAD_SCRIPT = r"""
 import json, sys, torch
 from pathlib import Path
-from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 source, inputs_path, out_path, resave = sys.argv[1:5]
 assert not any(Path(p).resolve() == Path({repo!r}) for p in sys.path if p), "the repo leaked onto sys.path"
 config = AutoConfig.from_pretrained(source, trust_remote_code=True)
 model = AutoModel.from_pretrained(source, trust_remote_code=True).eval()
 other = AutoModelForImageTextToText.from_pretrained(source, trust_remote_code=True)
+has_processor = not Path(source).is_dir() or (Path(source) / "processor_config.json").is_file()
+processor = AutoProcessor.from_pretrained(source, trust_remote_code=True) if has_processor else None
 kernels = sys.modules[type(model).__module__].load_nsa_kernels()
 with torch.no_grad():
     logits = model(**torch.load(inputs_path)).logits
@@ -38,6 +40,7 @@ torch.save(logits, out_path)
 if resave != "-":
     model.save_pretrained(resave)
 print(json.dumps(dict(config=type(config).__name__, model=type(model).__name__, other=type(other).__name__,
+                      processor=type(processor).__name__, block_size=getattr(processor, "nsa_block_size", None),
                       module=type(model).__module__, kernels=kernels.__file__)))
 """
 
@@ -59,9 +62,9 @@ def _load_in_fresh_process(tmp_path, source, inputs, resave="-", env_extra=None)
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    model = tiny_model()
     folder = tmp_path_factory.mktemp("checkpoint")
-    model.save_pretrained(folder)
+    build_tiny_checkpoint(folder)
+    model = VideoNSAForConditionalGeneration.from_pretrained(folder).eval()
     inputs = video_prompt([5, (4, 4, 6), 7])
     with torch.no_grad():
         logits = model(**inputs).logits
@@ -74,7 +77,8 @@ def test_save_pretrained_writes_a_self_contained_folder(saved):
     assert {"config.json", "configuration_videonsa.py", "modeling_videonsa.py", "nsa_kernels/__init__.py",
             "nsa_kernels/reference.py", "nsa_kernels/dispatch.py"} <= names
     config = json.loads((folder / "config.json").read_text())
-    assert config["model_type"] == "videonsa" and config["text_config"]["nsa_block_size"] == 16
+    assert config["model_type"] == "videonsa" and config["text_config"]["nsa_block_size"] == 64
+    assert "processing_videonsa.py" in names and "processor_config.json" in names
     assert config["auto_map"]["AutoModel"] == "modeling_videonsa.VideoNSAForConditionalGeneration"
     # transformers writes Qwen2.5-VL checkpoints in the 4.x key layout (as it does for Qwen2.5-VL itself);
     # mapped back, the file holds exactly the model's state dict, gate MLPs included.
@@ -82,7 +86,7 @@ def test_save_pretrained_writes_a_self_contained_folder(saved):
         re.sub(r"^visual\.", "model.visual.", re.sub(r"^model\.(?!language_model\.|visual\.)", "model.language_model.", key))
         for key in load_file(folder / "model.safetensors")
     }
-    assert saved_keys == set(tiny_model().state_dict())
+    assert saved_keys == set(tiny_model(nsa_block_size=64).state_dict())
     assert "model.language_model.layers.1.self_attn.g_proj_2.bias" in saved_keys
 
 
@@ -91,11 +95,13 @@ def test_local_folder_loads_with_remote_code_and_resaves(saved, tmp_path):
     info, logits = _load_in_fresh_process(tmp_path, folder, inputs, resave=str(tmp_path / "resaved"))
     assert info["config"] == "VideoNSAConfig"
     assert info["model"] == info["other"] == "VideoNSAForConditionalGeneration"
+    assert info["processor"] == "VideoNSAProcessor" and info["block_size"] == 64
     assert info["module"].startswith("transformers_modules")
     assert info["kernels"].startswith(str(tmp_path / "modules"))  # the bundled copy, not this checkout
     torch.testing.assert_close(logits, expected)
     again = tmp_path / "again"
     again.mkdir()
+    assert (tmp_path / "resaved" / "processing_videonsa.py").is_file()  # named by auto_map, so it ships too
     _, relogits = _load_in_fresh_process(again, tmp_path / "resaved", inputs)
     torch.testing.assert_close(relogits, expected)
 
@@ -116,7 +122,7 @@ def test_repo_id_loads_from_an_offline_hub_cache(saved, tmp_path):
     info, logits = _load_in_fresh_process(
         tmp_path, REPO_ID, inputs, env_extra=dict(HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1")
     )
-    assert info["model"] == "VideoNSAForConditionalGeneration"
+    assert info["model"] == "VideoNSAForConditionalGeneration" and info["processor"] == "VideoNSAProcessor"
     assert f"{os.sep}{COMMIT}{os.sep}nsa_kernels{os.sep}" in info["kernels"]
     torch.testing.assert_close(logits, expected)
 
