@@ -74,7 +74,11 @@ def validate_nsa_settings(config) -> None:
     block_size = positive_int("nsa_block_size")
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"nsa_block_size must be a power of two >= 16 (e.g. 64), got {block_size}")
-    positive_int("nsa_block_count")
+    if positive_int("nsa_block_count") > 64:
+        raise ValueError(
+            f"nsa_block_count must be <= 64 (the released top-k network ranks candidates in chunks of 64), got "
+            f"{config.nsa_block_count}"
+        )
     positive_int("nsa_window_size")
     temperature = config.nsa_gate_temperature
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:

@@ -231,6 +231,8 @@ def select_blocks(
     kv_heads, num_blocks = k_cmp.shape[2], k_cmp.shape[1]
     group = heads // kv_heads
     slots = 1 << math.ceil(math.log2(block_count)) if block_count > 1 else 1
+    if slots > _TOPK_CHUNK:
+        raise ValueError(f"block_count must be <= {_TOPK_CHUNK} (the top-k network's chunk), got {block_count}")
     lse_read = lse.reshape(batch, -1).view(batch, num_q, heads)
     result = torch.empty(batch, num_q, kv_heads, slots, dtype=torch.int32, device=q.device)
     q_scaled = (_upcast(q) * scale).view(batch, num_q, kv_heads, group, dim)
