@@ -126,8 +126,9 @@ class VideoNSATokens:
 
 
 def _mrope_rows(position_ids: torch.Tensor | None) -> torch.Tensor | None:
-    """The ``[3, B, T]`` (temporal, height, width) rows of Qwen2.5-VL's position ids, or None for 1-D positions."""
-    if position_ids is None or position_ids.dim() != 3:
+    """The ``[3, B, T]`` (temporal, height, width) rows of Qwen2.5-VL's position ids, or None for text positions
+    (1-D ids, or the ``[1, B, T]`` text ids + rope deltas that ``generate`` passes when it continues a cache)."""
+    if position_ids is None or position_ids.dim() != 3 or position_ids.shape[0] == 1:
         return None
     return position_ids[1:] if position_ids.shape[0] == 4 else position_ids
 

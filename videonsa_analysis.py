@@ -1,0 +1,876 @@
+"""What VideoNSA's attention does on a given video: gates, attention budget, attention sinks, selected frames.
+
+The paper (arXiv 2510.02295) reports that each branch plays a layer-dependent role, that the model attends to a
+small fraction of the dense attention budget, and that the learned gates keep attention sinks rare. This module
+measures those quantities on your own input, from the attention function the model actually runs
+(``nsa_kernels``; see README "What the attention computes"), and draws them.
+
+    python videonsa_analysis.py --model Enxin/VideoNSA --video clip.mp4 --out analysis/
+
+writes ``gates.png``, ``budget.png``, ``selected_frames.png``, ``sinks.png`` and ``summary.json``. From Python:
+
+    from videonsa_analysis import analyze
+    result = analyze(model, inputs, queries=[-1])     # inputs: the processor's output for ONE prompt
+    result.gate_means()                               # [layers, heads, 3] mean gate (cmp, slc, swa)
+    result.budget_summary()                           # keys attended per query vs dense
+    result.sink_ratio()                               # fraction of (query, head) pairs with a sink
+    result.selected_frames()                          # blocks picked for the query, as frames and seconds
+
+Definitions (the paper's prose is not precise enough to reproduce its numbers, so these are this package's):
+
+* **Vision queries**: the prompt positions the model types as vision (README: the three M-RoPE ids differ). Every
+  statistic below is over those positions, in the layers where the hybrid attention ran.
+* **Mean gate** of a branch, per layer and head: the mean over vision queries of ``sigmoid(logit / temperature)``
+  (what multiplies that branch's output). Text positions get 0.5 for every gate by construction and are left out.
+* **Attention budget** of a vision query at position ``t``: the number of keys it reads over the three branches,
+
+  - compression: compressed blocks it attends, one key each (the released function attends the query's own and
+    every later block: ``ceil(T / block) - t // block``);
+  - selection: tokens of its selected blocks that are at or before ``t`` (at most ``block_count x block`` tokens),
+    averaged over the kv heads (each kv head selects its own blocks);
+  - window: ``min(window, t + 1)``;
+
+  against ``t + 1`` keys for dense causal attention. A key read by two branches is counted twice (the branches
+  are separate attentions). ``budget_summary`` gives the ratio of the totals over all vision queries
+  (``total_ratio``: attention work vs dense), the mean of the per-query ratios, and the last query's ratio
+  (what one new query pays at the full context). :func:`nominal_budget` gives the same for an all-video pass of
+  any length, assuming the query's own block is always selected.
+* **Attention sink**: the *sink* is the first key of the sequence (``sink="token"``, default) or the first NSA
+  block (``sink="block"``). A query's attention on it, per branch, is the weight of the sink's value in that
+  branch's output (for compression, the weight of the first compressed block times the sink's share of it,
+  ``1/block`` for ``"token"``); the gated weight is ``sum_b g_b w_b / sum_b g_b`` (the sink's share of the
+  gate-mixed NSA output); the two copies of a head in the released 28 -> 64 layout are averaged. A (vision query,
+  head) pair *has a sink* when that weight exceeds ``sink_threshold`` (default 0.3, the threshold Gu et al., "When
+  Attention Sink Emerges in Language Models", use on first-token attention). The **sink ratio** is the fraction of
+  (vision query, head) pairs, over the analysed layers, that have one. ``compare_dense=True`` also measures dense
+  causal attention (the ``nsa_enabled=False`` function) on the same layer inputs, for comparison.
+* **Selected frames**: the blocks the selection branch kept for a query, per layer and kv head, in score order;
+  each block is mapped to the video frames whose tokens it holds (one temporal patch = ``temporal_patch_size``
+  sampled frames, one NSA block at the released resolution) and to their timestamps.
+
+The weights are measured with the model's own NSA implementation (``nsa_backend``): the sink's weight is the
+output of the branch attentions when the values are the indicator of the sink, so no attention matrix is built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from videonsa_long_context import DEFAULT_CHUNK_SIZE, chunked_prefill
+
+BRANCHES = ("compression", "selection", "window")
+SINK_COLUMNS = BRANCHES + ("gated",)
+DEFAULT_SINK_THRESHOLD = 0.3
+PAPER_CONTEXT = 131072
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pure helpers (no model)
+# ----------------------------------------------------------------------------------------------------------
+def _slots(block_count: int) -> int:
+    return 1 << math.ceil(math.log2(block_count)) if block_count > 1 else 1
+
+
+def budget_from_block_indices(
+    block_indices: torch.Tensor, positions: torch.Tensor, num_keys: int, block_size: int, window_size: int
+) -> dict[str, torch.Tensor]:
+    """Keys read per query by each branch (see the module docs), from the selection's block indices.
+
+    Args:
+        block_indices: int ``[N, Hkv, S]`` blocks kept for each query (-1 = empty slot), as the NSA function
+            returns them (``nsa_attention(..., return_intermediates=True)["block_indices"][0, rows]``).
+        positions: ``[N]`` positions of the queries in the pass.
+        num_keys: length of the pass.
+
+    Returns:
+        float64 ``[N]`` tensors ``compression``, ``selection`` (mean over kv heads), ``window``, ``total`` and
+        ``dense`` (``t + 1``).
+    """
+    pos = positions.to(torch.long)
+    idx = block_indices.to(torch.long)
+    start = idx * block_size
+    valid = (idx >= 0) & (start <= pos[:, None, None])
+    tokens = torch.clamp(pos[:, None, None] - start + 1, max=block_size)
+    selection = torch.where(valid, tokens, 0).sum(dim=-1).double().mean(dim=-1)
+    num_blocks = -(-num_keys // block_size)
+    compression = (num_blocks - pos // block_size).double()
+    window = torch.clamp(pos + 1, max=window_size).double()
+    total = compression + selection + window
+    return dict(compression=compression, selection=selection, window=window, total=total, dense=(pos + 1).double())
+
+
+def _budget_ratios(budget: dict[str, torch.Tensor]) -> dict[str, float]:
+    ratio = budget["total"] / budget["dense"]
+    return dict(
+        total_ratio=float(budget["total"].sum() / budget["dense"].sum()),
+        mean_ratio=float(ratio.mean()),
+        last_query_ratio=float(ratio[-1]),
+        last_query_keys=float(budget["total"][-1]),
+        last_query_dense_keys=float(budget["dense"][-1]),
+    )
+
+
+def nominal_budget(length: int, block_size: int = 64, block_count: int = 32, window_size: int = 256) -> dict:
+    """The attention budget of an all-video pass of ``length`` tokens, assuming every query keeps its own block.
+
+    Returns the ratios of :meth:`VideoNSAAnalysis.budget_summary` (``total_ratio``, ``mean_ratio``,
+    ``last_query_ratio``, ``last_query_keys``) and the per-branch keys of the last query.
+    """
+    pos = torch.arange(length, dtype=torch.long)
+    slots = _slots(block_count)
+    block = pos // block_size
+    selection = torch.where(block < slots, pos + 1, (slots - 1) * block_size + pos % block_size + 1).double()
+    compression = (-(-length // block_size) - block).double()
+    window = torch.clamp(pos + 1, max=window_size).double()
+    budget = dict(compression=compression, selection=selection, window=window,
+                  total=compression + selection + window, dense=(pos + 1).double())
+    summary = _budget_ratios(budget)
+    summary.update(length=int(length), last_query={name: float(budget[name][-1]) for name in BRANCHES})
+    # The paper's prose has compression attend the query's own and EARLIER blocks: the last query would then read
+    # every compressed block, all selected tokens and the window.
+    num_blocks = -(-length // block_size)
+    summary["paper_prose_last_query_ratio"] = (
+        num_blocks + min(length, slots * block_size) + min(window_size, length)
+    ) / length
+    return summary
+
+
+@dataclass
+class VideoSpan:
+    """Where one video's tokens sit in the prompt."""
+
+    index: int
+    start: int  # position of its first video token
+    num_tokens: int
+    grid_thw: tuple[int, int, int]
+    tokens_per_step: int  # tokens of one temporal patch
+    temporal_patch_size: int
+    timestamps: list[float] | None = None  # seconds of each sampled frame
+    source_frames: list[int] | None = None  # source-frame number of each sampled frame
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.num_tokens
+
+    def step_of(self, position: int) -> int:
+        """Temporal patch holding the token at ``position``."""
+        return (position - self.start) // self.tokens_per_step
+
+    def frames_of_step(self, step: int) -> list[int]:
+        """Sampled-frame numbers of temporal patch ``step`` (the processor pads a short last patch by repeating
+        the last frame, so numbers past the last sampled frame are dropped)."""
+        frames = range(step * self.temporal_patch_size, (step + 1) * self.temporal_patch_size)
+        count = len(self.timestamps) if self.timestamps is not None else None
+        return [f for f in frames if count is None or f < count] or ([count - 1] if count else [])
+
+    def step_time(self, step: int) -> float | None:
+        frames = self.frames_of_step(step)
+        if self.timestamps is None or not frames:
+            return None
+        return float(self.timestamps[frames[0]])
+
+
+def video_spans(input_ids, video_grid_thw, *, video_token_id: int, spatial_merge_size: int = 2,
+                temporal_patch_size: int = 2, second_per_grid_ts=None, plans=None) -> list[VideoSpan]:
+    """The videos of a one-sample prompt: token ranges (runs of ``video_token_id``, in ``video_grid_thw`` order)
+    and frame timestamps, from the processor's ``plan_videos`` when ``plans`` are given, otherwise from
+    ``second_per_grid_ts`` (seconds per temporal patch), otherwise none."""
+    ids = torch.as_tensor(input_ids).reshape(-1)
+    is_video = (ids == video_token_id).to(torch.int8)
+    edges = torch.diff(F.pad(is_video, (1, 1)))
+    starts = torch.nonzero(edges == 1).flatten().tolist()
+    stops = torch.nonzero(edges == -1).flatten().tolist()
+    grids = [] if video_grid_thw is None else [tuple(int(x) for x in row) for row in torch.as_tensor(video_grid_thw)]
+    if len(starts) != len(grids):
+        raise ValueError(f"the prompt has {len(starts)} runs of video tokens but video_grid_thw has {len(grids)} rows")
+    spans = []
+    for index, (start, stop, grid) in enumerate(zip(starts, stops, grids)):
+        per_step = grid[1] * grid[2] // spatial_merge_size**2
+        if stop - start != grid[0] * per_step:
+            raise ValueError(f"video {index}: {stop - start} tokens in the prompt, {grid[0] * per_step} in its grid")
+        timestamps = frames = None
+        if plans is not None and index < len(plans) and plans[index].timestamps is not None:
+            timestamps, frames = list(plans[index].timestamps), list(plans[index].frame_indices)
+        elif second_per_grid_ts is not None:
+            seconds = float(torch.as_tensor(second_per_grid_ts).reshape(-1)[index]) / temporal_patch_size
+            timestamps = [f * seconds for f in range(grid[0] * temporal_patch_size)]
+        spans.append(VideoSpan(index, start, stop - start, grid, per_step, temporal_patch_size, timestamps, frames))
+    return spans
+
+
+def block_to_frames(block: int, spans: list[VideoSpan], block_size: int) -> list[dict]:
+    """The video frames whose tokens lie in NSA block ``block`` (tokens ``block*block_size ...``): one entry per
+    overlapped (video, temporal patch), with sampled-frame numbers, source-frame numbers and seconds."""
+    first, last = block * block_size, (block + 1) * block_size - 1
+    found = []
+    for span in spans:
+        lo, hi = max(first, span.start), min(last, span.stop - 1)
+        for step in range(span.step_of(lo), span.step_of(hi) + 1) if lo <= hi else ():
+            frames = span.frames_of_step(step)
+            found.append(dict(
+                video=span.index,
+                temporal_patch=step,
+                frames=frames,
+                source_frames=[span.source_frames[f] for f in frames] if span.source_frames else None,
+                timestamps=[round(float(span.timestamps[f]), 4) for f in frames] if span.timestamps else None,
+            ))
+    return found
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The analysis pass
+# ----------------------------------------------------------------------------------------------------------
+@dataclass
+class VideoNSAAnalysis:
+    """Everything measured in one analysis pass (one prompt). Tensors are on the CPU.
+
+    ``layers`` lists the text layers where the hybrid attention ran; the first axis of every per-layer tensor
+    follows it. ``H`` is the number of query heads, ``N`` the number of vision queries.
+    """
+
+    num_tokens: int
+    block_size: int
+    block_count: int
+    window_size: int
+    vision_positions: torch.Tensor  # [N]
+    layers: list[int]
+    gates: torch.Tensor  # [L, H, 3] mean gate (cmp, slc, swa) over vision queries
+    budget_selection: torch.Tensor  # [L, N] tokens read by the selection branch (mean over kv heads)
+    sink: str
+    sink_threshold: float
+    sink_weight_mean: torch.Tensor  # [L, H, 4] mean weight on the sink (cmp, slc, swa, gated)
+    sink_count: torch.Tensor  # [L, H, 4] vision queries whose weight exceeds the threshold
+    block_frequency: torch.Tensor  # [L, num_blocks] share of the (vision query, kv head) pairs at or after a block
+    # that kept it
+    query_positions: list[int]
+    default_query: int
+    query_blocks: dict[int, torch.Tensor]  # position -> int [L, Hkv, S] blocks kept (score order, -1 empty)
+    spans: list[VideoSpan] = field(default_factory=list)
+    dense_sink_weight_mean: torch.Tensor | None = None  # [L, H]
+    dense_sink_count: torch.Tensor | None = None  # [L, H]
+    sink_weights: torch.Tensor | None = None  # [L, N, H, 4] per query (keep_per_query=True)
+    dense_sink_weights: torch.Tensor | None = None  # [L, N, H] (keep_per_query and compare_dense)
+
+    # -- gates
+    def gate_means(self) -> torch.Tensor:
+        """``[layers, heads, 3]`` mean gate of (compression, selection, window) over the vision queries."""
+        return self.gates
+
+    # -- budget
+    def budget(self) -> dict[str, torch.Tensor]:
+        """Per vision query (``[N]``, selection averaged over layers): keys read by each branch, total, dense."""
+        pos = self.vision_positions
+        num_blocks = -(-self.num_tokens // self.block_size)
+        compression = (num_blocks - pos // self.block_size).double()
+        selection = self.budget_selection.mean(dim=0)
+        window = torch.clamp(pos + 1, max=self.window_size).double()
+        return dict(compression=compression, selection=selection, window=window,
+                    total=compression + selection + window, dense=(pos + 1).double())
+
+    def budget_summary(self) -> dict:
+        """Budget ratios vs dense (see the module docs) on this input, and the nominal ones at this length and at
+        128K tokens."""
+        summary = _budget_ratios(self.budget())
+        summary["per_layer_total_ratio"] = [
+            float((self._layer_total(i)).sum() / self.budget()["dense"].sum()) for i in range(len(self.layers))
+        ]
+        config = (self.block_size, self.block_count, self.window_size)
+        summary["nominal_this_length"] = nominal_budget(self.num_tokens, *config)
+        summary[f"nominal_{PAPER_CONTEXT}"] = nominal_budget(PAPER_CONTEXT, *config)
+        return summary
+
+    def _layer_total(self, layer: int) -> torch.Tensor:
+        b = self.budget()
+        return b["compression"] + self.budget_selection[layer] + b["window"]
+
+    # -- sinks
+    def sink_ratio(self, branch: str = "gated", per_layer: bool = False):
+        """Fraction of (vision query, head) pairs whose weight on the sink exceeds ``sink_threshold``, for one
+        of ``"compression"``, ``"selection"``, ``"window"``, ``"gated"`` (the gate-mixed NSA output) or
+        ``"dense"`` (needs ``compare_dense=True``). ``per_layer=True`` gives one value per analysed layer."""
+        if branch == "dense":
+            if self.dense_sink_count is None:
+                raise ValueError("run analyze(..., compare_dense=True) to measure dense attention's sinks")
+            counts = self.dense_sink_count
+        else:
+            counts = self.sink_count[..., SINK_COLUMNS.index(branch)]
+        pairs = len(self.vision_positions) * counts.shape[1]
+        if per_layer:
+            return [float(c) / pairs for c in counts.sum(dim=1)]
+        return float(counts.sum()) / (pairs * counts.shape[0])
+
+    # -- selection
+    def selected_frames(self, query: int | None = None) -> dict:
+        """The blocks the selection branch kept for ``query`` (a position given to ``analyze``; default the
+        first one given, else the last vision token), per layer and kv head, in score order, each with its frames
+        and timestamps."""
+        query = self.default_query if query is None else self._query(query)
+        blocks = self.query_blocks[query]
+        layers = []
+        for li, layer in enumerate(self.layers):
+            heads = []
+            for head in range(blocks.shape[1]):
+                kept = [int(b) for b in blocks[li, head] if b >= 0]
+                heads.append([dict(block=b, frames=block_to_frames(b, self.spans, self.block_size)) for b in kept])
+            layers.append(dict(layer=layer, kv_heads=heads))
+        where = [s for s in self.spans if s.start <= query < s.stop]
+        info = dict(position=query)
+        if where:
+            step = where[0].step_of(query)
+            info.update(video=where[0].index, temporal_patch=step, time=where[0].step_time(step))
+        return dict(query=info, layers=layers)
+
+    def _query(self, query: int) -> int:
+        if query < 0:
+            query += self.num_tokens
+        if query not in self.query_blocks:
+            raise KeyError(f"position {query} was not among analyze(queries=...): {self.query_positions}")
+        return query
+
+    def step_selection(self, query: int | None = None) -> tuple[list[tuple[int, int]], torch.Tensor]:
+        """``(steps, share)``: every (video, temporal patch) of the prompt and, per analysed layer, the share of
+        kv heads whose kept blocks overlap it, for ``query`` (``[L, steps]``)."""
+        query = self.default_query if query is None else self._query(query)
+        steps = [(s.index, t) for s in self.spans for t in range(s.grid_thw[0])]
+        share = torch.zeros(len(self.layers), len(steps))
+        column = {key: i for i, key in enumerate(steps)}
+        blocks = self.query_blocks[query]
+        for li in range(len(self.layers)):
+            for head in range(blocks.shape[1]):
+                hit = set()
+                for b in blocks[li, head].tolist():
+                    if b >= 0:
+                        frames = block_to_frames(b, self.spans, self.block_size)
+                        hit.update((f["video"], f["temporal_patch"]) for f in frames)
+                for key in hit:
+                    share[li, column[key]] += 1.0 / blocks.shape[1]
+        return steps, share
+
+    def step_frequency(self) -> tuple[list[tuple[int, int]], torch.Tensor]:
+        """``(steps, frequency)``: per (video, temporal patch), the mean over its blocks of the share of the (vision
+        query, kv head) pairs at or after the block that kept it, per analysed layer (``[L, steps]``)."""
+        steps = [(s.index, t) for s in self.spans for t in range(s.grid_thw[0])]
+        frequency = torch.zeros(len(self.layers), len(steps))
+        for i, (video, step) in enumerate(steps):
+            span = self.spans[video]
+            first = span.start + step * span.tokens_per_step
+            last = first + span.tokens_per_step - 1
+            blocks = list(range(first // self.block_size, last // self.block_size + 1))
+            frequency[:, i] = self.block_frequency[:, blocks].mean(dim=1)
+        return steps, frequency
+
+    # -- report
+    def summary(self) -> dict:
+        """A JSON-serialisable summary of everything above."""
+        gates = self.gates
+        out = dict(
+            num_tokens=self.num_tokens,
+            num_vision_queries=len(self.vision_positions),
+            nsa=dict(block_size=self.block_size, block_count=self.block_count, window_size=self.window_size),
+            layers=self.layers,
+            gates=dict(
+                branches=list(BRANCHES),
+                mean=dict(zip(BRANCHES, gates.mean(dim=(0, 1)).tolist())),
+                per_layer=dict(zip(BRANCHES, gates.mean(dim=1).T.tolist())),
+                per_layer_head=gates.tolist(),
+            ),
+            budget=self.budget_summary(),
+            sinks=dict(
+                sink=self.sink,
+                threshold=self.sink_threshold,
+                ratio={b: self.sink_ratio(b) for b in SINK_COLUMNS},
+                per_layer={b: self.sink_ratio(b, per_layer=True) for b in SINK_COLUMNS},
+                mean_weight={b: float(self.sink_weight_mean[..., i].mean()) for i, b in enumerate(SINK_COLUMNS)},
+            ),
+            videos=[dict(index=s.index, start=s.start, num_tokens=s.num_tokens, grid_thw=list(s.grid_thw),
+                         seconds=[s.timestamps[0], s.timestamps[-1]] if s.timestamps else None) for s in self.spans],
+            selection={str(q): self.selected_frames(q) for q in self.query_positions},
+        )
+        if self.dense_sink_count is not None:
+            out["sinks"]["ratio"]["dense"] = self.sink_ratio("dense")
+            out["sinks"]["per_layer"]["dense"] = self.sink_ratio("dense", per_layer=True)
+            out["sinks"]["mean_weight"]["dense"] = float(self.dense_sink_weight_mean.mean())
+        return out
+
+
+class _Recorder:
+    """Forward hooks on every ``VideoNSAAttention``: recompute the layer's NSA inputs from the hook's arguments
+    (the layer's own projections, RoPE and gate MLP) and measure them with the model's own NSA function."""
+
+    def __init__(self, model, *, queries, sink, sink_threshold, compare_dense, keep_per_query):
+        self.model = model
+        self.queries = queries
+        self.sink = sink
+        self.threshold = float(sink_threshold)
+        self.compare_dense = compare_dense
+        self.keep = keep_per_query
+        self.layers: dict[int, dict] = {}
+        self.vision_positions = None
+        self.num_tokens = None
+        self.default_query = None
+
+    def __call__(self, module, args, kwargs, output):
+        if not str(module.last_path).startswith("hybrid"):
+            return
+        with torch.no_grad():
+            self.layers[module.layer_idx] = self._measure(module, kwargs)
+
+    def _measure(self, attn, kwargs) -> dict:
+        modeling = sys.modules[type(attn).__module__]
+        kernels = modeling.load_nsa_kernels(attn.config)
+        config = attn.config
+        hidden = kwargs["hidden_states"]
+        tokens = kwargs["videonsa_tokens"]
+        batch, length, _ = hidden.shape
+        if batch != 1 or tokens.key_padding_mask is not None or tokens.is_vision.shape[1] != length:
+            raise ValueError("analyze takes one prompt (batch 1, no padding) prefilled in one pass")
+        # the layer's q/k/v and gate logits, as VideoNSAAttention.forward computes them
+        shape = (batch, length, -1, attn.head_dim)
+        q = attn.q_proj(hidden).view(shape).transpose(1, 2)
+        k = attn.k_proj(hidden).view(shape).transpose(1, 2)
+        cos, sin = kwargs["position_embeddings"]
+        q, k = modeling.apply_rotary_pos_emb(q, k, cos, sin)
+        logits = attn.gate_logits(hidden)
+        vision = tokens.is_vision[0]
+        num_heads, kv_heads = q.shape[1], k.shape[1]
+        q_nsa, k_nsa = q.transpose(1, 2), k.transpose(1, 2)
+        if not bool(vision.all()):  # the mixed path: q, k and gate logits multiplied by the vision mask
+            mask = vision[None, :, None, None].to(q.dtype)
+            q_nsa, k_nsa, logits = q_nsa * mask, k_nsa * mask, logits * mask
+        gates = torch.sigmoid(logits)
+        # the indicator of the sink as values: each branch's output is then its weight on the sink
+        indicator = torch.zeros(1, length, kv_heads, attn.head_dim, dtype=q.dtype, device=q.device)
+        indicator[:, : (1 if self.sink == "token" else config.nsa_block_size)] = 1
+        padded, _ = kernels.nsa_head_layout(num_heads, kv_heads)
+        nsa_fn = kernels.resolve_nsa_fn(config.nsa_backend, q.device)
+        out, extra = nsa_fn(
+            kernels.reference.pad_heads(q_nsa, padded), k_nsa, indicator, kernels.reference.pad_heads(gates, padded),
+            block_count=config.nsa_block_count, block_size=config.nsa_block_size,
+            window_size=config.nsa_window_size, scale=attn.scaling, return_intermediates=True,
+        )
+        rows = torch.nonzero(vision).flatten()
+        fold = kernels.reference.fold_heads
+        branch = [fold(extra[name], num_heads)[0, rows, :, 0].float() for name in ("o_cmp", "o_slc", "o_swd")]
+        gate_rows = gates[0, rows].float()  # [N, H, 3]
+        gated = fold(out, num_heads)[0, rows, :, 0].float() / gate_rows.sum(dim=-1)
+        weights = torch.stack(branch + [gated], dim=-1)  # [N, H, 4]
+        block_indices = extra["block_indices"][0]  # [T, Hkv, S]
+        budget = budget_from_block_indices(block_indices[rows], rows, length, config.nsa_block_size,
+                                           config.nsa_window_size)
+        num_blocks = -(-length // config.nsa_block_size)
+        kept = block_indices[rows].long()
+        counts = torch.bincount(kept[kept >= 0].flatten(), minlength=num_blocks).double()
+        # candidates: (query, kv head) pairs at or after the block (selection only looks back)
+        candidates = torch.bincount(rows // config.nsa_block_size, minlength=num_blocks).flip(0).cumsum(0).flip(0)
+        candidates = candidates.double() * kv_heads
+        result = dict(
+            gates=gate_rows.mean(dim=0).cpu(),
+            budget_selection=budget["selection"].cpu(),
+            sink_weight_mean=weights.mean(dim=0).cpu(),
+            sink_count=(weights > self.threshold).sum(dim=0).cpu(),
+            block_frequency=(counts / candidates.clamp_min(1)).cpu(),
+            query_blocks={p: block_indices[p].cpu() for p in self.queries(length, rows)},
+        )
+        if self.keep:
+            result["sink_weights"] = weights.cpu()
+        if self.compare_dense:
+            dense = F.scaled_dot_product_attention(
+                q, k, indicator.transpose(1, 2), is_causal=True, scale=attn.scaling, enable_gqa=True
+            )[0, :, rows, 0].float().T  # [N, H]
+            result.update(dense_sink_weight_mean=dense.mean(dim=0).cpu(),
+                          dense_sink_count=(dense > self.threshold).sum(dim=0).cpu())
+            if self.keep:
+                result["dense_sink_weights"] = dense.cpu()
+        self.vision_positions, self.num_tokens = rows.cpu(), length
+        return result
+
+
+def analyze(
+    model,
+    inputs: dict,
+    *,
+    queries=None,
+    query_times=None,
+    sink: str = "token",
+    sink_threshold: float = DEFAULT_SINK_THRESHOLD,
+    compare_dense: bool = False,
+    plans=None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    keep_per_query: bool = False,
+) -> VideoNSAAnalysis:
+    """Run one prefill of ``inputs`` (one prompt, as the processor returns it) and measure the attention.
+
+    Args:
+        queries: positions whose selected blocks are kept (negative counts from the end), besides the last
+            vision token, which is always kept; the first one given is the default of ``selected_frames`` and of
+            the plot (else the last vision token). Positions of text tokens are allowed (their NSA queries are
+            zero in the released function, so their selection is decided by ties).
+        query_times: seconds into the first video; each adds the last vision token of the temporal patch that
+            covers it (needs timestamps: ``plans`` or ``second_per_grid_ts`` in ``inputs``).
+        sink: ``"token"`` (the first key of the sequence) or ``"block"`` (the first NSA block).
+        sink_threshold: a (query, head) pair has a sink when its weight on the sink exceeds this.
+        compare_dense: also measure dense causal attention's weight on the sink on the same layer inputs.
+        plans: ``processor.plan_videos(videos)``, for source-frame numbers and exact timestamps.
+        chunk_size: piece size of the prefill (:func:`videonsa_long_context.chunked_prefill`).
+        keep_per_query: keep every vision query's sink weights (``[L, N, H, 4]``; large for long videos).
+    """
+    if sink not in ("token", "block"):
+        raise ValueError(f"sink must be 'token' or 'block', got {sink!r}")
+    if not 0 < float(sink_threshold) < 1:
+        raise ValueError(f"sink_threshold must be in (0, 1), got {sink_threshold}")
+    input_ids = inputs.get("input_ids")
+    if input_ids is None or input_ids.shape[0] != 1:
+        raise ValueError("analyze takes the processor's output for one prompt (input_ids of batch 1)")
+    config = model.config
+    vision_config = config.vision_config
+    spans = video_spans(
+        input_ids[0], inputs.get("video_grid_thw"), video_token_id=config.video_token_id,
+        spatial_merge_size=vision_config.spatial_merge_size, temporal_patch_size=vision_config.temporal_patch_size,
+        second_per_grid_ts=inputs.get("second_per_grid_ts"), plans=plans,
+    ) if inputs.get("video_grid_thw") is not None else []
+    wanted = [int(q) for q in (queries or [])]
+    for seconds in query_times or []:
+        if not spans or spans[0].timestamps is None:
+            raise ValueError("query_times needs frame timestamps: pass plans= or inputs with second_per_grid_ts")
+        span = spans[0]
+        steps = [t for t in range(span.grid_thw[0]) if (span.step_time(t) or 0.0) <= float(seconds)] or [0]
+        wanted.append(span.start + (steps[-1] + 1) * span.tokens_per_step - 1)
+
+    def choose(length, vision_rows):
+        requested = [q + length if q < 0 else q for q in wanted]
+        for q in requested:
+            if not 0 <= q < length:
+                raise ValueError(f"query position {q} is outside the prompt of {length} tokens")
+        recorder.default_query = requested[0] if requested else int(vision_rows[-1])
+        return sorted(set(requested + [int(vision_rows[-1])]))
+
+    recorder = _Recorder(model, queries=choose, sink=sink, sink_threshold=sink_threshold,
+                         compare_dense=compare_dense, keep_per_query=keep_per_query)
+    handles = [layer.self_attn.register_forward_hook(recorder, with_kwargs=True)
+               for layer in model.model.language_model.layers]
+    try:
+        keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos",
+                "video_grid_thw", "second_per_grid_ts", "mm_token_type_ids")
+        chunked_prefill(model, chunk_size=chunk_size, **{k: inputs[k] for k in keys if inputs.get(k) is not None})
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not recorder.layers:
+        raise ValueError(
+            "no layer ran the hybrid attention on this input (no vision token, or nsa_enabled=False): nothing to "
+            "analyse"
+        )
+    layers = sorted(recorder.layers)
+    per = [recorder.layers[i] for i in layers]
+
+    def stack(name):
+        return torch.stack([p[name] for p in per]) if name in per[0] else None
+
+    text = config.text_config
+    query_positions = sorted(per[0]["query_blocks"])
+    return VideoNSAAnalysis(
+        num_tokens=recorder.num_tokens,
+        block_size=text.nsa_block_size,
+        block_count=text.nsa_block_count,
+        window_size=text.nsa_window_size,
+        vision_positions=recorder.vision_positions,
+        layers=layers,
+        gates=stack("gates"),
+        budget_selection=stack("budget_selection"),
+        sink=sink,
+        sink_threshold=float(sink_threshold),
+        sink_weight_mean=stack("sink_weight_mean"),
+        sink_count=stack("sink_count"),
+        block_frequency=stack("block_frequency"),
+        query_positions=query_positions,
+        default_query=recorder.default_query,
+        query_blocks={q: torch.stack([p["query_blocks"][q] for p in per]) for q in query_positions},
+        spans=spans,
+        dense_sink_weight_mean=stack("dense_sink_weight_mean"),
+        dense_sink_count=stack("dense_sink_count"),
+        sink_weights=stack("sink_weights"),
+        dense_sink_weights=stack("dense_sink_weights"),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Plots (matplotlib's object API on the Agg canvas: no display, no global backend change)
+# ----------------------------------------------------------------------------------------------------------
+_COLORS = {"compression": "#0072B2", "selection": "#D55E00", "window": "#009E73", "gated": "#000000",
+           "dense": "#CC79A7"}
+
+
+def _figure(width, height):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=110, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _integer_ticks(axis, which="x"):
+    from matplotlib.ticker import MaxNLocator
+
+    (axis.xaxis if which == "x" else axis.yaxis).set_major_locator(MaxNLocator(integer=True))
+
+
+def _save(figure, path) -> str:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, format="png")
+    return str(path)
+
+
+def plot_gates(analysis: VideoNSAAnalysis, path, title: str | None = None) -> str:
+    """Mean gate of each branch per layer (lines, with the range over heads) and per layer and head (maps)."""
+    gates = analysis.gates.float().numpy()
+    layers = analysis.layers
+    figure = _figure(12, 7.5)
+    grid = figure.add_gridspec(2, 3, height_ratios=[1, 1.25])
+    top = figure.add_subplot(grid[0, :])
+    for i, name in enumerate(BRANCHES):
+        values = gates[:, :, i]
+        top.plot(layers, values.mean(axis=1), marker="o", color=_COLORS[name], label=f"{name} (mean over heads)")
+        top.fill_between(layers, values.min(axis=1), values.max(axis=1), color=_COLORS[name],
+                         alpha=0.15, linewidth=0)
+    top.set_xlabel("layer")
+    _integer_ticks(top)
+    top.set_ylabel("mean gate over vision queries")
+    top.set_ylim(0, 1)
+    top.grid(alpha=0.3)
+    top.legend(loc="upper left", ncols=3, fontsize=9)
+    top.set_title(title or f"VideoNSA gates per layer ({len(analysis.vision_positions)} vision queries; "
+                           "shaded: range over heads)")
+    image = None
+    for i, name in enumerate(BRANCHES):
+        axis = figure.add_subplot(grid[1, i])
+        image = axis.imshow(gates[:, :, i].T, aspect="auto", origin="lower", vmin=0, vmax=1, cmap="viridis",
+                            extent=(layers[0] - 0.5, layers[-1] + 0.5, -0.5, gates.shape[1] - 0.5))
+        axis.set_title(f"{name} gate")
+        axis.set_xlabel("layer")
+        _integer_ticks(axis)
+        if i == 0:
+            axis.set_ylabel("head")
+    figure.colorbar(image, ax=figure.axes[1:], shrink=0.9, label="mean gate")
+    return _save(figure, path)
+
+
+def plot_budget(analysis: VideoNSAAnalysis | None, path, *, block_size=None, block_count=None, window_size=None,
+                lengths=None) -> str:
+    """Keys read per query as a share of dense attention, vs context length (nominal, all-video pass), with this
+    input's measured values; and, when an analysis is given, the keys each branch reads per query on it."""
+    if analysis is not None:
+        block_size, block_count, window_size = analysis.block_size, analysis.block_count, analysis.window_size
+    block_size, block_count, window_size = block_size or 64, block_count or 32, window_size or 256
+    measured_length = analysis.num_tokens if analysis is not None else PAPER_CONTEXT
+    if lengths is None:
+        low = min(10, max(5, int(math.log2(measured_length))))
+        high = max(int(math.log2(PAPER_CONTEXT)), math.ceil(math.log2(measured_length)))
+        lengths = [1 << p for p in range(low, high + 1)]
+    nominal = [nominal_budget(n, block_size, block_count, window_size) for n in lengths]
+    figure = _figure(12 if analysis is not None else 7, 4.8)
+    axis = figure.add_subplot(1, 2 if analysis is not None else 1, 1)
+    axis.plot(lengths, [100 * n["total_ratio"] for n in nominal], marker="o", color="#0072B2",
+              label="all queries (attention work)")
+    axis.plot(lengths, [100 * n["last_query_ratio"] for n in nominal], marker="s", color="#D55E00",
+              label="last query (one new query)")
+    if analysis is not None:
+        measured = analysis.budget_summary()
+        axis.scatter([analysis.num_tokens], [100 * measured["total_ratio"]], s=90, color="#0072B2",
+                     edgecolor="black", zorder=5, label="this input: all vision queries")
+        axis.scatter([analysis.num_tokens], [100 * measured["last_query_ratio"]], s=90, color="#D55E00",
+                     edgecolor="black", marker="s", zorder=5, label="this input: last vision query")
+    last = nominal[-1]
+    axis.annotate(f"at {lengths[-1]:,} tokens:\nlast query {_percent(last['last_query_ratio'])}\n"
+                  f"all queries {_percent(last['total_ratio'])}",
+                  (lengths[-1], 100 * last["last_query_ratio"]), textcoords="offset points", xytext=(-190, 45),
+                  fontsize=9, bbox=dict(boxstyle="round", fc="white", ec="0.7"),
+                  arrowprops=dict(arrowstyle="->", lw=0.8))
+    axis.set_xscale("log", base=2)
+    axis.set_yscale("log")
+    axis.set_xlabel("context length (video tokens)")
+    axis.set_ylabel("keys read, % of dense causal attention")
+    axis.set_title(f"NSA attention budget (block {block_size}, {block_count} blocks, window {window_size})")
+    axis.grid(alpha=0.3, which="both")
+    axis.legend(fontsize=8)
+    if analysis is not None:
+        budget = analysis.budget()
+        pos = analysis.vision_positions.numpy()
+        right = figure.add_subplot(1, 2, 2)
+        right.stackplot(pos, budget["compression"].numpy(), budget["selection"].numpy(), budget["window"].numpy(),
+                        colors=[_COLORS[b] for b in BRANCHES], alpha=0.75, labels=list(BRANCHES))
+        right.plot(pos, budget["dense"].numpy(), color="black", linestyle="--", label="dense (t + 1)")
+        right.set_xlabel("query position t (vision queries)")
+        right.set_ylabel("keys read by the query")
+        right.set_title("keys read per vision query on this input")
+        right.grid(alpha=0.3)
+        right.legend(fontsize=8, loc="upper left")
+    return _save(figure, path)
+
+
+def _percent(ratio: float) -> str:
+    value = 100 * ratio
+    return f"{value:.2f}%" if value < 10 else f"{value:.1f}%"
+
+
+def _step_labels(analysis: VideoNSAAnalysis, steps) -> list[str]:
+    labels = []
+    for video, step in steps:
+        seconds = analysis.spans[video].step_time(step)
+        prefix = f"v{video} " if len(analysis.spans) > 1 else ""
+        labels.append(f"{prefix}{seconds:.1f}s" if seconds is not None else f"{prefix}#{step}")
+    return labels
+
+
+def plot_selected_frames(analysis: VideoNSAAnalysis, path, query: int | None = None) -> str:
+    """Which moments of the video the selection branch kept: for one query, per layer (share of kv heads keeping
+    each temporal patch), and over all vision queries (share of (query, kv head) pairs, mean over layers)."""
+    if not analysis.spans:
+        raise ValueError("the prompt has no video: no frames to show")
+    steps, share = analysis.step_selection(query)
+    _, frequency = analysis.step_frequency()
+    info = analysis.selected_frames(query)["query"]
+    labels = _step_labels(analysis, steps)
+    figure = _figure(max(8, min(20, 0.18 * len(steps) + 4)), 7)
+    grid = figure.add_gridspec(2, 1, height_ratios=[2.2, 1])
+    top = figure.add_subplot(grid[0])
+    import numpy as np
+    from matplotlib import colormaps
+    from matplotlib.patches import Patch
+
+    values = share.numpy().copy()
+    column = steps.index((info["video"], info["temporal_patch"])) if "temporal_patch" in info else None
+    if column is not None:
+        values[:, column + 1 :] = np.nan  # after the query: selection never looks ahead
+    cmap = colormaps["magma"].with_extremes(bad="0.88")
+    image = top.imshow(values, aspect="auto", origin="lower", vmin=0, vmax=1, cmap=cmap, interpolation="nearest",
+                       extent=(-0.5, len(steps) - 0.5, analysis.layers[0] - 0.5, analysis.layers[-1] + 0.5))
+    figure.colorbar(image, ax=top, label="share of kv heads keeping it")
+    when = f" at {info['time']:.1f}s" if info.get("time") is not None else ""
+    if column is not None:
+        top.axvline(column, color="#56B4E9", linestyle="--", linewidth=1.5, label="the query's own frames")
+        handles = [top.get_legend_handles_labels()[0][0], Patch(color="0.88", label="after the query")]
+        top.legend(handles=handles, loc="upper left", fontsize=8)
+    top.tick_params(labelbottom=False)
+    top.set_title(f"Frames kept by the selection branch for the query at position {info['position']}{when}")
+    top.set_ylabel("layer")
+    _integer_ticks(top, "y")
+    bottom = figure.add_subplot(grid[1], sharex=top)
+    bottom.bar(range(len(steps)), frequency.mean(dim=0).numpy(), color=_COLORS["selection"], width=0.9)
+    bottom.set_ylabel("kept, share of the\n(query, kv head) pairs\nat or after it")
+    bottom.set_xlabel("frames (temporal patch start time)")
+    stride = max(1, len(steps) // 24)
+    bottom.set_xticks(range(0, len(steps), stride), labels[::stride], rotation=60, fontsize=8)
+    bottom.set_title("Over all vision queries (mean over layers)")
+    bottom.grid(alpha=0.3, axis="y")
+    return _save(figure, path)
+
+
+def plot_sinks(analysis: VideoNSAAnalysis, path) -> str:
+    """Sink ratio per layer for each branch and the gated output (and dense attention when measured)."""
+    figure = _figure(10, 4.5)
+    axis = figure.add_subplot(1, 1, 1)
+    names = list(SINK_COLUMNS) + (["dense"] if analysis.dense_sink_count is not None else [])
+    for name in names:
+        values = [100 * v for v in analysis.sink_ratio(name, per_layer=True)]
+        overall = 100 * analysis.sink_ratio(name)
+        axis.plot(analysis.layers, values, marker="o", color=_COLORS[name],
+                  linestyle="-" if name in ("gated", "dense") else ":", label=f"{name}: {overall:.2f}% overall")
+    axis.set_xlabel("layer")
+    _integer_ticks(axis)
+    axis.set_ylim(0, max([1.0] + [100 * v * 1.15 for n in names for v in analysis.sink_ratio(n, per_layer=True)]))
+    axis.set_ylabel("% of (vision query, head) pairs")
+    what = "first token" if analysis.sink == "token" else "first block"
+    axis.set_title(f"Attention sinks: weight on the {what} > {analysis.sink_threshold:g}")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    return _save(figure, path)
+
+
+def write_report(analysis: VideoNSAAnalysis, out_dir, extra: dict | None = None) -> dict[str, str]:
+    """Write the four PNGs and ``summary.json`` into ``out_dir``; returns their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = dict(
+        gates=plot_gates(analysis, out_dir / "gates.png"),
+        budget=plot_budget(analysis, out_dir / "budget.png"),
+        sinks=plot_sinks(analysis, out_dir / "sinks.png"),
+    )
+    if analysis.spans:
+        paths["selected_frames"] = plot_selected_frames(analysis, out_dir / "selected_frames.png")
+    summary = analysis.summary()
+    summary.update(extra or {})
+    summary["files"] = {name: Path(p).name for name, p in paths.items()}
+    with open(out_dir / "summary.json", "w") as file:
+        json.dump(summary, file, indent=1)
+    paths["summary"] = str(out_dir / "summary.json")
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="folder or Hub repo id of a VideoNSA checkpoint")
+    parser.add_argument("--video", required=True, help="video file")
+    parser.add_argument("--out", required=True, help="folder for the PNGs and summary.json")
+    parser.add_argument("--question", default="Describe what happens in this video.")
+    parser.add_argument("--fps", type=float, default=None, help="sampling rate (default: the processor's, 4)")
+    parser.add_argument("--query-position", type=int, action="append", default=None,
+                        help="prompt position whose selected blocks to show (repeatable; default: last video token)")
+    parser.add_argument("--query-time", type=float, action="append", default=None,
+                        help="seconds into the video: show the last video token of that moment (repeatable)")
+    parser.add_argument("--sink", choices=("token", "block"), default="token")
+    parser.add_argument("--sink-threshold", type=float, default=DEFAULT_SINK_THRESHOLD)
+    parser.add_argument("--compare-dense", action="store_true", help="also measure dense attention's sinks")
+    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
+    parser.add_argument("--dtype", default="auto", help="model dtype (default: the checkpoint's)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    from transformers import AutoModel, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+    model = AutoModel.from_pretrained(args.model, trust_remote_code=True, dtype=args.dtype).to(args.device).eval()
+    video_kwargs = {} if args.fps is None else {"fps": args.fps}
+    messages = [{"role": "user", "content": [{"type": "video", "video": args.video},
+                                             {"type": "text", "text": args.question}]}]
+    inputs = processor.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=True,
+                                           return_tensors="pt", **video_kwargs).to(args.device)
+    plans = processor.plan_videos([args.video], **video_kwargs)
+    analysis = analyze(model, inputs, queries=args.query_position, query_times=args.query_time, sink=args.sink,
+                       sink_threshold=args.sink_threshold, compare_dense=args.compare_dense, plans=plans,
+                       chunk_size=args.chunk_size)
+    paths = write_report(analysis, args.out, extra=dict(model=args.model, video=args.video, question=args.question))
+    summary = analysis.summary()
+    budget = summary["budget"]
+    gates = summary["gates"]["mean"]
+    print(f"{summary['num_tokens']} tokens, {summary['num_vision_queries']} vision queries, "
+          f"{len(analysis.layers)} NSA layers")
+    print("mean gates: " + ", ".join(f"{b} {v:.3f}" for b, v in gates.items()))
+    print(f"attention budget vs dense: {100 * budget['total_ratio']:.2f}% of the work over all vision queries, "
+          f"{100 * budget['last_query_ratio']:.2f}% for the last one "
+          f"(nominal at {PAPER_CONTEXT:,} tokens: {100 * budget[f'nominal_{PAPER_CONTEXT}']['last_query_ratio']:.2f}%)")
+    print(f"sink ratio (weight on the first {args.sink} > {args.sink_threshold:g}): "
+          + ", ".join(f"{b} {100 * v:.2f}%" for b, v in summary["sinks"]["ratio"].items()))
+    for path in paths.values():
+        print(f"wrote {path}")
+    return paths
+
+
+if __name__ == "__main__":
+    main()
