@@ -74,10 +74,11 @@ def validate_nsa_settings(config) -> None:
     block_size = positive_int("nsa_block_size")
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"nsa_block_size must be a power of two >= 16 (e.g. 64), got {block_size}")
-    if positive_int("nsa_block_count") > 64:
+    block_count = positive_int("nsa_block_count")
+    if (1 << (block_count - 1).bit_length()) > block_size:
         raise ValueError(
-            f"nsa_block_count must be <= 64 (the released top-k network ranks candidates in chunks of 64), got "
-            f"{config.nsa_block_count}"
+            f"nsa_block_count rounded up to a power of two must be <= nsa_block_size (the released top-k network "
+            f"ranks candidates in chunks of nsa_block_size blocks); got {block_count} with block size {block_size}"
         )
     positive_int("nsa_window_size")
     temperature = config.nsa_gate_temperature

@@ -70,9 +70,8 @@ def main(argv=None):
         from tiny_videonsa import build_tiny_checkpoint
 
         source = str(workdir / "tiny-videonsa")
-        if not (Path(source) / "config.json").is_file():
-            print(f"No --model given: building a tiny random VideoNSA checkpoint in {source}")
-            build_tiny_checkpoint(source)
+        print(f"No --model given: building a tiny random VideoNSA checkpoint in {source}")
+        build_tiny_checkpoint(source)  # rebuilt every run (a second), so it always carries this checkout's code
     video = args.video
     if video is None:
         from tiny_videonsa import write_video

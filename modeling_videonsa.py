@@ -211,26 +211,35 @@ class VideoNSAAttention(Qwen2_5_VLAttention):
                 f"The cache holds {key.shape[2]} key positions but {videonsa_tokens.is_vision.shape[1]} tokens were "
                 "typed; VideoNSA's hybrid attention needs a cache that grows with the sequence (DynamicCache)."
             )
-        dense_interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        ops = load_nsa_kernels(self.config).resolve_backend(self.config.nsa_backend, query.device)
+        backend = ops.__name__.rsplit(".", 1)[-1]
+        dense_kwargs = {}
+        if backend == "reference":
+            # The dense part goes through the model's attn_implementation (sdpa / eager / flash_attention_2).
+            # The Triton backend runs it in its own kernel instead: text rows only, and the zero-query vision
+            # rows as running means of the values, which is what attention with a zero query returns.
+            dense_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+                self.config._attn_implementation, eager_attention_forward
+            )
 
-        def dense_fn(dense_query):
-            return dense_interface(
-                self,
-                dense_query,
-                key,
-                value,
-                attention_mask,
-                dropout=0.0 if not self.training else self.attention_dropout,
-                scaling=self.scaling,
-                sliding_window=self.sliding_window,
-                position_ids=position_ids,
-                **kwargs,
-            )[0]
+            def dense_fn(dense_query):
+                return dense_interface(
+                    self,
+                    dense_query,
+                    key,
+                    value,
+                    attention_mask,
+                    dropout=0.0 if not self.training else self.attention_dropout,
+                    scaling=self.scaling,
+                    sliding_window=self.sliding_window,
+                    position_ids=position_ids,
+                    **kwargs,
+                )[0]
 
-        kernels = load_nsa_kernels(self.config)
-        nsa_fn = kernels.resolve_nsa_fn(self.config.nsa_backend, query.device)
-        self.last_path = f"hybrid ({nsa_fn.__module__.rsplit('.', 1)[-1]} NSA + {self.config._attn_implementation} dense)"
-        output = kernels.hybrid_attention(
+            dense_kwargs["dense_fn"] = dense_fn
+        dense_name = self.config._attn_implementation if backend == "reference" else backend
+        self.last_path = f"hybrid ({backend} NSA + {dense_name} dense)"
+        output = ops.hybrid_attention(
             query,
             key,
             value,
@@ -241,8 +250,7 @@ class VideoNSAAttention(Qwen2_5_VLAttention):
             block_count=self.config.nsa_block_count,
             window_size=self.config.nsa_window_size,
             scale=self.scaling,
-            nsa_fn=nsa_fn,
-            dense_fn=dense_fn,
+            **dense_kwargs,
         )
         return self.o_proj(output.reshape(batch, length, -1)), None
 

@@ -1,4 +1,4 @@
-"""Choice of the NSA implementation: bundled Triton kernels on CUDA, the PyTorch reference elsewhere."""
+"""Choice of the attention implementation: bundled Triton kernels on CUDA, the PyTorch reference elsewhere."""
 
 from __future__ import annotations
 
@@ -14,14 +14,14 @@ logger = logging.getLogger(__name__)
 
 @functools.lru_cache(maxsize=None)
 def _triton_nsa():
-    """The Triton ``nsa_attention`` and ``None``, or ``None`` and the reason it cannot be used."""
+    """The Triton backend module and ``None``, or ``None`` and the reason it cannot be used."""
     try:
         import triton  # noqa: F401
 
-        from .triton_nsa import nsa_attention
+        from . import triton_nsa
     except ImportError as error:
         return None, f"the Triton kernels could not be imported ({error})"
-    return nsa_attention, None
+    return triton_nsa, None
 
 
 @functools.lru_cache(maxsize=None)
@@ -29,14 +29,15 @@ def _warn_once(message: str) -> None:
     logger.warning(message)
 
 
-def resolve_nsa_fn(backend: str, device: torch.device):
-    """Return the ``nsa_attention`` implementation for ``backend`` ("auto", "triton" or "torch") on ``device``.
+def resolve_backend(backend: str, device: torch.device):
+    """The module that computes the attention for ``backend`` ("auto", "triton" or "torch") on ``device``.
 
-    "auto" takes the Triton kernels on CUDA and falls back to the PyTorch reference with a one-time warning
-    that says why; "triton" raises instead of falling back.
+    Both candidates, :mod:`.reference` and :mod:`.triton_nsa`, expose ``hybrid_attention``, ``nsa_attention``
+    and ``dense_attention`` with the same signatures. "auto" takes the Triton kernels on CUDA and falls back to
+    the PyTorch reference with a one-time warning that says why; "triton" raises instead of falling back.
     """
     if backend == "torch":
-        return reference.nsa_attention
+        return reference
     kernels, why_not = _triton_nsa()
     if device.type != "cuda":
         why_not = f"tensors are on {device.type}, and the Triton kernels run on CUDA only"
@@ -49,4 +50,4 @@ def resolve_nsa_fn(backend: str, device: torch.device):
         raise ValueError(f"nsa_backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     if device.type == "cuda":
         _warn_once(f"VideoNSA runs its attention with the PyTorch reference (slow) because {why_not}.")
-    return reference.nsa_attention
+    return reference

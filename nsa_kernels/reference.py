@@ -28,8 +28,6 @@ import torch.nn.functional as F
 
 # Elements of one score tile (query rows x heads x keys) before the query axis is chunked.
 _TILE_ELEMENTS = 1 << 24
-# fla's top-k kernel walks the candidate blocks in chunks of this many and keeps the best half of a chunk.
-_TOPK_CHUNK = 64
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -217,8 +215,8 @@ def select_blocks(
     For query position ``t`` (current block ``n = t // block_size``) and kv head ``g``, block ``c < n`` scores
     ``sum_{j in group g} exp(scale * q_j . k_cmp[c] - lse_read[t, j])`` and block ``n`` scores exactly 1 per
     head. ``lse_read`` is ``lse`` (``[B, P, Tq]``) read as if laid out ``[B, Tq, P]`` (the authors' kernel reads
-    element ``P * t + j`` of the flat array). Blocks are ranked with fla's bitonic network (chunks of 64
-    candidates in index order merged with the running best 32), which decides exact ties.
+    element ``P * t + j`` of the flat array). Blocks are ranked with fla's bitonic network (chunks of
+    ``block_size`` candidates in index order, each merged with the running best half), which decides exact ties.
 
     Args:
         q: ``[B, Tq, P, D]``; k_cmp: ``[B, NB, Hkv, D]``; lse: ``[B, P, Tq]`` float32.
@@ -231,19 +229,23 @@ def select_blocks(
     kv_heads, num_blocks = k_cmp.shape[2], k_cmp.shape[1]
     group = heads // kv_heads
     slots = 1 << math.ceil(math.log2(block_count)) if block_count > 1 else 1
-    if slots > _TOPK_CHUNK:
-        raise ValueError(f"block_count must be <= {_TOPK_CHUNK} (the top-k network's chunk), got {block_count}")
+    # fla's kernel walks the candidates in chunks of `block_size` blocks and keeps the best half of each chunk
+    chunk_width = block_size
+    if slots > chunk_width:
+        raise ValueError(
+            f"next_power_of_2(block_count) must be <= block_size (the top-k network's chunk); got block_count "
+            f"{block_count}, block_size {block_size}"
+        )
     lse_read = lse.reshape(batch, -1).view(batch, num_q, heads)
     result = torch.empty(batch, num_q, kv_heads, slots, dtype=torch.int32, device=q.device)
     q_scaled = (_upcast(q) * scale).view(batch, num_q, kv_heads, group, dim)
     k_float = _upcast(k_cmp)
-    half = _TOPK_CHUNK // 2
-    keep_previous = torch.arange(_TOPK_CHUNK, device=q.device) < half
+    keep_previous = torch.arange(chunk_width, device=q.device) < chunk_width // 2
     for start, stop in _query_chunks(num_q, heads, num_blocks):
         rows = stop - start
         current = (torch.arange(start, stop, device=q.device) + (num_keys - num_q)) // block_size  # [rows]
-        num_chunks = int(current.max()) // _TOPK_CHUNK + 1
-        padded_blocks = num_chunks * _TOPK_CHUNK
+        num_chunks = int(current.max()) // chunk_width + 1
+        padded_blocks = num_chunks * chunk_width
         # importance [B, rows, Hkv, padded_blocks]
         logits = torch.einsum("bqgjd,bcgd->bqgjc", q_scaled[:, start:stop], k_float)
         logits = logits - lse_read[:, start:stop].view(batch, rows, kv_heads, group, 1)
@@ -266,14 +268,14 @@ def select_blocks(
         importance = importance.reshape(flat, padded_blocks)
         ids = ids.reshape(flat, padded_blocks)
         active_until = current[None, :, None].expand(batch, rows, kv_heads).reshape(flat)
-        best_vals, best_ids = _sort_chunk(importance[:, :_TOPK_CHUNK], ids[:, :_TOPK_CHUNK], descending=True)
+        best_vals, best_ids = _sort_chunk(importance[:, :chunk_width], ids[:, :chunk_width], descending=True)
         for chunk in range(1, num_chunks):
-            lo = chunk * _TOPK_CHUNK
-            vals, cids = _sort_chunk(importance[:, lo : lo + _TOPK_CHUNK], ids[:, lo : lo + _TOPK_CHUNK], False)
+            lo = chunk * chunk_width
+            vals, cids = _sort_chunk(importance[:, lo : lo + chunk_width], ids[:, lo : lo + chunk_width], False)
             # previous best 32 (descending) followed by this chunk's best 32 (ascending) is bitonic
             vals = torch.where(keep_previous, best_vals, vals)
             cids = torch.where(keep_previous, best_ids, cids)
-            vals, cids = _bitonic_merge(vals, cids, int(math.log2(_TOPK_CHUNK)), True)
+            vals, cids = _bitonic_merge(vals, cids, int(math.log2(chunk_width)), True)
             active = (active_until >= lo)[:, None]
             best_vals = torch.where(active, vals, best_vals)
             best_ids = torch.where(active, cids, best_ids)

@@ -186,7 +186,7 @@ def test_mismatched_video_grid_is_a_clear_error():
         (dict(nsa_block_size=48), "power of two"),
         (dict(nsa_block_size=8), "power of two"),
         (dict(nsa_block_count=0), "positive integer"),
-        (dict(nsa_block_count=65), "<= 64"),
+        (dict(nsa_block_count=65), "<= nsa_block_size"),
         (dict(nsa_window_size=0), "positive integer"),
         (dict(nsa_gate_temperature=0.0), "> 0"),
         (dict(nsa_backend="cuda"), "nsa_backend"),

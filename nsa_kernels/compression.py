@@ -1,0 +1,292 @@
+"""Compression branch of VideoNSA on Triton: mean-pooled keys/values and attention over own + later blocks.
+
+Query row ``r`` sits at position ``t = num_keys - Tq + r`` and attends every compressed block ``c`` with
+``c >= t // block_size`` (its own block and all later ones: the released model's quirk). The output is in
+the query dtype; the natural-log log-sum-exp is float32 ``[B, P, Tq]``, contiguous, because the selection
+step reads that array in its (mis)read layout.
+
+Heads ``>= active_heads`` are declared all-zero queries (the padded heads 56-63 of the 7B layout, whose gates
+are 0): for them no attention runs, the output is left 0 and the log-sum-exp is written in closed form,
+``log(number of visible blocks)``, which is exactly what softmax over all-zero scores gives.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._triton_utils import LOG2E, check_dim, dot_precision, num_warps_for
+
+
+def compress_kv(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Mean-pool ``[B, T, Hkv, D]`` over consecutive blocks -> ``[B, ceil(T / block_size), Hkv, D]``.
+
+    A final partial block is divided by the number of tokens present. Accumulates in float32, returns the
+    input dtype. Differentiable through plain torch ops (a reshape and a sum).
+    """
+    batch, length, heads, dim = x.shape
+    nb = -(-length // block_size)
+    pad = nb * block_size - length
+    xf = x.float()
+    if pad:
+        xf = torch.nn.functional.pad(xf, (0, 0, 0, 0, 0, pad))
+    sums = xf.view(batch, nb, block_size, heads, dim).sum(dim=2)
+    counts = torch.full((nb,), float(block_size), device=x.device, dtype=torch.float32)
+    counts[-1] = float(length - (nb - 1) * block_size)
+    return (sums / counts[None, :, None, None]).to(x.dtype)
+
+
+@triton.jit
+def _cmp_fwd_kernel(
+    q, k, v, o, lse,
+    sqb, sqt, sqh, sqd,
+    skb, skn, skh, skd,
+    svb, svn, svh, svd,
+    Tq, OFF, NB, H_ACTIVE, qk_scale,
+    P: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // P
+    h = pid_bh % P
+    g = h // GROUP
+    rows = pid_m * BM + tl.arange(0, BM)
+    rmask = rows < Tq
+    cur = (rows + OFF) // BS
+    dd = tl.arange(0, BD)
+    dmask = dd < D
+    o_ptr = o + ((b * Tq + rows[:, None]) * P + h) * D + dd[None, :]
+    l_ptr = lse + (b * P + h) * Tq + rows
+    if h >= H_ACTIVE:
+        # all-zero queries: softmax over n equal scores -> lse = log(n); the output is never used (gate 0)
+        n_vis = (NB - cur).to(tl.float32)
+        tl.store(l_ptr, tl.log(n_vis), mask=rmask)
+        tl.store(o_ptr, tl.zeros([BM, BD], dtype=o.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
+    else:
+        bq = tl.load(q + b * sqb + h * sqh + rows[:, None] * sqt + dd[None, :] * sqd,
+                     mask=rmask[:, None] & dmask[None, :], other=0.0)
+        m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BM], dtype=tl.float32)
+        acc = tl.zeros([BM, BD], dtype=tl.float32)
+        c_lo = (pid_m * BM + OFF) // BS
+        for c0 in range(c_lo, NB, BN):
+            cols = c0 + tl.arange(0, BN)
+            cmask = cols < NB
+            bk = tl.load(k + b * skb + g * skh + cols[:, None] * skn + dd[None, :] * skd,
+                         mask=cmask[:, None] & dmask[None, :], other=0.0)
+            bv = tl.load(v + b * svb + g * svh + cols[:, None] * svn + dd[None, :] * svd,
+                         mask=cmask[:, None] & dmask[None, :], other=0.0)
+            s = tl.dot(bq, tl.trans(bk), input_precision=PREC) * qk_scale
+            vis = (cols[None, :] >= cur[:, None]) & cmask[None, :]
+            s = tl.where(vis, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_use)
+            p = tl.exp2(s - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(bv.dtype), bv, input_precision=PREC)
+            m_i = m_new
+        out = acc / l_i[:, None]
+        tl.store(o_ptr, out.to(o.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
+        tl.store(l_ptr, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=rmask)
+
+
+@triton.jit
+def _cmp_bwd_dq_kernel(
+    q, k, v, do, lse, delta, dq,
+    sqb, sqt, sqh, sqd,
+    skb, skn, skh, skd,
+    svb, svn, svh, svd,
+    Tq, OFF, NB, H_ACTIVE, qk_scale, scale,
+    P: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
+):
+    # do, dq: contiguous [B, Tq, P, D]; lse: [B, P, Tq] (natural log); delta: [B, P, Tq]
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // P
+    h = pid_bh % P
+    g = h // GROUP
+    rows = pid_m * BM + tl.arange(0, BM)
+    rmask = rows < Tq
+    cur = (rows + OFF) // BS
+    dd = tl.arange(0, BD)
+    dmask = dd < D
+    io_mask = rmask[:, None] & dmask[None, :]
+    dq_ptr = dq + ((b * Tq + rows[:, None]) * P + h) * D + dd[None, :]
+    if h >= H_ACTIVE:
+        tl.store(dq_ptr, tl.zeros([BM, BD], dtype=dq.dtype.element_ty), mask=io_mask)
+    else:
+        bq = tl.load(q + b * sqb + h * sqh + rows[:, None] * sqt + dd[None, :] * sqd, mask=io_mask, other=0.0)
+        bdo = tl.load(do + ((b * Tq + rows[:, None]) * P + h) * D + dd[None, :], mask=io_mask, other=0.0)
+        lse2 = tl.load(lse + (b * P + h) * Tq + rows, mask=rmask, other=0.0) * 1.4426950408889634
+        dlt = tl.load(delta + (b * P + h) * Tq + rows, mask=rmask, other=0.0)
+        acc = tl.zeros([BM, BD], dtype=tl.float32)
+        c_lo = (pid_m * BM + OFF) // BS
+        for c0 in range(c_lo, NB, BN):
+            cols = c0 + tl.arange(0, BN)
+            cmask = cols < NB
+            bk = tl.load(k + b * skb + g * skh + cols[:, None] * skn + dd[None, :] * skd,
+                         mask=cmask[:, None] & dmask[None, :], other=0.0)
+            bv = tl.load(v + b * svb + g * svh + cols[:, None] * svn + dd[None, :] * svd,
+                         mask=cmask[:, None] & dmask[None, :], other=0.0)
+            s = tl.dot(bq, tl.trans(bk), input_precision=PREC) * qk_scale
+            vis = (cols[None, :] >= cur[:, None]) & cmask[None, :] & rmask[:, None]
+            p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
+            dp = tl.dot(bdo, tl.trans(bv), input_precision=PREC)
+            ds = p * (dp - dlt[:, None])
+            acc += tl.dot(ds.to(bk.dtype), bk, input_precision=PREC)
+        tl.store(dq_ptr, (acc * scale).to(dq.dtype.element_ty), mask=io_mask)
+
+
+@triton.jit
+def _cmp_bwd_dkv_kernel(
+    q, k, v, do, lse, delta, dk, dv,
+    sqb, sqt, sqh, sqd,
+    skb, skn, skh, skd,
+    svb, svt, svh, svd,
+    Tq, OFF, NB, H_ACTIVE, qk_scale, scale,
+    P: tl.constexpr, HKV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr, RC: tl.constexpr,
+):
+    # one program: a tile of BN compressed blocks, one kv head, a chunk of RC query rows, all heads of the
+    # group; adds its share into the float32 dk, dv [B, NB, Hkv, D] (zero-initialised) with atomics
+    pid_n = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    pid_bg = tl.program_id(2)
+    b = pid_bg // HKV
+    g = pid_bg % HKV
+    cols = pid_n * BN + tl.arange(0, BN)
+    cmask = cols < NB
+    c_hi = tl.minimum(pid_n * BN + BN, NB)  # exclusive
+    r_lo = pid_r * RC
+    r_hi = tl.minimum(tl.minimum(Tq, c_hi * BS - OFF), r_lo + RC)  # rows with (r + OFF) // BS < c_hi
+    n_heads = tl.minimum(tl.maximum(H_ACTIVE - g * GROUP, 0), GROUP)
+    if (r_lo < r_hi) & (n_heads > 0):
+        dd = tl.arange(0, BD)
+        dmask = dd < D
+        kv_mask = cmask[:, None] & dmask[None, :]
+        bk = tl.load(k + b * skb + g * skh + cols[:, None] * skn + dd[None, :] * skd, mask=kv_mask, other=0.0)
+        bv = tl.load(v + b * svb + g * svh + cols[:, None] * svt + dd[None, :] * svd, mask=kv_mask, other=0.0)
+        dk_acc = tl.zeros([BN, BD], dtype=tl.float32)
+        dv_acc = tl.zeros([BN, BD], dtype=tl.float32)
+        for j in range(0, n_heads):
+            h = g * GROUP + j
+            for r0 in range(r_lo, r_hi, BM):
+                rows = r0 + tl.arange(0, BM)
+                rmask = rows < r_hi
+                io_mask = rmask[:, None] & dmask[None, :]
+                bq = tl.load(q + b * sqb + h * sqh + rows[:, None] * sqt + dd[None, :] * sqd, mask=io_mask,
+                             other=0.0)
+                bdo = tl.load(do + ((b * Tq + rows[:, None]) * P + h) * D + dd[None, :], mask=io_mask, other=0.0)
+                lse2 = tl.load(lse + (b * P + h) * Tq + rows, mask=rmask, other=0.0) * 1.4426950408889634
+                dlt = tl.load(delta + (b * P + h) * Tq + rows, mask=rmask, other=0.0)
+                cur = (rows + OFF) // BS
+                s = tl.dot(bq, tl.trans(bk), input_precision=PREC) * qk_scale
+                vis = (cols[None, :] >= cur[:, None]) & cmask[None, :] & rmask[:, None]
+                p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
+                dv_acc += tl.dot(tl.trans(p.to(bdo.dtype)), bdo, input_precision=PREC)
+                dp = tl.dot(bdo, tl.trans(bv), input_precision=PREC)
+                ds = p * (dp - dlt[:, None])
+                dk_acc += tl.dot(tl.trans(ds.to(bq.dtype)), bq, input_precision=PREC)
+        out_off = ((b * NB + cols[:, None]) * HKV + g) * D + dd[None, :]
+        tl.atomic_add(dk + out_off, dk_acc * scale, mask=kv_mask)
+        tl.atomic_add(dv + out_off, dv_acc, mask=kv_mask)
+
+
+def _blocks(d: int):
+    bd = check_dim(d)
+    bm = 64
+    bn = 64 if bd <= 128 else 32
+    return bd, bm, bn
+
+
+def compression_attention_fwd(q, k_cmp, v_cmp, block_size, scale, num_keys=None, active_heads=None):
+    B, Tq, P, D = q.shape
+    NB, HKV = k_cmp.shape[1], k_cmp.shape[2]
+    num_keys = Tq if num_keys is None else int(num_keys)
+    active_heads = P if active_heads is None else int(active_heads)
+    bd, bm, bn = _blocks(D)
+    o = torch.empty(B, Tq, P, D, device=q.device, dtype=q.dtype)
+    lse = torch.empty(B, P, Tq, device=q.device, dtype=torch.float32)
+    grid = (triton.cdiv(Tq, bm), B * P)
+    _cmp_fwd_kernel[grid](
+        q, k_cmp, v_cmp, o, lse,
+        *q.stride(), *k_cmp.stride(), *v_cmp.stride(),
+        Tq, num_keys - Tq, NB, active_heads, scale * LOG2E,
+        P=P, GROUP=P // HKV, D=D, BS=block_size, BM=bm, BN=bn, BD=bd, PREC=dot_precision(q.dtype),
+        num_warps=FWD_WARPS or num_warps_for(bd), num_stages=2,
+    )
+    return o, lse
+
+
+# launch settings of the backward kernels (module level so that a benchmark can try others)
+BWD_DQ_WARPS = None  # None: num_warps_for(D)
+BWD_DKV_WARPS = None
+FWD_WARPS = None
+BWD_ROWS_PER_PROGRAM = None  # None: 256 up to 16K rows, else 1024
+
+
+def compression_attention_bwd(q, k_cmp, v_cmp, o, lse, do, block_size, scale, num_keys=None, active_heads=None,
+                              parts=("dq", "dkv")):
+    B, Tq, P, D = q.shape
+    NB, HKV = k_cmp.shape[1], k_cmp.shape[2]
+    num_keys = Tq if num_keys is None else int(num_keys)
+    active_heads = P if active_heads is None else int(active_heads)
+    bd, bm, bn = _blocks(D)
+    do = do.contiguous()
+    delta = (o.float() * do.float()).sum(-1).transpose(1, 2).contiguous()  # [B, P, Tq]
+    dq = torch.empty(B, Tq, P, D, device=q.device, dtype=q.dtype)
+    dk = torch.zeros(B, NB, HKV, D, device=q.device, dtype=torch.float32)
+    dv = torch.zeros_like(dk)
+    prec = dot_precision(q.dtype)
+    common = dict(P=P, GROUP=P // HKV, D=D, BS=block_size, BM=bm, BN=bn, BD=bd, PREC=prec, num_stages=2)
+    args = (*q.stride(), *k_cmp.stride(), *v_cmp.stride(), Tq, num_keys - Tq, NB, active_heads,
+            scale * LOG2E, scale)
+    if "dq" in parts:
+        _cmp_bwd_dq_kernel[(triton.cdiv(Tq, bm), B * P)](q, k_cmp, v_cmp, do, lse, delta, dq, *args,
+                                                          num_warps=BWD_DQ_WARPS or num_warps_for(bd), **common)
+    if "dkv" in parts:
+        rc = BWD_ROWS_PER_PROGRAM or (256 if Tq <= 16384 else 1024)
+        _cmp_bwd_dkv_kernel[(triton.cdiv(NB, bn), triton.cdiv(Tq, rc), B * HKV)](
+            q, k_cmp, v_cmp, do, lse, delta, dk, dv, *args, HKV=HKV, RC=rc,
+            num_warps=BWD_DKV_WARPS or num_warps_for(bd), **common)
+    return dq, dk.to(k_cmp.dtype), dv.to(v_cmp.dtype)
+
+
+class CompressionAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k_cmp, v_cmp, block_size, scale, num_keys, active_heads):
+        o, lse = compression_attention_fwd(q, k_cmp, v_cmp, block_size, scale, num_keys, active_heads)
+        ctx.save_for_backward(q, k_cmp, v_cmp, o, lse)
+        ctx.cfg = (block_size, scale, num_keys, active_heads)
+        ctx.mark_non_differentiable(lse)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k_cmp, v_cmp, o, lse = ctx.saved_tensors
+        dq, dk, dv = compression_attention_bwd(q, k_cmp, v_cmp, o, lse, do, *ctx.cfg)
+        return dq, dk, dv, None, None, None, None
+
+
+def compression_attention(q, k_cmp, v_cmp, block_size, scale=None, num_keys=None, active_heads=None):
+    """Triton compression attention.
+
+    Args:
+        q: ``[B, Tq, P, D]`` (any strides); k_cmp, v_cmp: ``[B, NB, Hkv, D]`` from :func:`compress_kv`.
+        num_keys: length of the key range (``Tq`` when omitted); query row ``r`` is at ``num_keys - Tq + r``.
+        active_heads: heads ``>= active_heads`` are all-zero queries (closed-form lse, output left 0).
+
+    Returns:
+        ``(o [B, Tq, P, D] in q.dtype, lse [B, P, Tq] float32 natural log)``.
+    """
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    return CompressionAttentionFunction.apply(q, k_cmp.contiguous(), v_cmp.contiguous(), int(block_size),
+                                              float(scale), num_keys, active_heads)
+
+
+__all__ = ["compress_kv", "compression_attention", "compression_attention_fwd", "compression_attention_bwd"]

@@ -1,0 +1,171 @@
+"""Top-k block selection of VideoNSA on Triton, bit-compatible with the released model's kernel.
+
+For query row ``r`` (position ``t = num_keys - Tq + r``, current block ``n = t // block_size``) and kv head
+``g``, block ``c < n`` scores ``sum_j exp(scale * q_j . k_cmp[c] - L[r, j])`` over the query heads ``j`` of
+group ``g`` and block ``n`` scores exactly 1 per head. ``L`` is the compression log-sum-exp ``[B, P, Tq]``
+read as if it were laid out ``[B, Tq, P]`` (element ``P * r + j`` of each sample's flat array), the way the
+authors' kernel reads it.
+
+Ranking uses a bitonic network with the same compare-and-swap layout as fla's ``parallel_nsa_kernel_topk``,
+so exact ties come out in the same order: candidates are walked in chunks of ``BC = block_size`` blocks in
+index order; every chunk is sorted (stages 1 .. log2(BC) - 1 in alternating directions, then one final
+stage), the first one descending, later ones ascending, and a later chunk's best half is merged with the
+running best half by a descending bitonic merge. A pair is swapped iff ``(left > right) != descending``,
+so in descending runs equal values trade places. Nothing of size ``T x NB`` is materialised: one program
+handles one (row, kv head) and streams the compressed keys.
+
+Note on block sizes: the chunk width equals the block size, as in fla (``BC = BS``). The network needs
+``S <= block_size``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._triton_utils import check_dim, dot_precision, head_block, log2_int, next_pow2
+
+# data movement of the sorting network ("gather" or "split": same result) and launch width; module level
+# so that a benchmark can try others
+NETWORK = "split"
+TOPK_WARPS = 1
+
+
+@triton.jit
+def _cas(vals, ids, lane, desc, DIST: tl.constexpr, SPLIT: tl.constexpr):
+    """One compare-and-swap layer: lane i is paired with lane i ^ DIST (the left one has bit DIST clear).
+
+    ``desc`` (bool per lane, equal within a pair) says whether the pair is ordered descending; the pair
+    swaps iff (left > right) != desc, so equal values swap in descending pairs.
+    Two equivalent data movements: SPLIT=False exchanges partners with ``tl.gather``; SPLIT=True views the
+    vector as [N / 2D, 2, D], splits the middle axis off and joins it back.
+    """
+    if SPLIT:
+        N: tl.constexpr = vals.shape[0]
+        OUTER: tl.constexpr = N // (2 * DIST)
+        lv, rv = tl.split(tl.permute(tl.reshape(vals, [OUTER, 2, DIST]), (0, 2, 1)))
+        li, ri = tl.split(tl.permute(tl.reshape(ids, [OUTER, 2, DIST]), (0, 2, 1)))
+        dl, dr = tl.split(tl.permute(tl.reshape(desc.to(tl.int32), [OUTER, 2, DIST]), (0, 2, 1)))
+        swap = (lv > rv) != (dl == 1)
+        vals = tl.reshape(tl.permute(tl.join(tl.where(swap, rv, lv), tl.where(swap, lv, rv)), (0, 2, 1)), [N])
+        ids = tl.reshape(tl.permute(tl.join(tl.where(swap, ri, li), tl.where(swap, li, ri)), (0, 2, 1)), [N])
+        return vals, ids
+    else:
+        partner = lane ^ DIST
+        p_vals = tl.gather(vals, partner, 0)
+        p_ids = tl.gather(ids, partner, 0)
+        gt = tl.where((lane & DIST) == 0, vals > p_vals, p_vals > vals)
+        swap = gt != desc
+        return tl.where(swap, p_vals, vals), tl.where(swap, p_ids, ids)
+
+
+@triton.jit
+def _rank_chunk(vals, ids, best_v, best_i, lane, first, LOG_N: tl.constexpr, SPLIT: tl.constexpr):
+    """Sort one chunk with the network and fold it into the running best half.
+
+    Merges of runs 2, 4, .. 2**(LOG_N-1) alternate direction (a run is descending iff its index is odd);
+    the last merge is descending for the first chunk and ascending otherwise. A later chunk's best half
+    (its upper half, ascending) then replaces the upper half of the running best (descending), and the
+    resulting bitonic sequence gets one descending merge.
+    """
+    N: tl.constexpr = 1 << LOG_N
+    for stage in tl.static_range(1, LOG_N):
+        desc = ((lane >> stage) & 1) == 1
+        for step in tl.static_range(stage):
+            vals, ids = _cas(vals, ids, lane, desc, 1 << (stage - 1 - step), SPLIT)
+    last_desc = (lane * 0 + first) == 1
+    for step in tl.static_range(LOG_N):
+        vals, ids = _cas(vals, ids, lane, last_desc, 1 << (LOG_N - 1 - step), SPLIT)
+    if first == 0:
+        keep = lane < N // 2
+        vals = tl.where(keep, best_v, vals)
+        ids = tl.where(keep, best_i, ids)
+        all_desc = lane >= 0
+        for step in tl.static_range(LOG_N):
+            vals, ids = _cas(vals, ids, lane, all_desc, 1 << (LOG_N - 1 - step), SPLIT)
+    return vals, ids
+
+
+@triton.jit
+def _topk_kernel(
+    q, k, lse, out,
+    sqb, sqt, sqh, sqd,
+    skb, skn, skh, skd,
+    Tq, OFF, NB, scale,
+    P: tl.constexpr, HKV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, S: tl.constexpr,
+    BS: tl.constexpr, LOG_BC: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
+    r = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    b = pid_bg // HKV
+    g = pid_bg % HKV
+    BC: tl.constexpr = BS
+    t = r + OFF
+    cur = t // BS
+    hh = tl.arange(0, BH)
+    hmask = hh < GROUP
+    dd = tl.arange(0, BD)
+    dmask = dd < D
+    bq = tl.load(q + b * sqb + r * sqt + (g * GROUP + hh[:, None]) * sqh + dd[None, :] * sqd,
+                 mask=hmask[:, None] & dmask[None, :], other=0.0)
+    # as the released kernel: q is scaled and rounded back to its dtype before the product
+    bq = (bq * scale).to(bq.dtype)
+    # the misread log-sum-exp: element P * r + j of this sample's flat [P, Tq] array
+    b_lse = tl.load(lse + b * P * Tq + r * P + g * GROUP + hh, mask=hmask, other=0.0)
+    lane = tl.arange(0, BC)
+    best_v = tl.full([BC], -1.0, dtype=tl.float32)
+    best_i = tl.zeros([BC], dtype=tl.int32)
+    for c0 in range(0, cur + 1, BC):
+        cols = c0 + tl.arange(0, BC)
+        cmask = cols < NB
+        bk = tl.load(k + b * skb + g * skh + cols[:, None] * skn + dd[None, :] * skd,
+                     mask=cmask[:, None] & dmask[None, :], other=0.0)
+        s = tl.dot(bq, tl.trans(bk), input_precision=PREC)
+        p = tl.where((cols < cur)[None, :] & hmask[:, None], tl.exp(s - b_lse[:, None]), 0.0)
+        p = tl.where((cols == cur)[None, :] & hmask[:, None], 1.0, p)
+        vals = tl.sum(p, 0)
+        ids = tl.where(cols <= cur, cols + 1, 0).to(tl.int32)
+        first = tl.where(c0 == 0, 1, 0)
+        best_v, best_i = _rank_chunk(vals, ids, best_v, best_i, lane, first, LOG_BC, SPLIT)
+    tl.store(out + ((b * Tq + r) * HKV + g) * S + lane, best_i - 1, mask=lane < S)
+
+
+def select_blocks(q, k_cmp, lse, block_count, block_size, scale=None, num_keys=None):
+    """Triton top-k block selection.
+
+    Args:
+        q: ``[B, Tq, P, D]`` (any strides; all P heads, zero padded heads included: they take part in the
+            scores); k_cmp: ``[B, NB, Hkv, D]``; lse: ``[B, P, Tq]`` float32 contiguous, from the compression
+            branch.
+        num_keys: length of the key range (``Tq`` when omitted).
+
+    Returns:
+        int32 ``[B, Tq, Hkv, S]``, ``S = next_power_of_2(block_count)``.
+    """
+    B, Tq, P, D = q.shape
+    NB, HKV = k_cmp.shape[1], k_cmp.shape[2]
+    if scale is None:
+        scale = D ** -0.5
+    num_keys = Tq if num_keys is None else int(num_keys)
+    S = next_pow2(block_count)
+    log_bc = log2_int(block_size)
+    if S > block_size:
+        raise ValueError(f"block_count {block_count} needs S={S} <= block_size={block_size}")
+    lse = lse.contiguous()
+    assert lse.dtype == torch.float32 and lse.shape == (B, P, Tq)
+    out = torch.empty(B, Tq, HKV, S, device=q.device, dtype=torch.int32)
+    bd = check_dim(D)
+    group = P // HKV
+    _topk_kernel[(Tq, B * HKV)](
+        q, k_cmp, lse, out,
+        *q.stride(), *k_cmp.stride(),
+        Tq, num_keys - Tq, NB, float(scale),
+        P=P, HKV=HKV, GROUP=group, D=D, S=S, BS=block_size, LOG_BC=log_bc, BH=head_block(group), BD=bd,
+        PREC=dot_precision(q.dtype), SPLIT=NETWORK == "split", num_warps=TOPK_WARPS, num_stages=2,
+    )
+    return out
+
+
+__all__ = ["select_blocks"]

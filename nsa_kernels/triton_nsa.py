@@ -1,0 +1,175 @@
+"""Triton implementation of the VideoNSA attention, with the signatures of :mod:`nsa_kernels.reference`.
+
+Entry points (drop-in for the reference functions of the same name, CUDA tensors, float32/bfloat16/float16):
+
+* :func:`compress_kv`, :func:`compression_attention`, :func:`select_blocks`, :func:`selected_attention`,
+  :func:`window_attention`: the NSA steps (reference signatures, ``num_keys`` included);
+* :func:`nsa_attention`: the three branches mixed by gates (``nsa_fn`` of ``reference.hybrid_attention``);
+* :func:`dense_attention`: causal GQA attention (``dense_fn``); rows whose query is all zero (the
+  text-masked query at vision rows of the mixed path) are computed as the running mean of the visible values
+  instead of running attention on them;
+* :func:`hybrid_attention`: ``reference.hybrid_attention`` routed through the two above.
+
+Gradients flow to q, k, v and the gates (block choice is discrete and carries none, as in the authors'
+kernels). See the module docs of each op file for the kernels.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from . import reference as _ref
+from .compression import compress_kv
+from .compression import compression_attention as _compression_attention
+from .selected_attention import selected_attention as _selected_attention
+from .selection import select_blocks as _select_blocks
+from .window_attention import band_attention
+from .window_attention import window_attention as _window_attention
+
+__all__ = [
+    "compress_kv",
+    "compression_attention",
+    "select_blocks",
+    "selected_attention",
+    "window_attention",
+    "nsa_attention",
+    "dense_attention",
+    "hybrid_attention",
+]
+
+
+def compression_attention(q, k_cmp, v_cmp, block_size, scale, num_keys=None, active_heads=None):
+    """Reference signature; returns ``(o [B, Tq, P, D], lse [B, P, Tq] float32)``."""
+    return _compression_attention(q, k_cmp, v_cmp, block_size, scale, num_keys, active_heads)
+
+
+def select_blocks(q, k_cmp, lse, block_count, block_size, scale, num_keys=None):
+    """Reference signature; int32 ``[B, Tq, Hkv, next_pow2(block_count)]``."""
+    with torch.no_grad():
+        return _select_blocks(q.detach(), k_cmp.detach(), lse, block_count, block_size, scale, num_keys)
+
+
+def selected_attention(q, k, v, block_indices, block_size, scale):
+    return _selected_attention(q, k, v, block_indices, block_size, scale)
+
+
+def window_attention(q, k, v, window_size, scale, active_heads=None):
+    return _window_attention(q, k, v, window_size, scale, active_heads)
+
+
+def _active_heads(q: torch.Tensor, gates: torch.Tensor) -> int:
+    """Number of heads before the trailing run of heads whose query and gates are all zero (padded heads)."""
+    zero = (q.detach().abs().amax(dim=(0, 1, 3)) == 0) & (gates.detach().abs().amax(dim=(0, 1, 3)) == 0)
+    nz = torch.nonzero(~zero).flatten()
+    return int(nz.max()) + 1 if nz.numel() else 0
+
+
+def nsa_attention(q, k, v, gates, *, block_count, block_size, window_size, scale, return_intermediates=False,
+                  active_heads=None):
+    """The three NSA branches mixed by gates: same contract as ``reference.nsa_attention``.
+
+    ``active_heads``: heads from this index on are all-zero queries with zero gates (heads 56-63 of the 7B
+    layout); their branch outputs are not computed, which leaves the value unchanged (their gates are 0),
+    but the gradient of their gates is then 0 instead of the branch outputs: pass it only where those gates
+    are constants (as in :func:`hybrid_attention`). When None, such heads are detected (one host sync) and
+    skipped only if ``gates`` does not require grad. With ``return_intermediates`` every head is computed
+    so that the intermediates equal the reference's.
+    """
+    num_keys = k.shape[1]
+    if return_intermediates:
+        active = q.shape[2]
+    elif active_heads is not None:
+        active = int(active_heads)
+    elif gates.requires_grad:
+        active = q.shape[2]
+    else:
+        active = _active_heads(q, gates)
+    k_cmp, v_cmp = compress_kv(k, block_size), compress_kv(v, block_size)
+    o_cmp, lse = _compression_attention(q, k_cmp, v_cmp, block_size, scale, num_keys, active)
+    with torch.no_grad():
+        block_indices = _select_blocks(q.detach(), k_cmp.detach(), lse, block_count, block_size, scale, num_keys)
+    o_slc = _selected_attention(q, k, v, block_indices, block_size, scale)
+    o_swd = _window_attention(q, k, v, window_size, scale, active)
+    g = gates.to(q.dtype) if gates.dtype != q.dtype else gates
+    out = o_cmp * g[..., 0:1] + o_slc * g[..., 1:2] + o_swd * g[..., 2:3]
+    if not return_intermediates:
+        return out
+    return out, dict(k_cmp=k_cmp, v_cmp=v_cmp, lse_cmp=lse, block_indices=block_indices, o_cmp=o_cmp,
+                     o_slc=o_slc, o_swd=o_swd)
+
+
+def _prefix_mean(v_t: torch.Tensor, key_valid: torch.Tensor | None, group: int, rows_pos: torch.Tensor):
+    """Running mean of the visible values: ``v_t`` ``[B, Tk, Hkv, D]`` -> ``[B, Tq, Hkv*group, D]`` at
+    positions ``rows_pos`` (``[Tq]``), float32 accumulation."""
+    vf = v_t.float()
+    if key_valid is not None:
+        w = key_valid.to(torch.float32)
+        vf = vf * w[:, :, None, None]
+        counts = torch.cumsum(w, dim=1)[:, rows_pos]  # [B, Tq]
+    else:
+        counts = (rows_pos + 1).to(torch.float32)[None, :].expand(v_t.shape[0], -1)
+    sums = torch.cumsum(vf, dim=1)[:, rows_pos]  # [B, Tq, Hkv, D]
+    mean = sums / counts.clamp_min(1.0)[:, :, None, None]
+    return mean.repeat_interleave(group, dim=2).to(v_t.dtype)
+
+
+def dense_attention(q, k, v, scale, key_padding_mask=None, zero_rows=None):
+    """Causal GQA attention, the reference's ``dense_attention`` contract.
+
+    Args:
+        q: ``[B, Hq, Tq, D]``; k, v: ``[B, Hkv, Tk, D]``; query row ``r`` at position ``Tk - Tq + r``.
+        key_padding_mask: bool ``[B, Tk]`` (True = real token) or None.
+        zero_rows: bool ``[B, Tq]`` of rows whose query is all zero, or None to detect them. Those rows get
+            the running mean of the visible values (exactly what attention with a zero query returns) with
+            no attention run, and no gradient to their query: meant for queries zeroed by a mask.
+
+    Returns:
+        ``[B, Tq, Hq, D]``; rows at padding positions are zero.
+    """
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    group = Hq // Hkv
+    dev = q.device
+    q_t, k_t, v_t = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    pos_all = torch.arange(Tq, device=dev) + (Tk - Tq)
+    if zero_rows is None:
+        with torch.no_grad():
+            zero_rows = (q_t == 0).all(dim=3).all(dim=2)
+    row_real = torch.ones(B, Tq, dtype=torch.bool, device=dev) if key_padding_mask is None else \
+        key_padding_mask[:, Tk - Tq:]
+    attend = row_real & ~zero_rows
+    means_needed = row_real & zero_rows
+    out = torch.zeros(B, Tq, Hq, D, device=dev, dtype=q.dtype)
+    n_att = int(attend.sum(dim=1).max()) if Tq else 0
+    if n_att:
+        # gather the attending rows of every sample, in order, padded with empty rows (position -1)
+        order = torch.argsort((~attend).to(torch.int8), dim=1, stable=True)[:, :n_att]  # [B, n]
+        took = torch.gather(attend, 1, order)
+        positions = torch.where(took, pos_all[order], -1).to(torch.int32)
+        q_g = torch.gather(q_t, 1, order[:, :, None, None].expand(B, n_att, Hq, D))
+        o_g = band_attention(q_g, k_t, v_t, scale, None, positions, key_padding_mask)
+        o_g = o_g * took[:, :, None, None]
+        out = out.scatter_add(1, order[:, :, None, None].expand(B, n_att, Hq, D), o_g.to(out.dtype))
+    if bool(means_needed.any()):
+        means = _prefix_mean(v_t, key_padding_mask, group, pos_all)
+        out = out + means * means_needed[:, :, None, None].to(means.dtype)
+    return out
+
+
+def hybrid_attention(query, key, value, gate_logits, token_is_vision, attention_mask=None, *, block_size=64,
+                     block_count=32, window_size=256, scale=None, return_intermediates=False):
+    """``reference.hybrid_attention`` with the Triton NSA and dense attention (same signature and result)."""
+    head_dim = query.shape[-1]
+    sc = head_dim ** -0.5 if scale is None else scale
+
+    def dense_fn(q):
+        return dense_attention(q, key, value, sc, attention_mask)
+
+    # the padded heads 2*Hq.. have constant zero queries and gates: skip them (see nsa_attention)
+    nsa_fn = functools.partial(nsa_attention, active_heads=2 * query.shape[1])
+    return _ref.hybrid_attention(query, key, value, gate_logits, token_is_vision, attention_mask,
+                                 block_size=block_size, block_count=block_count, window_size=window_size,
+                                 scale=sc, return_intermediates=return_intermediates, nsa_fn=nsa_fn,
+                                 dense_fn=dense_fn)

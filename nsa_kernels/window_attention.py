@@ -1,0 +1,301 @@
+"""Causal band attention on Triton: the sliding-window branch of VideoNSA, and dense causal GQA attention.
+
+Query row ``r`` at position ``pos[r]`` (``num_keys - Tq + r`` by default, or an explicit int32 ``[B, Tq]``
+array for gathered rows, ``-1`` marking an empty padding row) of head ``h`` attends keys
+``pos[r] - window + 1 ... pos[r]`` of kv head ``h // group``, optionally restricted to keys whose
+``key_valid`` flag is set (padding). ``window = None`` is plain causal attention. Heads ``>= active_heads``
+are all-zero queries with zero gates: they are not computed (output 0, no gradient).
+
+A row that sees no key (padding rows) outputs 0.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._triton_utils import LOG2E, check_dim, dot_precision, num_warps_for
+
+
+@triton.jit
+def _row_positions(pos_ptr, b, rows, rmask, Tq, OFF, HAS_POS: tl.constexpr):
+    if HAS_POS:
+        pos = tl.load(pos_ptr + b * Tq + rows, mask=rmask, other=-1)
+    else:
+        pos = tl.where(rmask, rows + OFF, -1)
+    return pos
+
+
+@triton.jit
+def _band_fwd_kernel(
+    q, k, v, o, lse, pos_ptr, kvalid_ptr,
+    sqb, sqt, sqh, sqd,
+    skb, skt, skh, skd,
+    svb, svt, svh, svd,
+    Tq, Tk, OFF, W, H_ACTIVE, qk_scale,
+    H: tl.constexpr, HKV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
+    HAS_POS: tl.constexpr, HAS_KVALID: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    g = h // GROUP
+    rows = pid_m * BM + tl.arange(0, BM)
+    rmask = rows < Tq
+    dd = tl.arange(0, BD)
+    dmask = dd < D
+    io_mask = rmask[:, None] & dmask[None, :]
+    o_ptr = o + ((b * Tq + rows[:, None]) * H + h) * D + dd[None, :]
+    if h >= H_ACTIVE:
+        tl.store(o_ptr, tl.zeros([BM, BD], dtype=o.dtype.element_ty), mask=io_mask)
+    else:
+        pos = _row_positions(pos_ptr, b, rows, rmask, Tq, OFF, HAS_POS)
+        hi = tl.max(pos, 0) + 1
+        lo = tl.maximum(tl.min(tl.where(pos >= 0, pos, Tk), 0) - W + 1, 0)
+        bq = tl.load(q + b * sqb + h * sqh + rows[:, None] * sqt + dd[None, :] * sqd, mask=io_mask, other=0.0)
+        m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BM], dtype=tl.float32)
+        acc = tl.zeros([BM, BD], dtype=tl.float32)
+        for c0 in range(lo, hi, BN):
+            cols = c0 + tl.arange(0, BN)
+            cmask = cols < hi
+            bk = tl.load(k + b * skb + g * skh + cols[:, None] * skt + dd[None, :] * skd,
+                         mask=cmask[:, None] & dmask[None, :], other=0.0)
+            bv = tl.load(v + b * svb + g * svh + cols[:, None] * svt + dd[None, :] * svd,
+                         mask=cmask[:, None] & dmask[None, :], other=0.0)
+            s = tl.dot(bq, tl.trans(bk), input_precision=PREC) * qk_scale
+            vis = (cols[None, :] <= pos[:, None]) & (cols[None, :] > pos[:, None] - W)
+            if HAS_KVALID:
+                kv_ok = tl.load(kvalid_ptr + b * Tk + cols, mask=cmask, other=0)
+                vis = vis & (kv_ok != 0)[None, :]
+            s = tl.where(vis, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_use)
+            p = tl.exp2(s - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(bv.dtype), bv, input_precision=PREC)
+            m_i = m_new
+        empty = l_i == 0.0
+        out = acc / tl.where(empty, 1.0, l_i)[:, None]
+        tl.store(o_ptr, out.to(o.dtype.element_ty), mask=io_mask)
+        tl.store(lse + (b * Tq + rows) * H + h, tl.where(empty, float("inf"), m_i + tl.log2(l_i)), mask=rmask)
+
+
+@triton.jit
+def _band_bwd_dq_kernel(
+    q, k, v, do, lse, delta, dq, pos_ptr, kvalid_ptr,
+    sqb, sqt, sqh, sqd,
+    skb, skt, skh, skd,
+    svb, svt, svh, svd,
+    Tq, Tk, OFF, W, H_ACTIVE, qk_scale, scale,
+    H: tl.constexpr, HKV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
+    HAS_POS: tl.constexpr, HAS_KVALID: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    g = h // GROUP
+    rows = pid_m * BM + tl.arange(0, BM)
+    rmask = rows < Tq
+    dd = tl.arange(0, BD)
+    dmask = dd < D
+    io_mask = rmask[:, None] & dmask[None, :]
+    dq_ptr = dq + ((b * Tq + rows[:, None]) * H + h) * D + dd[None, :]
+    if h >= H_ACTIVE:
+        tl.store(dq_ptr, tl.zeros([BM, BD], dtype=dq.dtype.element_ty), mask=io_mask)
+    else:
+        pos = _row_positions(pos_ptr, b, rows, rmask, Tq, OFF, HAS_POS)
+        hi = tl.max(pos, 0) + 1
+        lo = tl.maximum(tl.min(tl.where(pos >= 0, pos, Tk), 0) - W + 1, 0)
+        bq = tl.load(q + b * sqb + h * sqh + rows[:, None] * sqt + dd[None, :] * sqd, mask=io_mask, other=0.0)
+        bdo = tl.load(do + ((b * Tq + rows[:, None]) * H + h) * D + dd[None, :], mask=io_mask, other=0.0)
+        lse2 = tl.load(lse + (b * Tq + rows) * H + h, mask=rmask, other=float("inf"))
+        dlt = tl.load(delta + (b * Tq + rows) * H + h, mask=rmask, other=0.0)
+        acc = tl.zeros([BM, BD], dtype=tl.float32)
+        for c0 in range(lo, hi, BN):
+            cols = c0 + tl.arange(0, BN)
+            cmask = cols < hi
+            bk = tl.load(k + b * skb + g * skh + cols[:, None] * skt + dd[None, :] * skd,
+                         mask=cmask[:, None] & dmask[None, :], other=0.0)
+            bv = tl.load(v + b * svb + g * svh + cols[:, None] * svt + dd[None, :] * svd,
+                         mask=cmask[:, None] & dmask[None, :], other=0.0)
+            s = tl.dot(bq, tl.trans(bk), input_precision=PREC) * qk_scale
+            vis = (cols[None, :] <= pos[:, None]) & (cols[None, :] > pos[:, None] - W)
+            if HAS_KVALID:
+                kv_ok = tl.load(kvalid_ptr + b * Tk + cols, mask=cmask, other=0)
+                vis = vis & (kv_ok != 0)[None, :]
+            p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
+            dp = tl.dot(bdo, tl.trans(bv), input_precision=PREC)
+            ds = p * (dp - dlt[:, None])
+            acc += tl.dot(ds.to(bk.dtype), bk, input_precision=PREC)
+        tl.store(dq_ptr, (acc * scale).to(dq.dtype.element_ty), mask=io_mask)
+
+
+@triton.jit
+def _band_bwd_dkv_kernel(
+    q, k, v, do, lse, delta, dk, dv, pos_ptr, kvalid_ptr,
+    sqb, sqt, sqh, sqd,
+    skb, skt, skh, skd,
+    svb, svt, svh, svd,
+    Tq, Tk, OFF, W, H_ACTIVE, qk_scale, scale,
+    H: tl.constexpr, HKV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
+    HAS_POS: tl.constexpr, HAS_KVALID: tl.constexpr, ACCUMULATE: tl.constexpr,
+):
+    # dk, dv: float32 contiguous [B, Tk, Hkv, D]; each program owns one key tile of one kv head
+    pid_n = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    b = pid_bg // HKV
+    g = pid_bg % HKV
+    cols = pid_n * BN + tl.arange(0, BN)
+    cmask = cols < Tk
+    dd = tl.arange(0, BD)
+    dmask = dd < D
+    kv_mask = cmask[:, None] & dmask[None, :]
+    bk = tl.load(k + b * skb + g * skh + cols[:, None] * skt + dd[None, :] * skd, mask=kv_mask, other=0.0)
+    bv = tl.load(v + b * svb + g * svh + cols[:, None] * svt + dd[None, :] * svd, mask=kv_mask, other=0.0)
+    col_ok = cmask
+    if HAS_KVALID:
+        col_ok = col_ok & (tl.load(kvalid_ptr + b * Tk + cols, mask=cmask, other=0) != 0)
+    dk_acc = tl.zeros([BN, BD], dtype=tl.float32)
+    dv_acc = tl.zeros([BN, BD], dtype=tl.float32)
+    k_lo = pid_n * BN
+    k_hi = tl.minimum(pid_n * BN + BN, Tk) - 1  # inclusive
+    if HAS_POS:
+        r_lo = 0
+        r_hi = Tq
+    else:
+        r_lo = tl.maximum(k_lo - OFF, 0)
+        r_hi = tl.minimum(k_hi + W - OFF, Tq)
+    n_heads = tl.minimum(tl.maximum(H_ACTIVE - g * GROUP, 0), GROUP)
+    for j in range(0, n_heads):
+        h = g * GROUP + j
+        for r0 in range(r_lo, r_hi, BM):
+            rows = r0 + tl.arange(0, BM)
+            rmask = rows < r_hi
+            pos = _row_positions(pos_ptr, b, rows, rmask, Tq, OFF, HAS_POS)
+            io_mask = rmask[:, None] & dmask[None, :]
+            bq = tl.load(q + b * sqb + h * sqh + rows[:, None] * sqt + dd[None, :] * sqd, mask=io_mask, other=0.0)
+            bdo = tl.load(do + ((b * Tq + rows[:, None]) * H + h) * D + dd[None, :], mask=io_mask, other=0.0)
+            lse2 = tl.load(lse + (b * Tq + rows) * H + h, mask=rmask, other=float("inf"))
+            dlt = tl.load(delta + (b * Tq + rows) * H + h, mask=rmask, other=0.0)
+            s = tl.dot(bq, tl.trans(bk), input_precision=PREC) * qk_scale
+            vis = (cols[None, :] <= pos[:, None]) & (cols[None, :] > pos[:, None] - W) & col_ok[None, :]
+            p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
+            dv_acc += tl.dot(tl.trans(p.to(bdo.dtype)), bdo, input_precision=PREC)
+            dp = tl.dot(bdo, tl.trans(bv), input_precision=PREC)
+            ds = p * (dp - dlt[:, None])
+            dk_acc += tl.dot(tl.trans(ds.to(bq.dtype)), bq, input_precision=PREC)
+    out_off = ((b * Tk + cols[:, None]) * HKV + g) * D + dd[None, :]
+    dk_acc = dk_acc * scale
+    if ACCUMULATE:
+        dk_acc += tl.load(dk + out_off, mask=kv_mask, other=0.0)
+        dv_acc += tl.load(dv + out_off, mask=kv_mask, other=0.0)
+    tl.store(dk + out_off, dk_acc, mask=kv_mask)
+    tl.store(dv + out_off, dv_acc, mask=kv_mask)
+
+
+def _prep(q, k, window, positions, key_valid, active_heads):
+    B, Tq, H, D = q.shape
+    Tk, HKV = k.shape[1], k.shape[2]
+    if H % HKV:
+        raise ValueError(f"query heads {H} not a multiple of kv heads {HKV}")
+    W = Tk + 1 if window is None else int(window)
+    pos = positions.to(torch.int32).contiguous() if positions is not None else None
+    kvalid = key_valid.to(torch.int8).contiguous() if key_valid is not None else None
+    active = H if active_heads is None else int(active_heads)
+    bd = check_dim(D)
+    bm, bn = 64, 64
+    if bd > 128:
+        bm, bn = 32, 32
+    return B, Tq, H, D, Tk, HKV, W, pos, kvalid, active, bd, bm, bn
+
+
+def band_attention_fwd(q, k, v, scale, window=None, positions=None, key_valid=None, active_heads=None):
+    """q ``[B, Tq, H, D]``, k/v ``[B, Tk, Hkv, D]`` (any strides). Returns ``(o [B, Tq, H, D], lse2)``,
+    ``lse2`` the base-2 log-sum-exp ``[B, Tq, H]`` float32 (``inf`` for empty rows)."""
+    B, Tq, H, D, Tk, HKV, W, pos, kvalid, active, bd, bm, bn = _prep(q, k, window, positions, key_valid,
+                                                                      active_heads)
+    o = torch.empty(B, Tq, H, D, device=q.device, dtype=q.dtype)
+    lse = torch.empty(B, Tq, H, device=q.device, dtype=torch.float32)
+    dummy = o
+    _band_fwd_kernel[(triton.cdiv(Tq, bm), B * H)](
+        q, k, v, o, lse, pos if pos is not None else dummy, kvalid if kvalid is not None else dummy,
+        *q.stride(), *k.stride(), *v.stride(), Tq, Tk, Tk - Tq, W, active, scale * LOG2E,
+        H=H, HKV=HKV, GROUP=H // HKV, D=D, BM=bm, BN=bn, BD=bd, PREC=dot_precision(q.dtype),
+        HAS_POS=pos is not None, HAS_KVALID=kvalid is not None, num_warps=FWD_WARPS or num_warps_for(bd),
+        num_stages=2,
+    )
+    return o, lse
+
+
+# launch settings of the backward kernels (module level so that a benchmark can try others)
+BWD_DQ_WARPS = None  # None: num_warps_for(D)
+BWD_DKV_WARPS = None
+FWD_WARPS = None
+
+
+def band_attention_bwd(q, k, v, o, lse, do, scale, window=None, positions=None, key_valid=None,
+                       active_heads=None, dk_acc=None, dv_acc=None, parts=("dq", "dkv")):
+    """Returns ``dq`` (q dtype) and float32 ``dk``, ``dv`` (added into ``dk_acc``/``dv_acc`` when given)."""
+    B, Tq, H, D, Tk, HKV, W, pos, kvalid, active, bd, bm, bn = _prep(q, k, window, positions, key_valid,
+                                                                      active_heads)
+    do = do.contiguous()
+    delta = (o.float() * do.float()).sum(-1).contiguous()
+    dq = torch.empty(B, Tq, H, D, device=q.device, dtype=q.dtype)
+    accumulate = dk_acc is not None
+    dk = dk_acc if accumulate else torch.empty(B, Tk, HKV, D, device=q.device, dtype=torch.float32)
+    dv = dv_acc if accumulate else torch.empty(B, Tk, HKV, D, device=q.device, dtype=torch.float32)
+    dummy = dq
+    common = dict(H=H, HKV=HKV, GROUP=H // HKV, D=D, BM=bm, BN=bn, BD=bd, PREC=dot_precision(q.dtype),
+                  HAS_POS=pos is not None, HAS_KVALID=kvalid is not None, num_stages=2)
+    args = (pos if pos is not None else dummy, kvalid if kvalid is not None else dummy,
+            *q.stride(), *k.stride(), *v.stride(), Tq, Tk, Tk - Tq, W, active, scale * LOG2E, scale)
+    if "dq" in parts:
+        _band_bwd_dq_kernel[(triton.cdiv(Tq, bm), B * H)](q, k, v, do, lse, delta, dq, *args,
+                                                          num_warps=BWD_DQ_WARPS or num_warps_for(bd), **common)
+    if "dkv" in parts:
+        _band_bwd_dkv_kernel[(triton.cdiv(Tk, bn), B * HKV)](q, k, v, do, lse, delta, dk, dv, *args,
+                                                             ACCUMULATE=accumulate,
+                                                             num_warps=BWD_DKV_WARPS or num_warps_for(bd), **common)
+    return dq, dk, dv
+
+
+class BandAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale, window, positions, key_valid, active_heads):
+        o, lse = band_attention_fwd(q, k, v, scale, window, positions, key_valid, active_heads)
+        ctx.save_for_backward(q, k, v, o, lse, positions, key_valid)
+        ctx.cfg = (scale, window, active_heads)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, positions, key_valid = ctx.saved_tensors
+        scale, window, active = ctx.cfg
+        dq, dk, dv = band_attention_bwd(q, k, v, o, lse, do, scale, window, positions, key_valid, active)
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
+
+
+def window_attention(q, k, v, window_size, scale=None, active_heads=None):
+    """Sliding-window branch: q ``[B, Tq, P, D]``, k/v ``[B, Tk, Hkv, D]``; keys ``t - W + 1 .. t``."""
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    return BandAttentionFunction.apply(q, k, v, float(scale), int(window_size), None, None, active_heads)
+
+
+def band_attention(q, k, v, scale=None, window=None, positions=None, key_valid=None, active_heads=None):
+    """General entry: causal (``window=None``) or windowed attention with optional gathered row positions
+    (int ``[B, Tq]``, ``-1`` = empty row) and key validity flags (bool ``[B, Tk]``)."""
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    return BandAttentionFunction.apply(q, k, v, float(scale), window, positions, key_valid, active_heads)
+
+
+__all__ = ["window_attention", "band_attention", "band_attention_fwd", "band_attention_bwd"]

@@ -1,0 +1,345 @@
+"""Checks of the Triton kernels in Triton's CPU interpreter; run by ``test_kernels_interpret.py`` in a
+subprocess (``TRITON_INTERPRET=1`` must be set before triton is imported, and must not leak into the other
+test modules). Prints one JSON object: check name -> {"ok": bool, "detail": str}.
+
+Usage: python tests/_interpret_worker.py SHARD NUM_SHARDS
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+
+os.environ["TRITON_INTERPRET"] = "1"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+CONF = os.environ.get("NSA_CONFORMANCE_DIR", os.path.join(os.path.dirname(ROOT), "shared", "conformance"))
+if not os.path.isdir(CONF):
+    CONF = "/work/shared/conformance"
+
+CHECKS = {}
+
+
+def check(fn):
+    CHECKS[fn.__name__] = fn
+    return fn
+
+
+def _close(name, a, b, tol):
+    err = (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
+    if not err <= tol:
+        raise AssertionError(f"{name}: max abs err {err:.3e} > {tol:.1e}")
+    return f"{name} {err:.1e}"
+
+
+def _load_case(case):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = os.path.join(CONF, f"{case}.safetensors")
+    if not os.path.exists(path):
+        raise FileNotFoundError(path)
+    t = load_file(path)
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    return t, meta
+
+
+def _case_q64(t, meta):
+    vis = t["is_vision"].bool()
+    q = t["query"].transpose(1, 2) * vis[:, :, None, None]
+    if meta.get("all_queries_zero", "false").lower() in ("true", "1"):
+        q = q * 0
+    k = t["key"].transpose(1, 2) * vis[:, :, None, None]
+    v = t["value"].transpose(1, 2) * vis[:, :, None, None]
+    return torch.cat([q, q, torch.zeros_like(q[:, :, :8])], 2), k, v
+
+
+def _rows(q, lse, r0, r1):
+    """Rows r0..r1-1 only: the same q rows, and the lse elements the selection kernel reads for them."""
+    B, T, P, _ = q.shape
+    return q[:, r0:r1], lse.reshape(B, T, P)[:, r0:r1].reshape(B, P, r1 - r0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# conformance vectors (real D = 128 cases; heavy ops restricted to row / head subsets to stay fast)
+# ---------------------------------------------------------------------------------------------------------
+def _conf_topk(case, windows):
+    from nsa_kernels.selection import select_blocks
+
+    t, meta = _load_case(case)
+    q64, _, _ = _case_q64(t, meta)
+    out = []
+    for r0, r1 in windows:
+        qs, ls = _rows(q64, t["lse_cmp"], r0, r1)
+        bi = select_blocks(qs, t["k_cmp"], ls, int(meta["block_counts"]), 64, 128 ** -0.5, num_keys=r1)
+        exp = t["block_indices"][:, r0:r1]
+        if not torch.equal(bi, exp):
+            bad = (bi != exp).any(-1).nonzero()[:5].tolist()
+            raise AssertionError(f"{case} rows {r0}-{r1}: block_indices differ at {bad}")
+        out.append(f"{r0}-{r1}")
+    return f"{case} rows {','.join(out)} equal"
+
+
+@check
+def conf_topk_T200():
+    return _conf_topk("case_T200", [(0, 6), (60, 68), (190, 200)])
+
+
+@check
+def conf_topk_T320_bc3():
+    # rows >= 256: five candidates for four slots; t = 264 drops its own block
+    return _conf_topk("case_T320_bc3", [(256, 270), (310, 320)])
+
+
+@check
+def conf_topk_T320_bc3_q0():
+    # all scores tied: the sorting network decides every row
+    return _conf_topk("case_T320_bc3_q0", [(0, 4), (62, 70), (126, 132), (254, 262), (316, 320)])
+
+
+@check
+def conf_branches_T200():
+    """Compression / selected / window outputs and the lse on one kv group at a time (16 heads)."""
+    from nsa_kernels.compression import compress_kv, compression_attention
+    from nsa_kernels.selected_attention import selected_attention
+    from nsa_kernels.window_attention import window_attention
+
+    t, meta = _load_case("case_T200")
+    q64, k, v = _case_q64(t, meta)
+    sc = 128 ** -0.5
+    msgs = [_close("k_cmp", compress_kv(k, 64), t["k_cmp"], 1e-5), _close("v_cmp", compress_kv(v, 64), t["v_cmp"], 1e-5)]
+    g = 3  # holds real heads 48-55 and the zero heads 56-63
+    hs = slice(16 * g, 16 * g + 16)
+    o, lse = compression_attention(q64[:, :, hs], t["k_cmp"][:, :, g:g + 1], t["v_cmp"][:, :, g:g + 1], 64, sc)
+    msgs += [_close("o_cmp", o, t["o_cmp"][:, :, hs], 1e-5), _close("lse", lse, t["lse_cmp"][:, hs], 1e-5)]
+    o, lse2 = compression_attention(q64[:, :, hs], t["k_cmp"][:, :, g:g + 1], t["v_cmp"][:, :, g:g + 1], 64, sc,
+                                    active_heads=8)
+    msgs.append(_close("lse(closed form, zero heads)", lse2, t["lse_cmp"][:, hs], 1e-5))
+    # selected and window branches on the last 72 rows only (rows 128-199: the partial last block, the
+    # whole window), as a chunk that continues a cache: query row r sits at position 128 + r
+    rows = slice(128, 200)
+    g = 1
+    hs = slice(16 * g, 16 * g + 16)
+    o = selected_attention(q64[:, rows, hs], k[:, :, g:g + 1], v[:, :, g:g + 1], t["block_indices"][:, rows, g:g + 1],
+                           64, sc)
+    msgs.append(_close("o_slc", o, t["o_slc"][:, rows, hs], 1e-5))
+    g = 2
+    hs = slice(16 * g, 16 * g + 16)
+    o = window_attention(q64[:, rows, hs], k[:, :, g:g + 1], v[:, :, g:g + 1], 256, sc)
+    msgs.append(_close("o_swd", o, t["o_swd"][:, rows, hs], 1e-5))
+    return "; ".join(msgs)
+
+
+@check
+def conf_dense_T200():
+    from nsa_kernels.triton_nsa import dense_attention
+
+    t, meta = _load_case("case_T200")
+    vis = t["is_vision"].bool()
+    q = t["query"] * (~vis)[:, None, :, None]
+    out = dense_attention(q, t["key"], t["value"], 128 ** -0.5, None)
+    return _close("dense_output", out, t["dense_output"], 1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# small random shapes against the reference (forward and gradients)
+# ---------------------------------------------------------------------------------------------------------
+def _rand(*shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float32)
+
+
+def _grads(fn, inputs, seed):
+    inputs = [x.detach().clone().requires_grad_(True) for x in inputs]
+    out = fn(*inputs)
+    if isinstance(out, tuple):
+        out = out[0]
+    go = _rand(*out.shape, seed=seed)
+    grads = torch.autograd.grad(out, inputs, go)
+    return out.detach(), grads
+
+
+def _compare_fn(name, ours, ref, inputs, tol=2e-5, seed=7, grad=True):
+    if not grad:
+        with torch.no_grad():
+            a, b = ours(*inputs), ref(*inputs)
+        a, b = (a[0], b[0]) if isinstance(a, tuple) else (a, b)
+        return _close(name, a, b, tol)
+    oa, ga = _grads(ours, inputs, seed)
+    ob, gb = _grads(ref, inputs, seed)
+    msgs = [_close(name, oa, ob, tol)]
+    for i, (x, y) in enumerate(zip(ga, gb)):
+        msgs.append(_close(f"d{'qkvg'[i]}", x, y, tol * 10))
+    return " ".join(msgs)
+
+
+SMALL = [  # (B, Tq, Tk, P, Hkv, D, block_size, block_count, window)
+    (1, 70, 70, 16, 1, 16, 16, 4, 20),
+    (1, 1, 1, 16, 1, 32, 16, 4, 8),
+    (1, 21, 77, 32, 2, 32, 16, 2, 24),  # a chunk continuing a cache: Tq < Tk
+]
+
+
+def _small_inputs(cfg, seed):
+    B, Tq, Tk, P, Hkv, D, bs, bc, w = cfg
+    return _rand(B, Tq, P, D, seed=seed), _rand(B, Tk, Hkv, D, seed=seed + 1), _rand(B, Tk, Hkv, D, seed=seed + 2)
+
+
+def _small_branches(cfg):
+    from nsa_kernels import reference as R
+    from nsa_kernels import triton_nsa as TN
+
+    B, Tq, Tk, P, Hkv, D, bs, bc, w = cfg
+    q, k, v = _small_inputs(cfg, seed=Tq)
+    sc = D ** -0.5
+    msgs = []
+    msgs.append(_compare_fn(
+        "cmp",
+        lambda q, k, v: TN.compression_attention(q, TN.compress_kv(k, bs), TN.compress_kv(v, bs), bs, sc, Tk),
+        lambda q, k, v: R.compression_attention(q, R.compress_kv(k, bs), R.compress_kv(v, bs), bs, sc, Tk),
+        (q, k, v)))
+    kc = R.compress_kv(k, bs)
+    _, lse = R.compression_attention(q, kc, R.compress_kv(v, bs), bs, sc, Tk)
+    _, lse_t = TN.compression_attention(q, kc, R.compress_kv(v, bs), bs, sc, Tk)
+    msgs.append(_close("lse", lse_t, lse, 2e-5))
+    bi = R.select_blocks(q, kc, lse, bc, bs, sc, Tk)
+    if not torch.equal(TN.select_blocks(q, kc, lse, bc, bs, sc, Tk), bi):
+        raise AssertionError("block_indices differ from the reference")
+    msgs.append("topk equal")
+    msgs.append(_compare_fn("slc", lambda q, k, v: TN.selected_attention(q, k, v, bi, bs, sc),
+                            lambda q, k, v: R.selected_attention(q, k, v, bi, bs, sc), (q, k, v)))
+    msgs.append(_compare_fn("swd", lambda q, k, v: TN.window_attention(q, k, v, w, sc),
+                            lambda q, k, v: R.window_attention(q, k, v, w, sc), (q, k, v)))
+    return "; ".join(msgs)
+
+
+@check
+def small_branches_T70():
+    return _small_branches(SMALL[0])
+
+
+@check
+def small_branches_T1():
+    return _small_branches(SMALL[1])
+
+
+@check
+def small_branches_chunk():
+    return _small_branches(SMALL[2])
+
+
+@check
+def small_nsa_with_gates_T100():
+    """Whole nsa_attention (gates included) with trailing zero heads, vs the reference, values and grads.
+
+    Gates that require grad keep every head computed (their gradient needs the branch outputs); with
+    ``active_heads`` given, the zero heads are skipped and only the value is compared.
+    """
+    from nsa_kernels import reference as R
+    from nsa_kernels import triton_nsa as TN
+
+    B, T, P, Hkv, D, bs, bc, w = 1, 100, 16, 1, 16, 32, 2, 40
+    q = _rand(B, T, P, D, seed=1)
+    q[:, :, 12:] = 0
+    k, v = _rand(B, T, Hkv, D, seed=2), _rand(B, T, Hkv, D, seed=3)
+    gates = torch.sigmoid(_rand(B, T, P, 3, seed=4))
+    gates[:, :, 12:] = 0
+    kw = dict(block_count=bc, block_size=bs, window_size=w, scale=D ** -0.5)
+    msg = _compare_fn("nsa", lambda q, k, v, g: TN.nsa_attention(q, k, v, g, **kw),
+                      lambda q, k, v, g: R.nsa_attention(q, k, v, g, **kw), (q, k, v, gates))
+    with torch.no_grad():
+        skipped = TN.nsa_attention(q, k, v, gates, active_heads=12, **kw)
+        msg += "; " + _close("nsa(active_heads=12)", skipped, R.nsa_attention(q, k, v, gates, **kw), 2e-5)
+    return msg
+
+
+@check
+def topk_multichunk():
+    """More than 64 candidate blocks (several chunks of the network), rows sampled, vs the reference."""
+    from nsa_kernels import reference as R
+    from nsa_kernels.selection import select_blocks
+
+    B, T, P, Hkv, D, bs, bc = 1, 64 * 130 + 5, 16, 1, 16, 64, 32
+    q = _rand(B, T, P, D, seed=11) * 0.5
+    q[:, T // 2:T // 2 + 40] = 0  # exact ties
+    kc = _rand(B, -(-T // bs), Hkv, D, seed=12)
+    lse = _rand(B, P, T, seed=13).abs() * 2
+    msgs = []
+    for r0, r1 in [(4095, 4100), (T // 2, T // 2 + 6), (T - 6, T)]:
+        qs, ls = _rows(q, lse, r0, r1)
+        ref = R.select_blocks(qs, kc, ls, bc, bs, 1.0, r1)
+        got = select_blocks(qs, kc, ls, bc, bs, 1.0, r1)
+        if not torch.equal(got, ref):
+            raise AssertionError(f"rows {r0}-{r1} differ")
+        msgs.append(f"{r0}-{r1}")
+    return "rows " + ",".join(msgs) + " equal"
+
+
+@check
+def small_hybrid_mixed_padded():
+    """hybrid_attention (mixed path, batch of 2 with padding) through the Triton nsa/dense functions."""
+    from nsa_kernels import reference as R
+    from nsa_kernels import triton_nsa as TN
+
+    B, Hq, Hkv, T, D = 2, 2, 1, 40, 16
+    query, key, value = _rand(B, Hq, T, D, seed=21), _rand(B, Hkv, T, D, seed=22), _rand(B, Hkv, T, D, seed=23)
+    logits = _rand(B, T, Hq, 3, seed=24)
+    vis = torch.zeros(B, T, dtype=torch.bool)
+    vis[:, 6:33] = True
+    vis[:, 23] = False
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, :5] = False  # left padding of sample 1
+    kw = dict(block_size=16, block_count=2, window_size=24)
+    return _compare_fn("hybrid", lambda q, k, v, g: TN.hybrid_attention(q, k, v, g, vis, mask, **kw),
+                       lambda q, k, v, g: R.hybrid_attention(q, k, v, g, vis, mask, **kw),
+                       (query, key, value, logits))
+
+
+@check
+def dense_text_only_and_padding():
+    from nsa_kernels import reference as R
+    from nsa_kernels import triton_nsa as TN
+
+    B, Hq, Hkv, Tq, Tk, D = 2, 4, 2, 50, 66, 32
+    q, k, v = _rand(B, Hq, Tq, D, seed=31), _rand(B, Hkv, Tk, D, seed=32), _rand(B, Hkv, Tk, D, seed=33)
+    q[:, :, 10:20] = 0
+    mask = torch.ones(B, Tk, dtype=torch.bool)
+    mask[0, :5] = False
+    mask[1, 40:45] = False
+    return _compare_fn("dense", lambda q, k, v: TN.dense_attention(q, k, v, D ** -0.5, mask),
+                       lambda q, k, v: R.dense_attention(q, k, v, D ** -0.5, mask), (q, k, v), grad=False) + \
+        "; " + _compare_fn("dense_grad_nozero", lambda q, k, v: TN.dense_attention(q, k, v, D ** -0.5, mask),
+                           lambda q, k, v: R.dense_attention(q, k, v, D ** -0.5, mask),
+                           (_rand(B, Hq, Tq, D, seed=34), k, v))
+
+
+def main():
+    shard, num = (int(sys.argv[1]), int(sys.argv[2])) if len(sys.argv) > 2 else (0, 1)
+    only = set(sys.argv[3].split(",")) if len(sys.argv) > 3 and sys.argv[3] else None
+    results = {}
+    for i, (name, fn) in enumerate(CHECKS.items()):
+        if only is not None and name not in only:
+            continue
+        if only is None and i % num != shard:
+            continue
+        t0 = time.time()
+        try:
+            detail = fn()
+            results[name] = {"ok": True, "detail": f"{detail} ({time.time() - t0:.1f}s)"}
+        except FileNotFoundError as e:
+            results[name] = {"ok": None, "detail": f"missing {e}"}
+        except Exception:
+            results[name] = {"ok": False, "detail": traceback.format_exc()[-3000:]}
+    print("@@RESULTS@@" + json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

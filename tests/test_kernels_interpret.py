@@ -1,0 +1,55 @@
+"""The Triton kernels of ``nsa_kernels`` in Triton's CPU interpreter (float32, tiny shapes).
+
+``TRITON_INTERPRET=1`` has to be set before triton is imported and must not leak into the other test
+modules, so the checks run in two subprocesses (``tests/_interpret_worker.py``) and each check is reported
+here as its own test. They compare against the conformance vectors (``../shared/conformance``; skipped
+when absent) and against ``nsa_kernels.reference``, forward and gradients.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORKER = os.path.join(HERE, "_interpret_worker.py")
+
+# two shards of about equal interpreter time (checks by name, see the worker)
+SHARDS = [
+    ["conf_branches_T200", "small_branches_T70", "topk_multichunk", "dense_text_only_and_padding",
+     "conf_topk_T320_bc3", "small_branches_T1", "conf_dense_T200", "conf_topk_T200"],
+    ["small_nsa_with_gates_T100", "small_hybrid_mixed_padded", "small_branches_chunk", "conf_topk_T320_bc3_q0"],
+]
+ALL = [name for shard in SHARDS for name in shard]
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+
+@pytest.fixture(scope="module")
+def results():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, WORKER, "0", "1", ",".join(shard)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for shard in SHARDS]
+    out = {}
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=900)
+        line = [ln for ln in stdout.splitlines() if ln.startswith("@@RESULTS@@")]
+        if not line:
+            raise RuntimeError(f"interpreter worker failed (rc {p.returncode}):\n{stderr[-4000:]}")
+        out.update(json.loads(line[-1][len("@@RESULTS@@"):]))
+    return out
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_kernel_interpret(results, name):
+    r = results.get(name)
+    assert r is not None, f"check {name} did not run"
+    if r["ok"] is None:
+        pytest.skip(r["detail"])
+    assert r["ok"], r["detail"]
+    print(f"{name}: {r['detail']}")
