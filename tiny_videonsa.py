@@ -13,7 +13,6 @@ from __future__ import annotations
 import fractions
 import os
 
-import av
 import numpy as np
 import torch
 
@@ -169,6 +168,8 @@ def write_video(
 
     Odd sizes are written in yuv444p (4:2:0 needs even sizes); `num_frames=0` writes a container with a video stream
     and no frames (use `.avi`: mp4 and mkv drop streams that never got a packet)."""
+    import av  # PyAV: only needed to write videos
+
     path = str(path)
     container = av.open(path, mode="w")
     stream = container.add_stream(codec, rate=fractions.Fraction(fps).limit_denominator(1001))
