@@ -63,11 +63,14 @@ def _checkpoint_source(name_or_path: str, revision: str) -> Path | None:
         return Path(name_or_path)
     if not name_or_path or not re.fullmatch(r"[0-9a-f]{40}", revision):
         return None
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download, try_to_load_from_cache
 
-    try:  # the code files of the same commit as this module; served from the local cache when offline
+    try:  # the code files of the same commit as this module, downloaded if needed
         return Path(snapshot_download(name_or_path, revision=revision, allow_patterns=["*.py", "nsa_kernels/*.py"]))
-    except Exception as error:  # noqa: BLE001 - any hub failure means "not available here"
+    except Exception as error:  # noqa: BLE001 - offline, or no network: fall back to the local cache
+        cached = try_to_load_from_cache(name_or_path, "config.json", revision=revision)
+        if isinstance(cached, str):  # older huggingface_hub cannot list a snapshot offline; the cache holds it
+            return Path(cached).parent
         logger.warning(f"Could not fetch the code files of {name_or_path}@{revision}: {error}")
         return None
 
@@ -204,6 +207,11 @@ class VideoNSAAttention(Qwen2_5_VLAttention):
         value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
         cos, sin = position_embeddings
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        if torch.is_autocast_enabled(query.device.type):
+            # autocast runs the projections in its low dtype, but RoPE's float32 cos/sin promote query and key
+            # back to float32 while value stays low: attend in the autocast dtype, as SDPA does under autocast
+            dtype = torch.get_autocast_dtype(query.device.type)
+            query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
         if key.shape[2] != videonsa_tokens.is_vision.shape[1]:

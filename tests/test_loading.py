@@ -8,56 +8,14 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from hub_utils import COMMIT, REPO_ID, load_in_fresh_process, populate_hub_cache
 from modeling_videonsa import VideoNSAForConditionalGeneration
 from tiny_videonsa import build_tiny_checkpoint, tiny_model, video_prompt
-
-REPO_ID = "Enxin/VideoNSA"
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-LOAD_SCRIPT = r"""
-import json, sys, torch
-from pathlib import Path
-from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
-source, inputs_path, out_path, resave = sys.argv[1:5]
-assert not any(Path(p).resolve() == Path({repo!r}) for p in sys.path if p), "the repo leaked onto sys.path"
-config = AutoConfig.from_pretrained(source, trust_remote_code=True)
-model = AutoModel.from_pretrained(source, trust_remote_code=True).eval()
-other = AutoModelForImageTextToText.from_pretrained(source, trust_remote_code=True)
-has_processor = not Path(source).is_dir() or (Path(source) / "processor_config.json").is_file()
-processor = AutoProcessor.from_pretrained(source, trust_remote_code=True) if has_processor else None
-kernels = sys.modules[type(model).__module__].load_nsa_kernels()
-with torch.no_grad():
-    logits = model(**torch.load(inputs_path)).logits
-torch.save(logits, out_path)
-if resave != "-":
-    model.save_pretrained(resave)
-print(json.dumps(dict(config=type(config).__name__, model=type(model).__name__, other=type(other).__name__,
-                      processor=type(processor).__name__, block_size=getattr(processor, "nsa_block_size", None),
-                      module=type(model).__module__, kernels=kernels.__file__)))
-"""
-
-
-def _load_in_fresh_process(tmp_path, source, inputs, resave="-", env_extra=None):
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
-    env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_DISABLE_TELEMETRY="1", **(env_extra or {}))
-    script = tmp_path / "load.py"
-    script.write_text(LOAD_SCRIPT.replace("{repo!r}", repr(str(Path(__file__).resolve().parents[1]))))
-    torch.save(inputs, tmp_path / "inputs.pt")
-    result = subprocess.run(
-        [sys.executable, str(script), str(source), str(tmp_path / "inputs.pt"), str(tmp_path / "logits.pt"), resave],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    info = json.loads(result.stdout.strip().splitlines()[-1])
-    return info, torch.load(tmp_path / "logits.pt")
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +50,7 @@ def test_save_pretrained_writes_a_self_contained_folder(saved):
 
 def test_local_folder_loads_with_remote_code_and_resaves(saved, tmp_path):
     folder, inputs, expected = saved
-    info, logits = _load_in_fresh_process(tmp_path, folder, inputs, resave=str(tmp_path / "resaved"))
+    info, logits = load_in_fresh_process(tmp_path, folder, inputs, resave=tmp_path / "resaved")
     assert info["config"] == "VideoNSAConfig"
     assert info["model"] == info["other"] == "VideoNSAForConditionalGeneration"
     assert info["processor"] == "VideoNSAProcessor" and info["block_size"] == 64
@@ -102,24 +60,15 @@ def test_local_folder_loads_with_remote_code_and_resaves(saved, tmp_path):
     again = tmp_path / "again"
     again.mkdir()
     assert (tmp_path / "resaved" / "processing_videonsa.py").is_file()  # named by auto_map, so it ships too
-    _, relogits = _load_in_fresh_process(again, tmp_path / "resaved", inputs)
+    _, relogits = load_in_fresh_process(again, tmp_path / "resaved", inputs)
     torch.testing.assert_close(relogits, expected)
-
-
-def _populate_hub_cache(cache: Path, folder: Path) -> None:
-    """Lay the folder out as huggingface_hub's cache does after a download of REPO_ID at COMMIT."""
-    repo = cache / ("models--" + REPO_ID.replace("/", "--"))
-    snapshot = repo / "snapshots" / COMMIT
-    shutil.copytree(folder, snapshot, ignore=shutil.ignore_patterns("__pycache__"))
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(COMMIT)
 
 
 def test_repo_id_loads_from_an_offline_hub_cache(saved, tmp_path):
     folder, inputs, expected = saved
     cache = tmp_path / "hub"
-    _populate_hub_cache(cache, folder)
-    info, logits = _load_in_fresh_process(
+    populate_hub_cache(cache, folder)
+    info, logits = load_in_fresh_process(
         tmp_path, REPO_ID, inputs, env_extra=dict(HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1")
     )
     assert info["model"] == "VideoNSAForConditionalGeneration" and info["processor"] == "VideoNSAProcessor"
