@@ -180,6 +180,20 @@ class VideoNSAAttention(Qwen2_5_VLAttention):
         logits = self.g_proj_2(F.gelu(self.g_proj_1(hidden_states)))
         return logits.view(*hidden_states.shape[:2], self.num_heads, 3) / self.config.nsa_gate_temperature
 
+    def project_qkv(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]):
+        """``[B, T, hidden]`` -> query ``[B, Hq, T, D]``, key and value ``[B, Hkv, T, D]``, RoPE applied."""
+        shape = (*hidden_states.shape[:2], -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
+        if torch.is_autocast_enabled(query.device.type):
+            # autocast runs the projections in its low dtype, but RoPE's float32 cos/sin promote query and key
+            # back to float32 while value stays low: attend in the autocast dtype, as SDPA does under autocast
+            dtype = torch.get_autocast_dtype(query.device.type)
+            query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+        return query, key, value
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -201,17 +215,7 @@ class VideoNSAAttention(Qwen2_5_VLAttention):
                 **kwargs,
             )
         batch, length, _ = hidden_states.shape
-        shape = (batch, length, -1, self.head_dim)
-        query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
-        key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
-        value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
-        cos, sin = position_embeddings
-        query, key = apply_rotary_pos_emb(query, key, cos, sin)
-        if torch.is_autocast_enabled(query.device.type):
-            # autocast runs the projections in its low dtype, but RoPE's float32 cos/sin promote query and key
-            # back to float32 while value stays low: attend in the autocast dtype, as SDPA does under autocast
-            dtype = torch.get_autocast_dtype(query.device.type)
-            query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+        query, key, value = self.project_qkv(hidden_states, position_embeddings)
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
         if key.shape[2] != videonsa_tokens.is_vision.shape[1]:

@@ -433,11 +433,7 @@ class _Recorder:
         if batch != 1 or tokens.key_padding_mask is not None or tokens.is_vision.shape[1] != length:
             raise ValueError("analyze takes one prompt (batch 1, no padding) prefilled in one pass")
         # the layer's q/k/v and gate logits, as VideoNSAAttention.forward computes them
-        shape = (batch, length, -1, attn.head_dim)
-        q = attn.q_proj(hidden).view(shape).transpose(1, 2)
-        k = attn.k_proj(hidden).view(shape).transpose(1, 2)
-        cos, sin = kwargs["position_embeddings"]
-        q, k = modeling.apply_rotary_pos_emb(q, k, cos, sin)
+        q, k, _ = attn.project_qkv(hidden, kwargs["position_embeddings"])
         logits = attn.gate_logits(hidden)
         vision = tokens.is_vision[0]
         num_heads, kv_heads = q.shape[1], k.shape[1]
@@ -450,8 +446,8 @@ class _Recorder:
         indicator = torch.zeros(1, length, kv_heads, attn.head_dim, dtype=q.dtype, device=q.device)
         indicator[:, : (1 if self.sink == "token" else config.nsa_block_size)] = 1
         padded, _ = kernels.nsa_head_layout(num_heads, kv_heads)
-        nsa_fn = kernels.resolve_nsa_fn(config.nsa_backend, q.device)
-        out, extra = nsa_fn(
+        ops = kernels.resolve_backend(config.nsa_backend, q.device)
+        out, extra = ops.nsa_attention(
             kernels.reference.pad_heads(q_nsa, padded), k_nsa, indicator, kernels.reference.pad_heads(gates, padded),
             block_count=config.nsa_block_count, block_size=config.nsa_block_size,
             window_size=config.nsa_window_size, scale=attn.scaling, return_intermediates=True,
