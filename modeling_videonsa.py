@@ -37,7 +37,9 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     Qwen2_5_VLDecoderLayer,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLModel,
+    Qwen2_5_VLPreTrainedModel,
     Qwen2_5_VLTextModel,
+    Qwen2_5_VisionTransformerPretrainedModel,
     apply_rotary_pos_emb,
     eager_attention_forward,
 )
@@ -347,8 +349,12 @@ class VideoNSAModel(Qwen2_5_VLModel):
     _no_split_modules = ["VideoNSADecoderLayer", "Qwen2_5_VLVisionBlock"]
 
     def __init__(self, config: VideoNSAConfig):
-        super().__init__(config)
+        # Qwen2_5_VLModel.__init__ would build a Qwen2.5-VL text decoder only to have it replaced (8B parameters
+        # for the 7B), so its three assignments are made here with the VideoNSA decoder instead.
+        Qwen2_5_VLPreTrainedModel.__init__(self, config)
+        self.visual = Qwen2_5_VisionTransformerPretrainedModel._from_config(config.vision_config)
         self.language_model = VideoNSATextModel._from_config(config.text_config)
+        self.rope_deltas = None
         self.post_init()
 
 
@@ -375,8 +381,10 @@ class VideoNSAForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
 
     def __init__(self, config: VideoNSAConfig):
         load_nsa_kernels(config)
-        super().__init__(config)
+        # as in Qwen2_5_VLForConditionalGeneration.__init__, without building a Qwen2.5-VL model to replace
+        Qwen2_5_VLPreTrainedModel.__init__(self, config)
         self.model = VideoNSAModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
 
     def save_pretrained(self, save_directory, *args, **kwargs):

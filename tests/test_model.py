@@ -107,12 +107,24 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 
 def test_generate_greedy_with_and_without_cache_and_sampling():
+    """With a cache, decode steps are dense (the released function); with use_cache=False every step is one full
+    pass over prompt + generated tokens, so the new tokens take part in the mixed pass, as in the authors' code.
+    Both modes share the first token (the same prefill); the uncached one equals a loop of full forwards."""
     model = tiny_model()
     inputs = video_prompt(TEXT_VIDEO_TEXT)
     cached = model.generate(**inputs, max_new_tokens=6, do_sample=False)
     uncached = model.generate(**inputs, max_new_tokens=6, do_sample=False, use_cache=False)
-    assert cached.shape == (1, inputs["input_ids"].shape[1] + 6)
-    assert torch.equal(cached, uncached)
+    prompt = inputs["input_ids"].shape[1]
+    assert cached.shape == uncached.shape == (1, prompt + 6)
+    assert torch.equal(cached[:, : prompt + 1], uncached[:, : prompt + 1])
+    sequence = inputs["input_ids"]
+    with torch.no_grad():
+        for _ in range(6):
+            step = dict(inputs, input_ids=sequence, attention_mask=torch.ones_like(sequence),
+                        mm_token_type_ids=torch.nn.functional.pad(inputs["mm_token_type_ids"], (0, sequence.shape[1] - prompt)))
+            next_token = model(**step, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            sequence = torch.cat([sequence, next_token], dim=1)
+    assert torch.equal(uncached, sequence)
     torch.manual_seed(0)
     sampled = model.generate(**inputs, max_new_tokens=6, do_sample=True, top_k=50, temperature=1.0)
     assert sampled.shape == cached.shape and torch.equal(sampled[:, :-6], inputs["input_ids"])
