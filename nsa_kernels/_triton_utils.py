@@ -1,4 +1,6 @@
-"""Small helpers shared by the Triton kernels of ``nsa_kernels`` (no kernels here)."""
+"""Helpers shared by the Triton kernels of ``nsa_kernels``: launch arithmetic on the host and the
+``@triton.jit`` building blocks every attention kernel is made of (tile loads, one online-softmax step,
+one backward step for dq and one for dk/dv). Triton inlines them, so sharing costs nothing at run time."""
 
 from __future__ import annotations
 
@@ -6,6 +8,8 @@ import math
 import os
 
 import torch
+import triton
+import triton.language as tl
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -52,6 +56,92 @@ def log2_int(n: int) -> int:
     if 1 << k != n:
         raise ValueError(f"{n} is not a power of two")
     return k
+
+
+@triton.jit
+def row_tile_program(Tq, H: tl.constexpr, GROUP: tl.constexpr, BM: tl.constexpr):
+    """Program ids of the row-tile kernels (grid ``(cdiv(Tq, BM), B * H)``): sample ``b``, query head ``h``,
+    its kv head ``g``, the tile's query rows and their mask."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    rows = pid_m * BM + tl.arange(0, BM)
+    return b, h, h // GROUP, rows, rows < Tq
+
+
+@triton.jit
+def row_group_program(Tq, OFF, HKV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BH: tl.constexpr,
+                      BD: tl.constexpr):
+    """Program ids of the one-row kernels (grid ``(Tq, B * Hkv)``): sample ``b``, kv head ``g``, query row
+    ``r`` at position ``t``, and the head / feature lanes of the group's ``[BH, BD]`` query tile with masks."""
+    r = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    hh = tl.arange(0, BH)
+    dd = tl.arange(0, BD)
+    return pid_bg // HKV, pid_bg % HKV, r, r + OFF, hh, hh < GROUP, dd, dd < D
+
+
+@triton.jit
+def load_group_query(q, b, r, g, GROUP: tl.constexpr, hh, dd, mask, sqb, sqt, sqh, sqd):
+    """The ``[BH, BD]`` query tile of row ``r``: the heads of kv group ``g`` (zero beyond the group)."""
+    return tl.load(q + b * sqb + r * sqt + (g * GROUP + hh[:, None]) * sqh + dd[None, :] * sqd, mask=mask,
+                   other=0.0)
+
+
+@triton.jit
+def load_kv_tile(k, v, b, g, cols, cmask, dd, dmask, skb, skt, skh, skd, svb, svt, svh, svd):
+    """Keys and values ``cols`` (a vector of token or block indices) of kv head ``g`` in sample ``b``:
+    two ``[len(cols), BD]`` tiles, zero where ``cmask`` or ``dmask`` is off."""
+    mask = cmask[:, None] & dmask[None, :]
+    bk = tl.load(k + b * skb + g * skh + cols[:, None] * skt + dd[None, :] * skd, mask=mask, other=0.0)
+    bv = tl.load(v + b * svb + g * svh + cols[:, None] * svt + dd[None, :] * svd, mask=mask, other=0.0)
+    return bk, bv
+
+
+@triton.jit
+def online_softmax_step(bq, bk, bv, vis, m_i, l_i, acc, qk_scale, PREC: tl.constexpr):
+    """Fold one key tile into the running base-2 softmax state ``(m_i, l_i, acc)`` of the query tile ``bq``.
+
+    ``vis`` (broadcastable to ``[rows, keys]``) says which scores count; a row that has seen no visible key
+    keeps ``m_i = -inf``, ``l_i = 0``, ``acc = 0`` (no NaN: its shift is taken as 0).
+    """
+    s = tl.dot(bq, tl.trans(bk), input_precision=PREC) * qk_scale
+    s = tl.where(vis, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(bv.dtype), bv, input_precision=PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def attention_probs(bq, bk, vis, lse2, qk_scale, PREC: tl.constexpr):
+    """Normalised probabilities of the query tile over one key tile from the saved base-2 log-sum-exp."""
+    s = tl.dot(bq, tl.trans(bk), input_precision=PREC) * qk_scale
+    return tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
+
+
+@triton.jit
+def dq_step(bq, bk, bv, bdo, vis, lse2, dlt, acc, qk_scale, PREC: tl.constexpr):
+    """``acc += dS @ K`` for one key tile (``dS = P * (dO V^T - delta)``); the caller scales by 1/sqrt(D)."""
+    p = attention_probs(bq, bk, vis, lse2, qk_scale, PREC)
+    dp = tl.dot(bdo, tl.trans(bv), input_precision=PREC)
+    ds = p * (dp - dlt[:, None])
+    return acc + tl.dot(ds.to(bk.dtype), bk, input_precision=PREC)
+
+
+@triton.jit
+def dkv_step(bq, bk, bv, bdo, vis, lse2, dlt, dk_acc, dv_acc, qk_scale, PREC: tl.constexpr):
+    """``dv_acc += P^T @ dO`` and ``dk_acc += dS^T @ Q`` for one query tile against the key tile."""
+    p = attention_probs(bq, bk, vis, lse2, qk_scale, PREC)
+    dv_acc += tl.dot(tl.trans(p.to(bdo.dtype)), bdo, input_precision=PREC)
+    dp = tl.dot(bdo, tl.trans(bv), input_precision=PREC)
+    ds = p * (dp - dlt[:, None])
+    dk_acc += tl.dot(tl.trans(ds.to(bq.dtype)), bq, input_precision=PREC)
+    return dk_acc, dv_acc
 
 
 def _patch_interpreter_scalar_index() -> None:

@@ -16,7 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import LOG2E, check_dim, dot_precision, num_warps_for
+from ._triton_utils import (LOG2E, check_dim, dkv_step, dot_precision, dq_step, load_kv_tile, num_warps_for,
+                           online_softmax_step, row_tile_program)
 
 
 def compress_kv(x: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -38,6 +39,12 @@ def compress_kv(x: torch.Tensor, block_size: int) -> torch.Tensor:
 
 
 @triton.jit
+def _first_block(rows, OFF, BS: tl.constexpr):
+    """The lowest block a row tile sees (rows see their own block and later ones)."""
+    return (tl.min(rows, 0) + OFF) // BS
+
+
+@triton.jit
 def _cmp_fwd_kernel(
     q, k, v, o, lse,
     sqb, sqt, sqh, sqd,
@@ -47,50 +54,32 @@ def _cmp_fwd_kernel(
     P: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // P
-    h = pid_bh % P
-    g = h // GROUP
-    rows = pid_m * BM + tl.arange(0, BM)
-    rmask = rows < Tq
+    b, h, g, rows, rmask = row_tile_program(Tq, P, GROUP, BM)
     cur = (rows + OFF) // BS
     dd = tl.arange(0, BD)
     dmask = dd < D
+    io_mask = rmask[:, None] & dmask[None, :]
     o_ptr = o + ((b * Tq + rows[:, None]) * P + h) * D + dd[None, :]
     l_ptr = lse + (b * P + h) * Tq + rows
     if h >= H_ACTIVE:
         # all-zero queries: softmax over n equal scores -> lse = log(n); the output is never used (gate 0)
         n_vis = (NB - cur).to(tl.float32)
         tl.store(l_ptr, tl.log(n_vis), mask=rmask)
-        tl.store(o_ptr, tl.zeros([BM, BD], dtype=o.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
+        tl.store(o_ptr, tl.zeros([BM, BD], dtype=o.dtype.element_ty), mask=io_mask)
     else:
-        bq = tl.load(q + b * sqb + h * sqh + rows[:, None] * sqt + dd[None, :] * sqd,
-                     mask=rmask[:, None] & dmask[None, :], other=0.0)
+        bq = tl.load(q + b * sqb + h * sqh + rows[:, None] * sqt + dd[None, :] * sqd, mask=io_mask, other=0.0)
         m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BM], dtype=tl.float32)
         acc = tl.zeros([BM, BD], dtype=tl.float32)
-        c_lo = (pid_m * BM + OFF) // BS
-        for c0 in range(c_lo, NB, BN):
+        for c0 in range(_first_block(rows, OFF, BS), NB, BN):
             cols = c0 + tl.arange(0, BN)
             cmask = cols < NB
-            bk = tl.load(k + b * skb + g * skh + cols[:, None] * skn + dd[None, :] * skd,
-                         mask=cmask[:, None] & dmask[None, :], other=0.0)
-            bv = tl.load(v + b * svb + g * svh + cols[:, None] * svn + dd[None, :] * svd,
-                         mask=cmask[:, None] & dmask[None, :], other=0.0)
-            s = tl.dot(bq, tl.trans(bk), input_precision=PREC) * qk_scale
+            bk, bv = load_kv_tile(k, v, b, g, cols, cmask, dd, dmask, skb, skn, skh, skd, svb, svn, svh, svd)
             vis = (cols[None, :] >= cur[:, None]) & cmask[None, :]
-            s = tl.where(vis, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_use)
-            p = tl.exp2(s - m_use[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(bv.dtype), bv, input_precision=PREC)
-            m_i = m_new
+            m_i, l_i, acc = online_softmax_step(bq, bk, bv, vis, m_i, l_i, acc, qk_scale, PREC)
         out = acc / l_i[:, None]
-        tl.store(o_ptr, out.to(o.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
-        tl.store(l_ptr, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=rmask)
+        tl.store(o_ptr, out.to(o.dtype.element_ty), mask=io_mask)
+        tl.store(l_ptr, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=rmask)  # base 2 -> natural
 
 
 @triton.jit
@@ -104,13 +93,7 @@ def _cmp_bwd_dq_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
 ):
     # do, dq: contiguous [B, Tq, P, D]; lse: [B, P, Tq] (natural log); delta: [B, P, Tq]
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // P
-    h = pid_bh % P
-    g = h // GROUP
-    rows = pid_m * BM + tl.arange(0, BM)
-    rmask = rows < Tq
+    b, h, g, rows, rmask = row_tile_program(Tq, P, GROUP, BM)
     cur = (rows + OFF) // BS
     dd = tl.arange(0, BD)
     dmask = dd < D
@@ -121,23 +104,15 @@ def _cmp_bwd_dq_kernel(
     else:
         bq = tl.load(q + b * sqb + h * sqh + rows[:, None] * sqt + dd[None, :] * sqd, mask=io_mask, other=0.0)
         bdo = tl.load(do + ((b * Tq + rows[:, None]) * P + h) * D + dd[None, :], mask=io_mask, other=0.0)
-        lse2 = tl.load(lse + (b * P + h) * Tq + rows, mask=rmask, other=0.0) * 1.4426950408889634
+        lse2 = tl.load(lse + (b * P + h) * Tq + rows, mask=rmask, other=0.0) * 1.4426950408889634  # to base 2
         dlt = tl.load(delta + (b * P + h) * Tq + rows, mask=rmask, other=0.0)
         acc = tl.zeros([BM, BD], dtype=tl.float32)
-        c_lo = (pid_m * BM + OFF) // BS
-        for c0 in range(c_lo, NB, BN):
+        for c0 in range(_first_block(rows, OFF, BS), NB, BN):
             cols = c0 + tl.arange(0, BN)
             cmask = cols < NB
-            bk = tl.load(k + b * skb + g * skh + cols[:, None] * skn + dd[None, :] * skd,
-                         mask=cmask[:, None] & dmask[None, :], other=0.0)
-            bv = tl.load(v + b * svb + g * svh + cols[:, None] * svn + dd[None, :] * svd,
-                         mask=cmask[:, None] & dmask[None, :], other=0.0)
-            s = tl.dot(bq, tl.trans(bk), input_precision=PREC) * qk_scale
+            bk, bv = load_kv_tile(k, v, b, g, cols, cmask, dd, dmask, skb, skn, skh, skd, svb, svn, svh, svd)
             vis = (cols[None, :] >= cur[:, None]) & cmask[None, :] & rmask[:, None]
-            p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
-            dp = tl.dot(bdo, tl.trans(bv), input_precision=PREC)
-            ds = p * (dp - dlt[:, None])
-            acc += tl.dot(ds.to(bk.dtype), bk, input_precision=PREC)
+            acc = dq_step(bq, bk, bv, bdo, vis, lse2, dlt, acc, qk_scale, PREC)
         tl.store(dq_ptr, (acc * scale).to(dq.dtype.element_ty), mask=io_mask)
 
 
@@ -168,8 +143,7 @@ def _cmp_bwd_dkv_kernel(
         dd = tl.arange(0, BD)
         dmask = dd < D
         kv_mask = cmask[:, None] & dmask[None, :]
-        bk = tl.load(k + b * skb + g * skh + cols[:, None] * skn + dd[None, :] * skd, mask=kv_mask, other=0.0)
-        bv = tl.load(v + b * svb + g * svh + cols[:, None] * svt + dd[None, :] * svd, mask=kv_mask, other=0.0)
+        bk, bv = load_kv_tile(k, v, b, g, cols, cmask, dd, dmask, skb, skn, skh, skd, svb, svt, svh, svd)
         dk_acc = tl.zeros([BN, BD], dtype=tl.float32)
         dv_acc = tl.zeros([BN, BD], dtype=tl.float32)
         for j in range(0, n_heads):
@@ -181,16 +155,11 @@ def _cmp_bwd_dkv_kernel(
                 bq = tl.load(q + b * sqb + h * sqh + rows[:, None] * sqt + dd[None, :] * sqd, mask=io_mask,
                              other=0.0)
                 bdo = tl.load(do + ((b * Tq + rows[:, None]) * P + h) * D + dd[None, :], mask=io_mask, other=0.0)
-                lse2 = tl.load(lse + (b * P + h) * Tq + rows, mask=rmask, other=0.0) * 1.4426950408889634
+                lse2 = tl.load(lse + (b * P + h) * Tq + rows, mask=rmask, other=0.0) * 1.4426950408889634  # to base 2
                 dlt = tl.load(delta + (b * P + h) * Tq + rows, mask=rmask, other=0.0)
                 cur = (rows + OFF) // BS
-                s = tl.dot(bq, tl.trans(bk), input_precision=PREC) * qk_scale
                 vis = (cols[None, :] >= cur[:, None]) & cmask[None, :] & rmask[:, None]
-                p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
-                dv_acc += tl.dot(tl.trans(p.to(bdo.dtype)), bdo, input_precision=PREC)
-                dp = tl.dot(bdo, tl.trans(bv), input_precision=PREC)
-                ds = p * (dp - dlt[:, None])
-                dk_acc += tl.dot(tl.trans(ds.to(bq.dtype)), bq, input_precision=PREC)
+                dk_acc, dv_acc = dkv_step(bq, bk, bv, bdo, vis, lse2, dlt, dk_acc, dv_acc, qk_scale, PREC)
         out_off = ((b * NB + cols[:, None]) * HKV + g) * D + dd[None, :]
         tl.atomic_add(dk + out_off, dk_acc * scale, mask=kv_mask)
         tl.atomic_add(dv + out_off, dv_acc, mask=kv_mask)

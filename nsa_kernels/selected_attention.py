@@ -16,7 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import LOG2E, check_dim, dot_precision, head_block
+from ._triton_utils import (LOG2E, check_dim, dkv_step, dot_precision, dq_step, head_block, load_group_query,
+                           load_kv_tile, online_softmax_step, row_group_program)
 
 _ROWS_PER_ITEM = 256
 # launch settings (module level so that a benchmark can try others)
@@ -37,17 +38,9 @@ def _slc_fwd_kernel(
     P: tl.constexpr, HKV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, S: tl.constexpr,
     BS: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
 ):
-    r = tl.program_id(0)
-    pid_bg = tl.program_id(1)
-    b = pid_bg // HKV
-    g = pid_bg % HKV
-    t = r + OFF
-    hh = tl.arange(0, BH)
-    hmask = hh < GROUP
-    dd = tl.arange(0, BD)
-    dmask = dd < D
+    b, g, r, t, hh, hmask, dd, dmask = row_group_program(Tq, OFF, HKV, GROUP, D, BH, BD)
     qmask = hmask[:, None] & dmask[None, :]
-    bq = tl.load(q + b * sqb + r * sqt + (g * GROUP + hh[:, None]) * sqh + dd[None, :] * sqd, mask=qmask, other=0.0)
+    bq = load_group_query(q, b, r, g, GROUP, hh, dd, qmask, sqb, sqt, sqh, sqd)
     m_i = tl.full([BH], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BH], dtype=tl.float32)
     acc = tl.zeros([BH, BD], dtype=tl.float32)
@@ -58,19 +51,8 @@ def _slc_fwd_kernel(
         blk = tl.load(bi + ((b * Tq + r) * HKV + g) * S + s)
         cols = blk * BS + offs
         kmask = (cols <= t) & (blk >= 0)
-        bk = tl.load(k + b * skb + g * skh + cols[:, None] * skt + dd[None, :] * skd,
-                     mask=kmask[:, None] & dmask[None, :], other=0.0)
-        bv = tl.load(v + b * svb + g * svh + cols[:, None] * svt + dd[None, :] * svd,
-                     mask=kmask[:, None] & dmask[None, :], other=0.0)
-        sc = tl.dot(bq, tl.trans(bk), input_precision=PREC) * qk_scale
-        sc = tl.where(kmask[None, :], sc, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(sc - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(bv.dtype), bv, input_precision=PREC)
-        m_i = m_new
+        bk, bv = load_kv_tile(k, v, b, g, cols, kmask, dd, dmask, skb, skt, skh, skd, svb, svt, svh, svd)
+        m_i, l_i, acc = online_softmax_step(bq, bk, bv, kmask[None, :], m_i, l_i, acc, qk_scale, PREC)
     out = acc / l_i[:, None]
     tl.store(o + ((b * Tq + r) * P + g * GROUP + hh[:, None]) * D + dd[None, :], out.to(o.dtype.element_ty),
              mask=qmask)
@@ -87,18 +69,10 @@ def _slc_bwd_dq_kernel(
     P: tl.constexpr, HKV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, S: tl.constexpr,
     BS: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
 ):
-    r = tl.program_id(0)
-    pid_bg = tl.program_id(1)
-    b = pid_bg // HKV
-    g = pid_bg % HKV
-    t = r + OFF
-    hh = tl.arange(0, BH)
-    hmask = hh < GROUP
-    dd = tl.arange(0, BD)
-    dmask = dd < D
+    b, g, r, t, hh, hmask, dd, dmask = row_group_program(Tq, OFF, HKV, GROUP, D, BH, BD)
     qmask = hmask[:, None] & dmask[None, :]
     row_off = ((b * Tq + r) * P + g * GROUP + hh[:, None]) * D + dd[None, :]
-    bq = tl.load(q + b * sqb + r * sqt + (g * GROUP + hh[:, None]) * sqh + dd[None, :] * sqd, mask=qmask, other=0.0)
+    bq = load_group_query(q, b, r, g, GROUP, hh, dd, qmask, sqb, sqt, sqh, sqd)
     bdo = tl.load(do + row_off, mask=qmask, other=0.0)
     lse2 = tl.load(lse + (b * Tq + r) * P + g * GROUP + hh, mask=hmask, other=0.0)
     dlt = tl.load(delta + (b * Tq + r) * P + g * GROUP + hh, mask=hmask, other=0.0)
@@ -108,15 +82,8 @@ def _slc_bwd_dq_kernel(
         blk = tl.load(bi + ((b * Tq + r) * HKV + g) * S + s)
         cols = blk * BS + offs
         kmask = (cols <= t) & (blk >= 0)
-        bk = tl.load(k + b * skb + g * skh + cols[:, None] * skt + dd[None, :] * skd,
-                     mask=kmask[:, None] & dmask[None, :], other=0.0)
-        bv = tl.load(v + b * svb + g * svh + cols[:, None] * svt + dd[None, :] * svd,
-                     mask=kmask[:, None] & dmask[None, :], other=0.0)
-        sc = tl.dot(bq, tl.trans(bk), input_precision=PREC) * qk_scale
-        p = tl.where(kmask[None, :] & hmask[:, None], tl.exp2(sc - lse2[:, None]), 0.0)
-        dp = tl.dot(bdo, tl.trans(bv), input_precision=PREC)
-        ds = p * (dp - dlt[:, None])
-        acc += tl.dot(ds.to(bk.dtype), bk, input_precision=PREC)
+        bk, bv = load_kv_tile(k, v, b, g, cols, kmask, dd, dmask, skb, skt, skh, skd, svb, svt, svh, svd)
+        acc = dq_step(bq, bk, bv, bdo, kmask[None, :] & hmask[:, None], lse2, dlt, acc, qk_scale, PREC)
     tl.store(dq + row_off, (acc * scale).to(dq.dtype.element_ty), mask=qmask)
 
 
@@ -145,8 +112,7 @@ def _slc_bwd_dkv_kernel(
     dd = tl.arange(0, BD)
     dmask = dd < D
     kv_mask = cmask[:, None] & dmask[None, :]
-    bk = tl.load(k + b * skb + g * skh + cols[:, None] * skt + dd[None, :] * skd, mask=kv_mask, other=0.0)
-    bv = tl.load(v + b * svb + g * svh + cols[:, None] * svt + dd[None, :] * svd, mask=kv_mask, other=0.0)
+    bk, bv = load_kv_tile(k, v, b, g, cols, cmask, dd, dmask, skb, skt, skh, skd, svb, svt, svh, svd)
     dk_acc = tl.zeros([BS, BD], dtype=tl.float32)
     dv_acc = tl.zeros([BS, BD], dtype=tl.float32)
     RB: tl.constexpr = BQ * BH
@@ -162,13 +128,8 @@ def _slc_bwd_dkv_kernel(
         bdo = tl.load(do + ((b * Tq + row[:, None]) * P + h[:, None]) * D + dd[None, :], mask=io_mask, other=0.0)
         lse2 = tl.load(lse + (b * Tq + row) * P + h, mask=valid, other=0.0)
         dlt = tl.load(delta + (b * Tq + row) * P + h, mask=valid, other=0.0)
-        sc = tl.dot(bq, tl.trans(bk), input_precision=PREC) * qk_scale
         vis = (cols[None, :] <= (row + OFF)[:, None]) & valid[:, None]
-        p = tl.where(vis, tl.exp2(sc - lse2[:, None]), 0.0)
-        dv_acc += tl.dot(tl.trans(p.to(bdo.dtype)), bdo, input_precision=PREC)
-        dp = tl.dot(bdo, tl.trans(bv), input_precision=PREC)
-        ds = p * (dp - dlt[:, None])
-        dk_acc += tl.dot(tl.trans(ds.to(bq.dtype)), bq, input_precision=PREC)
+        dk_acc, dv_acc = dkv_step(bq, bk, bv, bdo, vis, lse2, dlt, dk_acc, dv_acc, qk_scale, PREC)
     out_off = ((b * Tk + cols[:, None]) * HKV + g) * D + dd[None, :]
     tl.atomic_add(dk + out_off, dk_acc * scale, mask=kv_mask)
     tl.atomic_add(dv + out_off, dv_acc, mask=kv_mask)

@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import LOG2E, check_dim, dot_precision, num_warps_for
+from ._triton_utils import (LOG2E, check_dim, dkv_step, dot_precision, dq_step, load_kv_tile, num_warps_for,
+                           online_softmax_step, row_tile_program)
 
 
 @triton.jit
@@ -25,6 +26,25 @@ def _row_positions(pos_ptr, b, rows, rmask, Tq, OFF, HAS_POS: tl.constexpr):
     else:
         pos = tl.where(rmask, rows + OFF, -1)
     return pos
+
+
+@triton.jit
+def _band_rows(pos_ptr, b, rows, rmask, Tq, Tk, OFF, W, HAS_POS: tl.constexpr):
+    """Positions of a row tile and the key range ``[lo, hi)`` that covers every row's band."""
+    pos = _row_positions(pos_ptr, b, rows, rmask, Tq, OFF, HAS_POS)
+    hi = tl.max(pos, 0) + 1
+    lo = tl.maximum(tl.min(tl.where(pos >= 0, pos, Tk), 0) - W + 1, 0)
+    return pos, lo, hi
+
+
+@triton.jit
+def _band_visible(cols, pos, W, b, Tk, cmask, kvalid_ptr, HAS_KVALID: tl.constexpr):
+    """``[rows, keys]``: key ``cols`` is inside the row's band (and a real token when flags are given)."""
+    vis = (cols[None, :] <= pos[:, None]) & (cols[None, :] > pos[:, None] - W)
+    if HAS_KVALID:
+        kv_ok = tl.load(kvalid_ptr + b * Tk + cols, mask=cmask, other=0)
+        vis = vis & (kv_ok != 0)[None, :]
+    return vis
 
 
 @triton.jit
@@ -38,13 +58,7 @@ def _band_fwd_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
     HAS_POS: tl.constexpr, HAS_KVALID: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    g = h // GROUP
-    rows = pid_m * BM + tl.arange(0, BM)
-    rmask = rows < Tq
+    b, h, g, rows, rmask = row_tile_program(Tq, H, GROUP, BM)
     dd = tl.arange(0, BD)
     dmask = dd < D
     io_mask = rmask[:, None] & dmask[None, :]
@@ -52,9 +66,7 @@ def _band_fwd_kernel(
     if h >= H_ACTIVE:
         tl.store(o_ptr, tl.zeros([BM, BD], dtype=o.dtype.element_ty), mask=io_mask)
     else:
-        pos = _row_positions(pos_ptr, b, rows, rmask, Tq, OFF, HAS_POS)
-        hi = tl.max(pos, 0) + 1
-        lo = tl.maximum(tl.min(tl.where(pos >= 0, pos, Tk), 0) - W + 1, 0)
+        pos, lo, hi = _band_rows(pos_ptr, b, rows, rmask, Tq, Tk, OFF, W, HAS_POS)
         bq = tl.load(q + b * sqb + h * sqh + rows[:, None] * sqt + dd[None, :] * sqd, mask=io_mask, other=0.0)
         m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BM], dtype=tl.float32)
@@ -62,23 +74,9 @@ def _band_fwd_kernel(
         for c0 in range(lo, hi, BN):
             cols = c0 + tl.arange(0, BN)
             cmask = cols < hi
-            bk = tl.load(k + b * skb + g * skh + cols[:, None] * skt + dd[None, :] * skd,
-                         mask=cmask[:, None] & dmask[None, :], other=0.0)
-            bv = tl.load(v + b * svb + g * svh + cols[:, None] * svt + dd[None, :] * svd,
-                         mask=cmask[:, None] & dmask[None, :], other=0.0)
-            s = tl.dot(bq, tl.trans(bk), input_precision=PREC) * qk_scale
-            vis = (cols[None, :] <= pos[:, None]) & (cols[None, :] > pos[:, None] - W)
-            if HAS_KVALID:
-                kv_ok = tl.load(kvalid_ptr + b * Tk + cols, mask=cmask, other=0)
-                vis = vis & (kv_ok != 0)[None, :]
-            s = tl.where(vis, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_use)
-            p = tl.exp2(s - m_use[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(bv.dtype), bv, input_precision=PREC)
-            m_i = m_new
+            bk, bv = load_kv_tile(k, v, b, g, cols, cmask, dd, dmask, skb, skt, skh, skd, svb, svt, svh, svd)
+            vis = _band_visible(cols, pos, W, b, Tk, cmask, kvalid_ptr, HAS_KVALID)
+            m_i, l_i, acc = online_softmax_step(bq, bk, bv, vis, m_i, l_i, acc, qk_scale, PREC)
         empty = l_i == 0.0
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
         tl.store(o_ptr, out.to(o.dtype.element_ty), mask=io_mask)
@@ -96,13 +94,7 @@ def _band_bwd_dq_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
     HAS_POS: tl.constexpr, HAS_KVALID: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    g = h // GROUP
-    rows = pid_m * BM + tl.arange(0, BM)
-    rmask = rows < Tq
+    b, h, g, rows, rmask = row_tile_program(Tq, H, GROUP, BM)
     dd = tl.arange(0, BD)
     dmask = dd < D
     io_mask = rmask[:, None] & dmask[None, :]
@@ -110,9 +102,7 @@ def _band_bwd_dq_kernel(
     if h >= H_ACTIVE:
         tl.store(dq_ptr, tl.zeros([BM, BD], dtype=dq.dtype.element_ty), mask=io_mask)
     else:
-        pos = _row_positions(pos_ptr, b, rows, rmask, Tq, OFF, HAS_POS)
-        hi = tl.max(pos, 0) + 1
-        lo = tl.maximum(tl.min(tl.where(pos >= 0, pos, Tk), 0) - W + 1, 0)
+        pos, lo, hi = _band_rows(pos_ptr, b, rows, rmask, Tq, Tk, OFF, W, HAS_POS)
         bq = tl.load(q + b * sqb + h * sqh + rows[:, None] * sqt + dd[None, :] * sqd, mask=io_mask, other=0.0)
         bdo = tl.load(do + ((b * Tq + rows[:, None]) * H + h) * D + dd[None, :], mask=io_mask, other=0.0)
         lse2 = tl.load(lse + (b * Tq + rows) * H + h, mask=rmask, other=float("inf"))
@@ -121,19 +111,9 @@ def _band_bwd_dq_kernel(
         for c0 in range(lo, hi, BN):
             cols = c0 + tl.arange(0, BN)
             cmask = cols < hi
-            bk = tl.load(k + b * skb + g * skh + cols[:, None] * skt + dd[None, :] * skd,
-                         mask=cmask[:, None] & dmask[None, :], other=0.0)
-            bv = tl.load(v + b * svb + g * svh + cols[:, None] * svt + dd[None, :] * svd,
-                         mask=cmask[:, None] & dmask[None, :], other=0.0)
-            s = tl.dot(bq, tl.trans(bk), input_precision=PREC) * qk_scale
-            vis = (cols[None, :] <= pos[:, None]) & (cols[None, :] > pos[:, None] - W)
-            if HAS_KVALID:
-                kv_ok = tl.load(kvalid_ptr + b * Tk + cols, mask=cmask, other=0)
-                vis = vis & (kv_ok != 0)[None, :]
-            p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
-            dp = tl.dot(bdo, tl.trans(bv), input_precision=PREC)
-            ds = p * (dp - dlt[:, None])
-            acc += tl.dot(ds.to(bk.dtype), bk, input_precision=PREC)
+            bk, bv = load_kv_tile(k, v, b, g, cols, cmask, dd, dmask, skb, skt, skh, skd, svb, svt, svh, svd)
+            vis = _band_visible(cols, pos, W, b, Tk, cmask, kvalid_ptr, HAS_KVALID)
+            acc = dq_step(bq, bk, bv, bdo, vis, lse2, dlt, acc, qk_scale, PREC)
         tl.store(dq_ptr, (acc * scale).to(dq.dtype.element_ty), mask=io_mask)
 
 
@@ -158,8 +138,7 @@ def _band_bwd_dkv_kernel(
     dd = tl.arange(0, BD)
     dmask = dd < D
     kv_mask = cmask[:, None] & dmask[None, :]
-    bk = tl.load(k + b * skb + g * skh + cols[:, None] * skt + dd[None, :] * skd, mask=kv_mask, other=0.0)
-    bv = tl.load(v + b * svb + g * svh + cols[:, None] * svt + dd[None, :] * svd, mask=kv_mask, other=0.0)
+    bk, bv = load_kv_tile(k, v, b, g, cols, cmask, dd, dmask, skb, skt, skh, skd, svb, svt, svh, svd)
     col_ok = cmask
     if HAS_KVALID:
         col_ok = col_ok & (tl.load(kvalid_ptr + b * Tk + cols, mask=cmask, other=0) != 0)
@@ -185,13 +164,8 @@ def _band_bwd_dkv_kernel(
             bdo = tl.load(do + ((b * Tq + rows[:, None]) * H + h) * D + dd[None, :], mask=io_mask, other=0.0)
             lse2 = tl.load(lse + (b * Tq + rows) * H + h, mask=rmask, other=float("inf"))
             dlt = tl.load(delta + (b * Tq + rows) * H + h, mask=rmask, other=0.0)
-            s = tl.dot(bq, tl.trans(bk), input_precision=PREC) * qk_scale
             vis = (cols[None, :] <= pos[:, None]) & (cols[None, :] > pos[:, None] - W) & col_ok[None, :]
-            p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
-            dv_acc += tl.dot(tl.trans(p.to(bdo.dtype)), bdo, input_precision=PREC)
-            dp = tl.dot(bdo, tl.trans(bv), input_precision=PREC)
-            ds = p * (dp - dlt[:, None])
-            dk_acc += tl.dot(tl.trans(ds.to(bq.dtype)), bq, input_precision=PREC)
+            dk_acc, dv_acc = dkv_step(bq, bk, bv, bdo, vis, lse2, dlt, dk_acc, dv_acc, qk_scale, PREC)
     out_off = ((b * Tk + cols[:, None]) * HKV + g) * D + dd[None, :]
     dk_acc = dk_acc * scale
     if ACCUMULATE:
