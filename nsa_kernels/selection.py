@@ -12,7 +12,7 @@ index order; every chunk is sorted (stages 1 .. log2(BC) - 1 in alternating dire
 stage), the first one descending, later ones ascending, and a later chunk's best half is merged with the
 running best half by a descending bitonic merge. A pair is swapped iff ``(left > right) != descending``,
 so in descending runs equal values trade places. Nothing of size ``T x NB`` is materialised: one program
-handles one (row, kv head) and streams the compressed keys.
+handles a few consecutive rows of one kv head and streams the compressed keys.
 
 Note on block sizes: the chunk width equals the block size, as in fla (``BC = BS``). The network needs
 ``S <= block_size``.
@@ -26,43 +26,36 @@ import triton.language as tl
 
 from ._triton_utils import check_dim, dot_precision, head_block, log2_int, next_pow2
 
-# data movement of the sorting network ("gather" or "split": same result) and launch width; module level
-# so that a benchmark can try others
-NETWORK = "split"
-TOPK_WARPS = 1
+# rows ranked by one program, and its warps (module level so that a benchmark can try others). Rows of one
+# program that share a block share its compressed-key loads, one larger score product, and the network work
+# of a wider tile; a row whose candidates end earlier than its neighbours' simply stops updating.
+ROWS_PER_PROGRAM = 4
+TOPK_WARPS = 4
 
 
 @triton.jit
-def _cas(vals, ids, lane, desc, DIST: tl.constexpr, SPLIT: tl.constexpr):
-    """One compare-and-swap layer: lane i is paired with lane i ^ DIST (the left one has bit DIST clear).
+def _cas(vals, ids, desc, DIST: tl.constexpr):
+    """One compare-and-swap layer on every row of ``[R, N]``: lane i pairs with lane i ^ DIST.
 
-    ``desc`` (bool per lane, equal within a pair) says whether the pair is ordered descending; the pair
-    swaps iff (left > right) != desc, so equal values swap in descending pairs.
-    Two equivalent data movements: SPLIT=False exchanges partners with ``tl.gather``; SPLIT=True views the
-    vector as [N / 2D, 2, D], splits the middle axis off and joins it back.
+    ``desc`` (bool ``[N]``, equal within a pair) says whether the pair is ordered descending; the pair
+    swaps iff (left > right) != desc, so equal values swap in descending pairs (fla's rule). The rows are
+    viewed as ``[R, N / 2D, 2, D]``; the pair axis is split off, compared, and joined back.
     """
-    if SPLIT:
-        N: tl.constexpr = vals.shape[0]
-        OUTER: tl.constexpr = N // (2 * DIST)
-        lv, rv = tl.split(tl.permute(tl.reshape(vals, [OUTER, 2, DIST]), (0, 2, 1)))
-        li, ri = tl.split(tl.permute(tl.reshape(ids, [OUTER, 2, DIST]), (0, 2, 1)))
-        dl, dr = tl.split(tl.permute(tl.reshape(desc.to(tl.int32), [OUTER, 2, DIST]), (0, 2, 1)))
-        swap = (lv > rv) != (dl == 1)
-        vals = tl.reshape(tl.permute(tl.join(tl.where(swap, rv, lv), tl.where(swap, lv, rv)), (0, 2, 1)), [N])
-        ids = tl.reshape(tl.permute(tl.join(tl.where(swap, ri, li), tl.where(swap, li, ri)), (0, 2, 1)), [N])
-        return vals, ids
-    else:
-        partner = lane ^ DIST
-        p_vals = tl.gather(vals, partner, 0)
-        p_ids = tl.gather(ids, partner, 0)
-        gt = tl.where((lane & DIST) == 0, vals > p_vals, p_vals > vals)
-        swap = gt != desc
-        return tl.where(swap, p_vals, vals), tl.where(swap, p_ids, ids)
+    R: tl.constexpr = vals.shape[0]
+    N: tl.constexpr = vals.shape[1]
+    OUTER: tl.constexpr = N // (2 * DIST)
+    lv, rv = tl.split(tl.permute(tl.reshape(vals, [R, OUTER, 2, DIST]), (0, 1, 3, 2)))
+    li, ri = tl.split(tl.permute(tl.reshape(ids, [R, OUTER, 2, DIST]), (0, 1, 3, 2)))
+    dl, dr = tl.split(tl.permute(tl.reshape(desc.to(tl.int32), [OUTER, 2, DIST]), (0, 2, 1)))
+    swap = (lv > rv) != (dl == 1)[None, :, :]
+    vals = tl.reshape(tl.permute(tl.join(tl.where(swap, rv, lv), tl.where(swap, lv, rv)), (0, 1, 3, 2)), [R, N])
+    ids = tl.reshape(tl.permute(tl.join(tl.where(swap, ri, li), tl.where(swap, li, ri)), (0, 1, 3, 2)), [R, N])
+    return vals, ids
 
 
 @triton.jit
-def _rank_chunk(vals, ids, best_v, best_i, lane, first, LOG_N: tl.constexpr, SPLIT: tl.constexpr):
-    """Sort one chunk with the network and fold it into the running best half.
+def _rank_chunk(vals, ids, best_v, best_i, lane, first, LOG_N: tl.constexpr):
+    """Sort one chunk (every row of ``[R, N]``) with the network and fold it into the running best half.
 
     Merges of runs 2, 4, .. 2**(LOG_N-1) alternate direction (a run is descending iff its index is odd);
     the last merge is descending for the first chunk and ascending otherwise. A later chunk's best half
@@ -73,17 +66,17 @@ def _rank_chunk(vals, ids, best_v, best_i, lane, first, LOG_N: tl.constexpr, SPL
     for stage in tl.static_range(1, LOG_N):
         desc = ((lane >> stage) & 1) == 1
         for step in tl.static_range(stage):
-            vals, ids = _cas(vals, ids, lane, desc, 1 << (stage - 1 - step), SPLIT)
+            vals, ids = _cas(vals, ids, desc, 1 << (stage - 1 - step))
     last_desc = (lane * 0 + first) == 1
     for step in tl.static_range(LOG_N):
-        vals, ids = _cas(vals, ids, lane, last_desc, 1 << (LOG_N - 1 - step), SPLIT)
+        vals, ids = _cas(vals, ids, last_desc, 1 << (LOG_N - 1 - step))
     if first == 0:
-        keep = lane < N // 2
+        keep = (lane < N // 2)[None, :]
         vals = tl.where(keep, best_v, vals)
         ids = tl.where(keep, best_i, ids)
         all_desc = lane >= 0
         for step in tl.static_range(LOG_N):
-            vals, ids = _cas(vals, ids, lane, all_desc, 1 << (LOG_N - 1 - step), SPLIT)
+            vals, ids = _cas(vals, ids, all_desc, 1 << (LOG_N - 1 - step))
     return vals, ids
 
 
@@ -94,42 +87,54 @@ def _topk_kernel(
     skb, skn, skh, skd,
     Tq, OFF, NB, scale,
     P: tl.constexpr, HKV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, S: tl.constexpr,
-    BS: tl.constexpr, LOG_BC: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
-    SPLIT: tl.constexpr,
+    BS: tl.constexpr, LOG_BC: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr, R: tl.constexpr,
+    PREC: tl.constexpr,
 ):
-    r = tl.program_id(0)
+    # one program: R consecutive query rows of one kv head; the [R * BH, BD] query tile holds the BH heads
+    # of the group for each row
+    pid_r = tl.program_id(0)
     pid_bg = tl.program_id(1)
     b = pid_bg // HKV
     g = pid_bg % HKV
     BC: tl.constexpr = BS
-    t = r + OFF
-    cur = t // BS
-    hh = tl.arange(0, BH)
-    hmask = hh < GROUP
+    RH: tl.constexpr = R * BH
+    rh = tl.arange(0, RH)
+    row_of = pid_r * R + rh // BH  # query row of each tile line
+    head_of = rh % BH
+    line_ok = (row_of < Tq) & (head_of < GROUP)
     dd = tl.arange(0, BD)
     dmask = dd < D
-    bq = tl.load(q + b * sqb + r * sqt + (g * GROUP + hh[:, None]) * sqh + dd[None, :] * sqd,
-                 mask=hmask[:, None] & dmask[None, :], other=0.0)
+    bq = tl.load(q + b * sqb + row_of[:, None] * sqt + (g * GROUP + head_of[:, None]) * sqh + dd[None, :] * sqd,
+                 mask=line_ok[:, None] & dmask[None, :], other=0.0)
     # as the released kernel: q is scaled and rounded back to its dtype before the product
     bq = (bq * scale).to(bq.dtype)
     # the misread log-sum-exp: element P * r + j of this sample's flat [P, Tq] array
-    b_lse = tl.load(lse + b * P * Tq + r * P + g * GROUP + hh, mask=hmask, other=0.0)
+    b_lse = tl.load(lse + b * P * Tq + row_of * P + g * GROUP + head_of, mask=line_ok, other=0.0)
+    line_cur = (row_of + OFF) // BS  # current block of each tile line's row
+    rows = pid_r * R + tl.arange(0, R)
+    row_ok = rows < Tq
+    cur = tl.where(row_ok, (rows + OFF) // BS, -1)  # [R]; padding rows rank nothing
     lane = tl.arange(0, BC)
-    best_v = tl.full([BC], -1.0, dtype=tl.float32)
-    best_i = tl.zeros([BC], dtype=tl.int32)
-    for c0 in range(0, cur + 1, BC):
-        cols = c0 + tl.arange(0, BC)
+    best_v = tl.full([R, BC], -1.0, dtype=tl.float32)
+    best_i = tl.zeros([R, BC], dtype=tl.int32)
+    for c0 in range(0, tl.max(cur, 0) + 1, BC):
+        cols = c0 + lane
         cmask = cols < NB
         bk = tl.load(k + b * skb + g * skh + cols[:, None] * skn + dd[None, :] * skd,
                      mask=cmask[:, None] & dmask[None, :], other=0.0)
-        s = tl.dot(bq, tl.trans(bk), input_precision=PREC)
-        p = tl.where((cols < cur)[None, :] & hmask[:, None], tl.exp(s - b_lse[:, None]), 0.0)
-        p = tl.where((cols == cur)[None, :] & hmask[:, None], 1.0, p)
-        vals = tl.sum(p, 0)
-        ids = tl.where(cols <= cur, cols + 1, 0).to(tl.int32)
+        s = tl.dot(bq, tl.trans(bk), input_precision=PREC)  # [R * BH, BC]
+        p = tl.where((cols[None, :] < line_cur[:, None]) & line_ok[:, None], tl.exp(s - b_lse[:, None]), 0.0)
+        p = tl.where((cols[None, :] == line_cur[:, None]) & line_ok[:, None], 1.0, p)
+        vals = tl.sum(tl.reshape(p, [R, BH, BC]), 1)
+        ids = tl.where(cols[None, :] <= cur[:, None], cols[None, :] + 1, 0).to(tl.int32)
         first = tl.where(c0 == 0, 1, 0)
-        best_v, best_i = _rank_chunk(vals, ids, best_v, best_i, lane, first, LOG_BC, SPLIT)
-    tl.store(out + ((b * Tq + r) * HKV + g) * S + lane, best_i - 1, mask=lane < S)
+        new_v, new_i = _rank_chunk(vals, ids, best_v, best_i, lane, first, LOG_BC)
+        # a row whose candidates ended before this chunk keeps its state: an extra merge would reorder ties
+        live = (c0 <= cur)[:, None]
+        best_v = tl.where(live, new_v, best_v)
+        best_i = tl.where(live, new_i, best_i)
+    tl.store(out + ((b * Tq + rows[:, None]) * HKV + g) * S + lane[None, :], best_i - 1,
+             mask=row_ok[:, None] & (lane < S)[None, :])
 
 
 def select_blocks(q, k_cmp, lse, block_count, block_size, scale=None, num_keys=None):
@@ -158,12 +163,13 @@ def select_blocks(q, k_cmp, lse, block_count, block_size, scale=None, num_keys=N
     out = torch.empty(B, Tq, HKV, S, device=q.device, dtype=torch.int32)
     bd = check_dim(D)
     group = P // HKV
-    _topk_kernel[(Tq, B * HKV)](
+    rows = ROWS_PER_PROGRAM
+    _topk_kernel[(triton.cdiv(Tq, rows), B * HKV)](
         q, k_cmp, lse, out,
         *q.stride(), *k_cmp.stride(),
         Tq, num_keys - Tq, NB, float(scale),
         P=P, HKV=HKV, GROUP=group, D=D, S=S, BS=block_size, LOG_BC=log_bc, BH=head_block(group), BD=bd,
-        PREC=dot_precision(q.dtype), SPLIT=NETWORK == "split", num_warps=TOPK_WARPS, num_stages=2,
+        R=rows, PREC=dot_precision(q.dtype), num_warps=TOPK_WARPS, num_stages=2,
     )
     return out
 

@@ -90,9 +90,10 @@ def test_conformance_fp32(case):
         torch.testing.assert_close(out2.reshape(1, T, -1), t["output"], rtol=1e-4, atol=1e-4)
 
 
-def _assert_near_ties(q, kc, lse, bi_ours, bi_ref, rel_tol=1e-5, max_rows=256):
+def _assert_near_ties(q, kc, lse, bi_ours, bi_ref, rel_tol=1e-5, max_rows=256, offset=0):
     """Rows where the two selections differ must differ only between blocks whose float64 scores are
-    equal to within ``rel_tol`` (rounding-level near-ties): rank by rank the scores agree."""
+    equal to within ``rel_tol`` (rounding-level near-ties): rank by rank the scores agree. Row ``t`` of ``q``
+    sits at position ``t + offset``."""
     diff = (bi_ours != bi_ref).any(-1).nonzero().tolist()
     G = q.shape[2] // kc.shape[2]
     lse_read = lse.reshape(q.shape[0], q.shape[1], q.shape[2])
@@ -100,7 +101,7 @@ def _assert_near_ties(q, kc, lse, bi_ours, bi_ref, rel_tol=1e-5, max_rows=256):
     for b, t, g in diff[:max_rows]:
         qs = q[b, t, g * G:(g + 1) * G].double() * SCALE
         sc = torch.exp(qs @ kc[b, :, g].double().T - lse_read[b, t, g * G:(g + 1) * G, None].double()).sum(0)
-        cur = t // BS
+        cur = (t + offset) // BS
         sc[cur] = G
         a, r = bi_ours[b, t, g].long(), bi_ref[b, t, g].long()
         assert torch.equal(a >= 0, r >= 0)
@@ -160,24 +161,36 @@ def test_layout_7b_forward(T):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_topk_network_variants_agree(dtype):
-    """The two data movements of the sorting network give identical indices (ties included)."""
+def test_topk_rows_per_program_agree(dtype):
+    """Ranking one row per program or several (sharing loads, one wider score product and network tile) picks
+    the same blocks: identical on exactly tied rows, near-ties only elsewhere (the score sums are rounded in
+    another order), also for a chunk whose programs straddle block boundaries (rows at positions 1001..)."""
     import nsa_kernels.selection as SEL
 
-    T = 16384
+    T, off = 16384, 1001
     q, k, v, _ = _inputs(T, dtype, seed=5)
     q[:, 5000:5300] = 0  # exact ties
     kc = TN.compress_kv(k, BS)
     _, lse = TN.compression_attention(q, kc, TN.compress_kv(v, BS), BS, SCALE, T)
-    old = SEL.NETWORK
+    q_chunk = q[:, off:]
+    lse_chunk = lse.reshape(1, -1)[:, off * P:].reshape(1, P, T - off)  # the chunk's own misread array
+    old = SEL.ROWS_PER_PROGRAM
     try:
-        SEL.NETWORK = "gather"
-        a = TN.select_blocks(q, kc, lse, BC, BS, SCALE, T)
-        SEL.NETWORK = "split"
-        b = TN.select_blocks(q, kc, lse, BC, BS, SCALE, T)
+        got = {}
+        for rows in (1, 4, 8):
+            SEL.ROWS_PER_PROGRAM = rows
+            got[rows] = (TN.select_blocks(q, kc, lse, BC, BS, SCALE, T),
+                         TN.select_blocks(q_chunk, kc, lse_chunk, BC, BS, SCALE, T))
     finally:
-        SEL.NETWORK = old
-    assert torch.equal(a, b)
+        SEL.ROWS_PER_PROGRAM = old
+    for rows in (4, 8):
+        for part, (qq, ll, shift) in enumerate(((q, lse, 0), (q_chunk, lse_chunk, off))):
+            a, b = got[rows][part], got[1][part]
+            assert torch.equal(a[:, 5000 - shift:5300 - shift], b[:, 5000 - shift:5300 - shift])
+            if dtype == torch.float32:
+                _assert_near_ties(qq, kc, ll, a, b, offset=shift)
+            else:
+                assert (a != b).any(-1).float().mean().item() < 0.005
 
 
 @pytest.mark.parametrize("T", LENGTHS)
