@@ -23,6 +23,7 @@ import torch
 from . import reference as _ref
 from .compression import compress_kv
 from .compression import compression_attention as _compression_attention
+from .gate_mix import mix_branches
 from .selected_attention import selected_attention as _selected_attention
 from .selection import select_blocks as _select_blocks
 from .window_attention import band_attention
@@ -92,8 +93,7 @@ def nsa_attention(q, k, v, gates, *, block_count, block_size, window_size, scale
         block_indices = _select_blocks(q.detach(), k_cmp.detach(), lse, block_count, block_size, scale, num_keys)
     o_slc = _selected_attention(q, k, v, block_indices, block_size, scale)
     o_swd = _window_attention(q, k, v, window_size, scale, active)
-    g = gates.to(q.dtype) if gates.dtype != q.dtype else gates
-    out = o_cmp * g[..., 0:1] + o_slc * g[..., 1:2] + o_swd * g[..., 2:3]
+    out = mix_branches(o_cmp, o_slc, o_swd, gates.to(q.dtype))
     if not return_intermediates:
         return out
     return out, dict(k_cmp=k_cmp, v_cmp=v_cmp, lse_cmp=lse, block_indices=block_indices, o_cmp=o_cmp,
