@@ -53,3 +53,16 @@ def test_kernel_interpret(results, name):
         pytest.skip(r["detail"])
     assert r["ok"], r["detail"]
     print(f"{name}: {r['detail']}")
+
+
+def test_mix_branches_rejects_mismatched_inputs():
+    """The gate mixing checks shapes before launching anything, so this runs without a GPU."""
+    import torch
+
+    from nsa_kernels.gate_mix import mix_branches
+
+    o = torch.zeros(1, 5, 4, 8)
+    with pytest.raises(ValueError, match="expected gates of shape"):
+        mix_branches(o, o, o, torch.zeros(1, 5, 4, 2))
+    with pytest.raises(ValueError, match="do not match"):
+        mix_branches(o, o[:, :4], o, torch.zeros(1, 5, 4, 3))
