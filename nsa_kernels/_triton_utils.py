@@ -62,7 +62,7 @@ def log2_int(n: int) -> int:
 def row_tile_program(Tq, H: tl.constexpr, GROUP: tl.constexpr, BM: tl.constexpr):
     """Program ids of the row-tile kernels (grid ``(cdiv(Tq, BM), B * H)``): sample ``b``, query head ``h``,
     its kv head ``g``, the tile's query rows and their mask."""
-    pid_m = tl.program_id(0)
+    pid_m = tl.program_id(0).to(tl.int64)  # row offsets pass 2**31 elements beyond 256K tokens
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
@@ -75,7 +75,7 @@ def row_group_program(Tq, OFF, HKV: tl.constexpr, GROUP: tl.constexpr, D: tl.con
                       BD: tl.constexpr):
     """Program ids of the one-row kernels (grid ``(Tq, B * Hkv)``): sample ``b``, kv head ``g``, query row
     ``r`` at position ``t``, and the head / feature lanes of the group's ``[BH, BD]`` query tile with masks."""
-    r = tl.program_id(0)
+    r = tl.program_id(0).to(tl.int64)  # row offsets pass 2**31 elements beyond 256K tokens
     pid_bg = tl.program_id(1)
     hh = tl.arange(0, BH)
     dd = tl.arange(0, BD)

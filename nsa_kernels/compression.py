@@ -129,7 +129,7 @@ def _cmp_bwd_dkv_kernel(
     # one program: a tile of BN compressed blocks, one kv head, a chunk of RC query rows, all heads of the
     # group; adds its share into the float32 dk, dv [B, NB, Hkv, D] (zero-initialised) with atomics
     pid_n = tl.program_id(0)
-    pid_r = tl.program_id(1)
+    pid_r = tl.program_id(1).to(tl.int64)  # row offsets pass 2**31 elements beyond 256K tokens
     pid_bg = tl.program_id(2)
     b = pid_bg // HKV
     g = pid_bg % HKV

@@ -20,7 +20,7 @@ ROWS = 16  # (token, head) rows per program
 @triton.jit
 def _mix_fwd_kernel(o_cmp, o_slc, o_swd, gates, out, n_rows, D: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
     # branch outputs and out: contiguous [n_rows, D]; gates: contiguous [n_rows, 3]
-    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)  # offsets pass 2**31 beyond 256K tokens
     dd = tl.arange(0, BD)
     rmask = rows < n_rows
     mask = rmask[:, None] & (dd < D)[None, :]
@@ -46,7 +46,7 @@ def _mix_bwd_branch(o, d_o, gates, dgates, i: tl.constexpr, do, rows, rmask, off
 @triton.jit
 def _mix_bwd_kernel(o_cmp, o_slc, o_swd, gates, dout, d_cmp, d_slc, d_swd, dgates, n_rows,
                     D: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
-    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)  # offsets pass 2**31 beyond 256K tokens
     dd = tl.arange(0, BD)
     rmask = rows < n_rows
     mask = rmask[:, None] & (dd < D)[None, :]

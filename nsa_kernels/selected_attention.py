@@ -121,7 +121,7 @@ def _slc_bwd_dkv_kernel(
     for i0 in range(start, end, BQ):
         li = i0 + rr // BH
         valid = (li < end) & (hj < GROUP)
-        row = tl.load(row_list + li, mask=valid, other=0)
+        row = tl.load(row_list + li, mask=valid, other=0).to(tl.int64)  # offsets pass 2**31 beyond 256K rows
         h = g * GROUP + hj
         io_mask = valid[:, None] & dmask[None, :]
         bq = tl.load(q + b * sqb + row[:, None] * sqt + h[:, None] * sqh + dd[None, :] * sqd, mask=io_mask, other=0.0)

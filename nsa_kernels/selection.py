@@ -92,7 +92,7 @@ def _topk_kernel(
 ):
     # one program: R consecutive query rows of one kv head; the [R * BH, BD] query tile holds the BH heads
     # of the group for each row
-    pid_r = tl.program_id(0)
+    pid_r = tl.program_id(0).to(tl.int64)  # row offsets pass 2**31 elements beyond 256K tokens
     pid_bg = tl.program_id(1)
     b = pid_bg // HKV
     g = pid_bg % HKV

@@ -129,7 +129,7 @@ def _band_bwd_dkv_kernel(
     HAS_POS: tl.constexpr, HAS_KVALID: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):
     # dk, dv: float32 contiguous [B, Tk, Hkv, D]; each program owns one key tile of one kv head
-    pid_n = tl.program_id(0)
+    pid_n = tl.program_id(0).to(tl.int64)  # row offsets pass 2**31 elements beyond 256K tokens
     pid_bg = tl.program_id(1)
     b = pid_bg // HKV
     g = pid_bg % HKV

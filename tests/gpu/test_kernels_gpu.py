@@ -217,3 +217,24 @@ def test_layout_7b_gradients(T):
     errs = [_rel(a, b) for a, b in zip(gb, g32)]
     print(f"T={T} bf16 grads vs fp32 kernels: dq {errs[0]:.1e} dk {errs[1]:.1e} dv {errs[2]:.1e} dg {errs[3]:.1e}")
     assert max(errs) < 5e-2
+
+
+def test_offsets_beyond_int32_rows():
+    """More than 2**31 / (64 * 128) = 262144 query rows: element offsets of the [B, T, 64, 128] tensors pass
+    int32. The window branch and the gate mixing on the last rows equal the same kernels on a short tail
+    (the window sees the same 256 keys), so a wrapped offset shows up as a mismatch or a fault."""
+    from nsa_kernels.gate_mix import mix_branches
+
+    T, tail = 262144 + 200, 100
+    g = torch.Generator(device=DEV).manual_seed(3)
+    q = torch.randn(1, T, P, D, device=DEV, generator=g, dtype=torch.bfloat16)
+    k = torch.randn(1, T, HKV, D, device=DEV, generator=g, dtype=torch.bfloat16)
+    v = torch.randn(1, T, HKV, D, device=DEV, generator=g, dtype=torch.bfloat16)
+    with torch.no_grad():
+        full = TN.window_attention(q, k, v, W, SCALE)[:, -tail:].float()
+        short = TN.window_attention(q[:, -tail:], k[:, -tail - W:], v[:, -tail - W:], W, SCALE).float()
+        torch.testing.assert_close(full, short, rtol=2e-2, atol=2e-2)
+        gates = torch.rand(1, T, P, 3, device=DEV, generator=g).to(torch.bfloat16)
+        mixed = mix_branches(q, q, q, gates)[:, -tail:].float()
+        expect = q[:, -tail:].float() * gates[:, -tail:].float().sum(-1, keepdim=True)
+        torch.testing.assert_close(mixed, expect, rtol=1e-2, atol=1e-2)
