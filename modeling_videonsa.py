@@ -5,7 +5,8 @@ head by a gate MLP); text tokens keep dense attention. The attention is computed
 package (Triton kernels on CUDA, a PyTorch reference elsewhere), which computes exactly the function the weights
 were trained with (see ``nsa_kernels/reference.py``).
 
-Everything else (vision tower, MLPs, RoPE, generation utilities) is Qwen2.5-VL's, by subclassing.
+Everything else (vision tower, MLPs, RoPE, generation utilities) is Qwen2.5-VL's, by subclassing; the vision
+tower only batches its attention segments when flash-attn is not used (:class:`VideoNSAVisionAttention`).
 
 How ``nsa_kernels/`` is found when the model is loaded with ``trust_remote_code``: transformers copies only this
 file and its single-level relative imports into its dynamic-module cache, so a package folder is never fetched
@@ -33,17 +34,20 @@ from transformers.conversion_mapping import register_checkpoint_conversion_mappi
 from transformers.core_model_loading import WeightRenaming
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+    Qwen2_5_VisionTransformerPretrainedModel,
     Qwen2_5_VLAttention,
     Qwen2_5_VLDecoderLayer,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLModel,
     Qwen2_5_VLPreTrainedModel,
     Qwen2_5_VLTextModel,
-    Qwen2_5_VisionTransformerPretrainedModel,
+    Qwen2_5_VLVisionAttention,
     apply_rotary_pos_emb,
+    apply_rotary_pos_emb_vision,
     eager_attention_forward,
 )
 from transformers.utils import logging
+from transformers.utils.generic import is_flash_attention_requested
 
 try:  # imported by transformers' remote-code loader, as part of a package ...
     from .configuration_videonsa import VideoNSAConfig, VideoNSATextConfig
@@ -343,6 +347,90 @@ class VideoNSATextModel(Qwen2_5_VLTextModel):
         return VideoNSATokens(is_vision, padding, bool(real_new.any()))
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Vision tower: Qwen2.5-VL's, with its attention segments batched when flash-attn is not used
+# ----------------------------------------------------------------------------------------------------------
+# Bounds on one batched vision attention call: attention scores (segments x heads x length^2; 2^28 are 1 GiB in
+# float32, what the eager path materialises at most) and segments (SDPA's CUDA kernels put the batch on a grid
+# axis of at most 65,535 blocks).
+_VISION_SCORES_PER_CALL = 2**28
+_VISION_SEGMENTS_PER_CALL = 2**15
+
+
+def _equal_length_segments(cu_seqlens: torch.Tensor, num_heads: int, device: torch.device):
+    """Yield ``[segments, length]`` row indices into the packed sequence: the segments of ``cu_seqlens`` grouped by
+    length (in order within a group), each group split so that one call's attention scores stay bounded."""
+    starts = cu_seqlens[:-1].to(device=device, dtype=torch.long)
+    lengths = cu_seqlens[1:].to(device=device, dtype=torch.long) - starts
+    distinct, counts = torch.unique(lengths, return_counts=True)  # sorted, as argsort orders the groups
+    groups = starts[torch.argsort(lengths, stable=True)].split(counts.tolist())  # host sync (transformers' too)
+    for length, group_starts in zip(distinct.tolist(), groups):
+        if length == 0:
+            continue
+        per_call = max(1, min(_VISION_SEGMENTS_PER_CALL, _VISION_SCORES_PER_CALL // (num_heads * length * length)))
+        offsets = torch.arange(length, device=device)
+        for call_starts in group_starts.split(per_call):
+            yield call_starts[:, None] + offsets
+
+
+class VideoNSAVisionAttention(Qwen2_5_VLVisionAttention):
+    """Qwen2.5-VL's vision attention, with its non-flash path computed in a few batched calls per layer.
+
+    The vision tower packs every patch into one sequence cut into segments by ``cu_seqlens`` (one per temporal patch
+    in the full-attention layers, one per window of at most 8 x 8 patches in the others); each segment attends only
+    within itself. With flash-attn, transformers runs all segments in one varlen call (kept as it is here). Without
+    it, transformers runs one attention call per segment: about 240,000 calls per pass of the tower for a
+    128K-token video of 224 x 224 frames, whose launch overhead, not their arithmetic, makes the tower half of the
+    prefill (issue 7). Here the segments of equal length, nearly all of them (only windows cut by a frame's right
+    or bottom edge are shorter), are gathered into ``[segments, heads, length, head_dim]`` batches that go through
+    the configured attention interface (sdpa, eager, ...) without a mask: the same function, one call per distinct
+    segment length (more only when a batch's scores would exceed ``_VISION_SCORES_PER_CALL``).
+    """
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        max_seqlen: int | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        if is_flash_attention_requested(self.config):
+            return super().forward(
+                hidden_states, cu_seqlens, position_embeddings=position_embeddings, max_seqlen=max_seqlen, **kwargs
+            )
+        seq_length = hidden_states.shape[0]
+        query, key, value = self.qkv(hidden_states).reshape(seq_length, 3, self.num_heads, -1).unbind(1)
+        query, key = apply_rotary_pos_emb_vision(query, key, *position_embeddings)  # [tokens, heads, head_dim]
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        output = value.new_empty(value.shape)
+        for rows in _equal_length_segments(cu_seqlens, self.num_heads, value.device):
+            output[rows] = attention_interface(  # [segments, length, heads, head_dim]
+                self,
+                query[rows].transpose(1, 2),  # [segments, heads, length, head_dim]
+                key[rows].transpose(1, 2),
+                value[rows].transpose(1, 2),
+                attention_mask=None,
+                scaling=self.scaling,
+                dropout=0.0 if not self.training else self.attention_dropout,
+                is_causal=False,
+                **kwargs,
+            )[0]
+        return self.proj(output.reshape(seq_length, -1))
+
+
+class VideoNSAVisionTransformer(Qwen2_5_VisionTransformerPretrainedModel):
+    """Qwen2.5-VL's vision tower whose blocks attend with :class:`VideoNSAVisionAttention` (same parameters)."""
+
+    def __init__(self, config, *inputs, **kwargs):
+        super().__init__(config, *inputs, **kwargs)
+        for block in self.blocks:
+            block.attn = VideoNSAVisionAttention(config)
+        self.post_init()
+
+
 class VideoNSAModel(Qwen2_5_VLModel):
     config_class = VideoNSAConfig
     config: VideoNSAConfig
@@ -352,7 +440,7 @@ class VideoNSAModel(Qwen2_5_VLModel):
         # Qwen2_5_VLModel.__init__ would build a Qwen2.5-VL text decoder only to have it replaced (8B parameters
         # for the 7B), so its three assignments are made here with the VideoNSA decoder instead.
         Qwen2_5_VLPreTrainedModel.__init__(self, config)
-        self.visual = Qwen2_5_VisionTransformerPretrainedModel._from_config(config.vision_config)
+        self.visual = VideoNSAVisionTransformer._from_config(config.vision_config)
         self.language_model = VideoNSATextModel._from_config(config.text_config)
         self.rope_deltas = None
         self.post_init()
@@ -426,4 +514,6 @@ __all__ = [
     "VideoNSAForConditionalGeneration",
     "VideoNSAModel",
     "VideoNSATextModel",
+    "VideoNSAVisionAttention",
+    "VideoNSAVisionTransformer",
 ]

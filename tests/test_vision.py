@@ -1,0 +1,142 @@
+"""The vision tower's batched attention (VideoNSAVisionAttention) against Qwen2.5-VL's per-segment loop."""
+
+import copy
+
+import pytest
+import torch
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+import modeling_videonsa
+from tiny_videonsa import PATCH_DIM, tiny_config
+
+# (t, h, w) grids in patches. The window is 56 px = 4 x 4 patches (2 x 2 merged tokens), so grids whose merged
+# height or width is odd have partial windows at their edges: segments of 16, 8 and 4 patches in the windowed
+# layers, and of 24, 48, 4 and 32 patches (one per temporal patch) in the full-attention layer.
+GRIDS = [(3, 4, 6), (1, 6, 8), (1, 2, 2), (2, 8, 4), (2, 4, 6)]
+FULL_ATTENTION_LAYER = 1
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                                   reason="no CUDA device")])]
+
+
+def tiny_vision_model(implementation: str, seed: int = 0):
+    """A tiny VideoNSA model with a 3-block vision tower: windowed, full, windowed attention."""
+    config = tiny_config(num_layers=1)
+    config.vision_config.depth = 3
+    config.vision_config.fullatt_block_indexes = [FULL_ATTENTION_LAYER]
+    torch.manual_seed(seed)
+    model = modeling_videonsa.VideoNSAForConditionalGeneration(config).eval()
+    model.set_attn_implementation(implementation)
+    return model
+
+
+def stock_twin(visual):
+    """transformers' Qwen2.5-VL vision tower with the same weights and attention implementation."""
+    stock = Qwen2_5_VisionTransformerPretrainedModel._from_config(
+        copy.deepcopy(visual.config), attn_implementation=visual.config._attn_implementation
+    ).eval()
+    stock.load_state_dict(visual.state_dict(), strict=True)
+    return stock.to(visual.device)
+
+
+def pixels_and_grid(seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    grid = torch.tensor(GRIDS)
+    pixels = torch.randn(int(grid.prod(dim=1).sum()), PATCH_DIM, generator=generator)
+    return pixels, grid
+
+
+def test_vision_tower_uses_the_batched_attention_with_unchanged_keys():
+    model = tiny_vision_model("sdpa")
+    visual = model.model.visual
+    assert isinstance(visual, modeling_videonsa.VideoNSAVisionTransformer)
+    assert all(isinstance(block.attn, modeling_videonsa.VideoNSAVisionAttention) for block in visual.blocks)
+    assert set(visual.state_dict()) == set(stock_twin(visual).state_dict())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_vision_tower_equals_qwen25vl_per_segment_attention(implementation, device):
+    visual = tiny_vision_model(implementation).model.visual.to(device)
+    stock = stock_twin(visual)
+    assert visual.config._attn_implementation == stock.config._attn_implementation == implementation
+    pixels, grid = (tensor.to(device) for tensor in pixels_and_grid())
+    with torch.no_grad():
+        ours, theirs = visual(pixels, grid_thw=grid), stock(pixels, grid_thw=grid)
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if device == "cpu" else {"rtol": 1e-4, "atol": 1e-4}  # other kernels
+    torch.testing.assert_close(ours.last_hidden_state, theirs.last_hidden_state, **tolerance)
+    torch.testing.assert_close(ours.pooler_output, theirs.pooler_output, **tolerance)
+
+
+def test_one_attention_call_per_segment_length(monkeypatch):
+    """The windowed layers have segments of 16, 8 and 4 patches, the full one of 24, 48, 4, 32: 3 + 4 + 3 calls
+    (the per-segment loop makes one call per window and per temporal patch)."""
+    visual = tiny_vision_model("sdpa").model.visual
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counting_sdpa(query, *args, **kwargs):
+        calls.append(tuple(query.shape))
+        return sdpa(query, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting_sdpa)
+    pixels, grid = pixels_and_grid()
+    with torch.no_grad():
+        visual(pixels, grid_thw=grid)
+    assert len(calls) == 10
+    full_lengths = sorted(shape[2] for shape in calls[3:7])
+    assert full_lengths == [4, 24, 32, 48] and sorted(shape[2] for shape in calls[:3]) == [4, 8, 16]
+    segments = sum(shape[0] for shape in calls[3:7])
+    assert segments == int(grid[:, 0].sum())  # one segment per temporal patch in the full-attention layer
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_bounded_batches_give_the_same_output(monkeypatch, implementation):
+    """Groups split into several calls (the bound on scores per call) compute the same function."""
+    visual = tiny_vision_model(implementation).model.visual
+    pixels, grid = pixels_and_grid(seed=1)
+    with torch.no_grad():
+        whole = visual(pixels, grid_thw=grid).pooler_output
+        monkeypatch.setattr(modeling_videonsa, "_VISION_SCORES_PER_CALL", 2 * 16 * 16 * 2)  # 2 windows per call
+        split = visual(pixels, grid_thw=grid).pooler_output
+    torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_gradients_match_qwen25vl():
+    visual = tiny_vision_model("sdpa").model.visual.train()
+    stock = stock_twin(visual).train()
+    pixels, grid = pixels_and_grid(seed=2)
+    weights = torch.randn(int(grid.prod(dim=1).sum()) // 4, visual.config.out_hidden_size)
+    grads = []
+    for tower in (visual, stock):
+        inputs = pixels.clone().requires_grad_(True)
+        (tower(inputs, grid_thw=grid).pooler_output * weights).sum().backward()
+        qkv = tower.blocks[0].attn.qkv.weight.grad
+        grads.append((inputs.grad, qkv, tower.blocks[FULL_ATTENTION_LAYER].attn.qkv.weight.grad))
+    for ours, theirs in zip(*grads):
+        assert ours is not None and torch.isfinite(ours).all() and ours.abs().sum() > 0
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_video_features_of_the_model_equal_qwen25vl():
+    """Through the model's own entry point (``get_video_features``), as the prefill uses it."""
+    model = tiny_vision_model("sdpa")
+    stock = stock_twin(model.model.visual)
+    pixels, grid = pixels_and_grid(seed=3)
+    with torch.no_grad():
+        features = model.model.get_video_features(pixels, grid, return_dict=True).pooler_output
+        expected = stock(pixels, grid_thw=grid).pooler_output
+    torch.testing.assert_close(torch.cat(features), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_video_features_in_pieces_of_temporal_patches_equal_one_call():
+    """videonsa_long_context.video_features cuts videos between temporal patches: exact with windowed layers too
+    (windows, rotary positions and full-attention segments are all per temporal patch)."""
+    from videonsa_long_context import video_features
+
+    model = tiny_vision_model("sdpa")
+    pixels, grid = pixels_and_grid(seed=4)
+    with torch.no_grad():
+        whole = video_features(model, pixels, grid, max_tokens=None)
+        pieces = video_features(model, pixels, grid, max_tokens=6)  # one temporal patch per piece
+    assert whole.shape == (int(grid.prod(dim=1).sum()) // 4, model.config.vision_config.out_hidden_size)
+    torch.testing.assert_close(pieces, whole, rtol=1e-5, atol=1e-6)
