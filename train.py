@@ -88,8 +88,9 @@ class ModelArguments:
     random_init_preset: str = field(
         default="7b",
         metadata={"help": "Architecture for --random_init without --model_name_or_path: '7b' (Qwen2.5-VL-7B, the "
-                          "released VideoNSA) or 'tiny' (the test model). A byte-level tokenizer with Qwen2.5-VL's "
-                          "special tokens is built when no processor is given."},
+                          "released VideoNSA), 'small' (the 7B's widths with 4 text layers and 4 vision blocks) or "
+                          "'tiny' (the test model). A byte-level tokenizer with Qwen2.5-VL's special tokens is built "
+                          "when no processor is given."},
     )
     freeze_vision_tower: bool = field(default=False, metadata={"help": "Freeze the vision encoder (not the merger)."})
     freeze_merger: bool = field(default=False, metadata={"help": "Freeze the vision -> text merger (projector)."})
@@ -171,14 +172,21 @@ PRESET_7B = dict(
 )
 
 
+# 'small': the 7B's widths, heads, vocabulary and NSA settings with 4 text layers and 4 vision blocks (the last one
+# full attention), about 2.2B parameters: every kernel and shape of the 7B at a size that trains in full on one GPU.
+SMALL_OVERRIDES = "num_hidden_layers=4,vision_config.depth=4"
+
+
 def preset_config(name: str) -> VideoNSAConfig:
     if name == "7b":
         return VideoNSAConfig(**PRESET_7B)
+    if name == "small":
+        return apply_config_overrides(VideoNSAConfig(**PRESET_7B), SMALL_OVERRIDES)
     if name == "tiny":
         from tiny_videonsa import tiny_config
 
         return tiny_config()
-    raise ValueError(f"--random_init_preset must be '7b' or 'tiny', got {name!r}")
+    raise ValueError(f"--random_init_preset must be '7b', 'small' or 'tiny', got {name!r}")
 
 
 def synthetic_processor(config) -> VideoNSAProcessor:
@@ -200,7 +208,10 @@ def _has_processor(path: str | None) -> bool:
     return path is not None and (not os.path.isdir(path) or (Path(path) / "processor_config.json").is_file())
 
 
-def load_model_and_processor(model_args: ModelArguments, training_args: TrainingArguments):
+def load_model_and_processor(model_args: ModelArguments, training_args: TrainingArguments, init_device=None):
+    """The model and its processor. ``init_device``: where random weights (``--random_init``) are built; by default
+    the training GPU when there is one and the model is not sharded (FSDP, DeepSpeed), else the CPU. Random weights
+    are a function of the seed and of the device's random generator, so runs to compare must build on one kind."""
     hub = {"revision": model_args.revision} if model_args.revision else {}
     dtype = model_args.dtype
     if dtype not in ("auto", "bfloat16", "float16", "float32"):
@@ -212,8 +223,10 @@ def load_model_and_processor(model_args: ModelArguments, training_args: Training
         torch_dtype = torch.float32 if dtype == "auto" else getattr(torch, dtype)
         sharded = training_args.deepspeed or getattr(training_args, "fsdp", None) or os.environ.get(
             "ACCELERATE_USE_FSDP", "false").lower() == "true"
-        device = training_args.device if training_args.device.type == "cuda" and not sharded else torch.device("cpu")
-        with device:  # build the weights where they will train (a 7B model initialises slowly on CPU)
+        device = init_device
+        if device is None:
+            device = training_args.device if training_args.device.type == "cuda" and not sharded else "cpu"
+        with torch.device(device):  # build the weights where they will train (a 7B model initialises slowly on CPU)
             model = VideoNSAForConditionalGeneration._from_config(
                 config, dtype=torch_dtype, attn_implementation=model_args.attn_implementation
             )
@@ -233,6 +246,23 @@ def load_model_and_processor(model_args: ModelArguments, training_args: Training
             model_args.processor_name_or_path or path, trust_remote_code=True, **hub
         )
     return model, processor
+
+
+def make_trainable(model, model_args: ModelArguments):
+    """Freeze what the arguments freeze, then wrap the model in LoRA adapters with ``--use_lora``.
+
+    Returns the model to train (a ``PeftModel`` with ``--use_lora``) and its trainable and total parameter counts."""
+    counts = freeze_modules(model, model_args.freeze_vision_tower, model_args.freeze_merger, model_args.freeze_llm)
+    if model_args.use_lora:
+        from peft import get_peft_model
+
+        targets = [name.strip() for name in model_args.lora_target_modules.split(",") if name.strip()]
+        to_save = [n.strip() for n in (model_args.lora_modules_to_save or "").split(",") if n.strip()]
+        model = get_peft_model(model, lora_config(model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout,
+                                                  targets, to_save))
+        trainable, total = model.get_nb_trainable_parameters()
+        counts = {"trainable": trainable, "total": total}
+    return model, counts
 
 
 def configure_processor(processor, data_args: DataArguments) -> None:
@@ -293,16 +323,7 @@ def main(argv=None):
 
     model, processor = load_model_and_processor(model_args, training_args)
     configure_processor(processor, data_args)
-    counts = freeze_modules(model, model_args.freeze_vision_tower, model_args.freeze_merger, model_args.freeze_llm)
-    if model_args.use_lora:
-        from peft import get_peft_model
-
-        targets = [name.strip() for name in model_args.lora_target_modules.split(",") if name.strip()]
-        to_save = [n.strip() for n in (model_args.lora_modules_to_save or "").split(",") if n.strip()]
-        model = get_peft_model(model, lora_config(model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout,
-                                                  targets, to_save))
-        trainable, total = model.get_nb_trainable_parameters()
-        counts = {"trainable": trainable, "total": total}
+    model, counts = make_trainable(model, model_args)
     logger.info(f"Trainable parameters: {counts['trainable']:,} of {counts['total']:,}; NSA "
                 f"{'on' if model.config.nsa_enabled else 'off'} (backend {model.config.nsa_backend})")
 

@@ -385,6 +385,10 @@ def test_config_overrides_and_the_7b_preset():
         3584, 28, 28, 4)
     assert (text.vocab_size, vision.depth, vision.out_hidden_size, config.video_token_id) == (152064, 32, 3584, 151656)
     assert (config.nsa_block_size, config.nsa_block_count, config.nsa_window_size) == (64, 32, 256)
+    small = train.preset_config("small")  # the 7B's widths and NSA settings, 4 text layers and 4 vision blocks
+    layers = {"num_hidden_layers": 4, "layer_types": ["full_attention"] * 4}
+    assert small.text_config.to_dict() == {**text.to_dict(), **layers}
+    assert (small.vision_config.depth, small.vision_config.fullatt_block_indexes) == (4, [3])
     small = vt.apply_config_overrides(config, "nsa_enabled=false, num_hidden_layers=2, vision_config.depth=2")
     assert small.nsa_enabled is False and small.text_config.num_hidden_layers == 2
     assert len(small.text_config.layer_types) == 2 and small.vision_config.fullatt_block_indexes == [1]
@@ -410,3 +414,41 @@ def test_scaling_configs_name_the_model_and_parse():
     assert zero3["zero_optimization"]["stage"] == 3
     assert zero3["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
     assert zero3["bf16"]["enabled"] == "auto" and zero3["train_micro_batch_size_per_gpu"] == "auto"
+
+
+# ---------------------------------------------------------------------------------------------------- benchmark
+
+
+def test_training_benchmark_reports_both_rows_and_compares_losses(tmp_path):
+    """``bench/bench_training.py`` on the tiny model: both rows train on synthetic video samples through the Trainer,
+    the report is written, and a global batch of two split into two micro-batches (as two processes split it) gives
+    the losses of one batch of two, which the ``--reference`` comparison confirms."""
+    from bench import bench_training
+
+    common = ["--preset", "tiny", "--tokens", "256", "--steps", "1", "--warmup-steps", "1", "--backend", "torch",
+              "--dtype", "float32", "--no-bf16", "--output-dir", str(tmp_path / "runs")]
+    first = bench_training.main([*common, "--grad-accum", "2", "--out", str(tmp_path / "accumulated.md")])
+    results = first["results"]
+    assert list(results) == ["videonsa", "dense"]
+    for entry in results.values():
+        assert "error" not in entry, entry
+        assert len(entry["loss"]) == 2 and all(0 < loss < 20 for loss in entry["loss"])  # finite, about ln(vocab)
+        assert entry["mean_step_s"] > 0 and entry["tokens_per_s"] > 0 and len(entry["step_time_s"]) == 2
+        assert entry["samples"] == 2 and entry["tokens_per_sample"] == 256 and entry["tokens_per_step"] == 512
+        t, h, w = entry["video_grid_thw"]
+        assert entry["video_tokens"] == t * h * w // 4 and entry["video_tokens"] % 16 == 0  # one NSA block a patch
+        assert entry["supervised_tokens"] == 16 + 1  # the answer and its <|im_end|>
+    assert results["videonsa"]["attention_path"].startswith("hybrid") and results["dense"]["attention_path"] == "dense"
+    assert all(0 < results["videonsa"]["gates"][f"gate/{b}"] < 1 for b in vt.GATE_BRANCHES)
+    assert results["dense"]["gates"] == {}
+    report = (tmp_path / "accumulated.md").read_text()
+    assert "| videonsa | hybrid" in report and "| dense | dense |" in report
+    saved = json.loads((tmp_path / "accumulated.json").read_text())
+    assert saved["results"]["dense"]["loss"] == results["dense"]["loss"]
+
+    second = bench_training.main([*common, "--rows", "dense", "--batch-size", "2", "--loss-rtol", "1e-4",
+                                  "--reference", str(tmp_path / "accumulated.json"),
+                                  "--out", str(tmp_path / "batched.md")])
+    comparison = second["comparison"]["dense"]
+    assert comparison["same_initial_weights"] and comparison["steps"] == 2 and comparison["within"], comparison
+    assert "Loss against the reference run" in (tmp_path / "batched.md").read_text()
