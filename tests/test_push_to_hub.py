@@ -386,7 +386,7 @@ def test_model_card_metadata_and_sections():
     limitations = body.split("## Limitations")[1].split("\n## ")[0]
     assert "Reference compatibility" in limitations and "h // 16" in limitations and "later" in limitations
     efficiency = body.split("## Efficiency")[1].split("\n## ")[0]
-    assert "H200" in efficiency and re.search(r"20\d\d-\d\d-\d\d", efficiency)  # device and date
+    assert "H100" in efficiency and re.search(r"20\d\d-\d\d-\d\d", efficiency)  # device and date
     assert push_to_hub.card_problems(text) == []  # ready to publish
     assert any("license" in p for p in push_to_hub.card_problems(text.replace("license: apache-2.0\n", "")))
     assert any("TODO" in p for p in push_to_hub.card_problems(text + "\n<!-- TODO: numbers -->\n"))
