@@ -50,51 +50,18 @@ ROW_SETTINGS = {
     "dense": dict(nsa_enabled=False, nsa_backend="triton"),
     "naive": dict(nsa_enabled=True, nsa_backend="torch"),
 }
-IMAGE, VIDEO, VISION_START, VISION_END = 151655, 151656, 151652, 151653
+VIDEO, VISION_START, VISION_END = 151656, 151652, 151653  # the ids of the 7b preset
 PREFIX, QUESTION = 15, 24  # chat-template tokens before the video, question + assistant header after it
 GRID_HW = 16  # 16 x 16 patches of 14 px = 224 x 224 frames -> 64 merged tokens per temporal patch
 
 
 def config_7b(num_layers: int = 28) -> VideoNSAConfig:
-    """Qwen2.5-VL-7B-Instruct's architecture with the released NSA settings (block 64, 32 blocks, window 256)."""
-    text = dict(
-        hidden_size=3584,
-        intermediate_size=18944,
-        num_hidden_layers=num_layers,
-        num_attention_heads=28,
-        num_key_value_heads=4,
-        vocab_size=152064,
-        max_position_embeddings=128000,
-        rms_norm_eps=1e-6,
-        rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1000000.0},
-        bos_token_id=151643,
-        eos_token_id=151645,
-        tie_word_embeddings=False,
-    )
-    vision = dict(
-        depth=32,
-        hidden_size=1280,
-        intermediate_size=3420,
-        num_heads=16,
-        out_hidden_size=3584,
-        patch_size=14,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-        window_size=112,
-        fullatt_block_indexes=[7, 15, 23, 31],
-        tokens_per_second=2,
-    )
-    return VideoNSAConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=IMAGE,
-        video_token_id=VIDEO,
-        vision_start_token_id=VISION_START,
-        vision_end_token_id=VISION_END,
-        bos_token_id=151643,
-        eos_token_id=151645,
-        tie_word_embeddings=False,
-    )
+    """Qwen2.5-VL-7B-Instruct's architecture with the released NSA settings (``train.py``'s ``7b`` preset), with
+    ``num_layers`` text layers."""
+    from train import preset_config
+    from videonsa_training import apply_config_overrides
+
+    return apply_config_overrides(preset_config("7b"), None if num_layers == 28 else f"num_hidden_layers={num_layers}")
 
 
 def build_model(num_layers: int):
