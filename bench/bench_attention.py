@@ -165,47 +165,13 @@ def bench_length(T, reps, rows):
             "slc_bwd": lambda: selected_attention_bwd(q, k, v, bi, o_s, lse_s, do, BS, scale),
             "swd_bwd": lambda: band_attention_bwd(q, k, v, o_w, lse_w, do, scale, W, None, None, 56),
         }
-        import nsa_kernels.selected_attention as SA
-
-        def slc_variant(warps, stages):
-            def run():
-                old = SA.FWD_WARPS, SA.FWD_STAGES
-                SA.FWD_WARPS, SA.FWD_STAGES = warps, stages
-                try:
-                    return selected_attention_fwd(q, k, v, bi, BS, scale)
-                finally:
-                    SA.FWD_WARPS, SA.FWD_STAGES = old
-            return run
-
-        parts["slc_fwd_w4"] = slc_variant(4, 2)
-        import nsa_kernels.selection as SEL
-
-        def topk_variant(rows_per_program, warps):
-            def run():
-                old = SEL.ROWS_PER_PROGRAM, SEL.TOPK_WARPS
-                SEL.ROWS_PER_PROGRAM, SEL.TOPK_WARPS = rows_per_program, warps
-                try:
-                    return select_blocks(q, kc, lse, BC, BS, scale, T)
-                finally:
-                    SEL.ROWS_PER_PROGRAM, SEL.TOPK_WARPS = old
-            return run
-
-        def slc_bwd_variant(part, rows=64, warps=8, dq_warps=4):
-            def run():
-                old = SA.DKV_ROWS, SA.DKV_WARPS, SA.BWD_WARPS
-                SA.DKV_ROWS, SA.DKV_WARPS, SA.BWD_WARPS = rows, warps, dq_warps
-                try:
-                    return selected_attention_bwd(q, k, v, bi, o_s, lse_s, do, BS, scale, parts=(part,))
-                finally:
-                    SA.DKV_ROWS, SA.DKV_WARPS, SA.BWD_WARPS = old
-            return run
-
-        parts["slc_bwd_dq"] = slc_bwd_variant("dq", dq_warps=SA.BWD_WARPS)
-        parts["slc_bwd_dkv"] = slc_bwd_variant("dkv", SA.DKV_ROWS, SA.DKV_WARPS)
         import nsa_kernels.compression as CMP
+        import nsa_kernels.selected_attention as SA
+        import nsa_kernels.selection as SEL
         import nsa_kernels.window_attention as WIN
 
         def setting_variant(mod, settings, fn):
+            """``fn`` run with the module-level launch settings ``settings`` of ``mod`` (restored after)."""
             def run():
                 old = {n: getattr(mod, n) for n in settings}
                 for n, val in settings.items():
@@ -217,22 +183,27 @@ def bench_length(T, reps, rows):
                         setattr(mod, n, val)
             return run
 
+        def slc_bwd(part):
+            return lambda: selected_attention_bwd(q, k, v, bi, o_s, lse_s, do, BS, scale, parts=(part,))
+
         def cmp_bwd(part):
             return lambda: compression_attention_bwd(q, kc, vc, o_c, lse, do, BS, scale, T, 56, parts=(part,))
 
         def swd_bwd(part):
             return lambda: band_attention_bwd(q, k, v, o_w, lse_w, do, scale, W, None, None, 56, parts=(part,))
 
+        parts["slc_fwd_w4"] = setting_variant(SA, {"FWD_WARPS": 4}, parts["slc_fwd"])
+        parts["slc_bwd_dq"] = slc_bwd("dq")
+        parts["slc_bwd_dkv"] = slc_bwd("dkv")
         parts["cmp_bwd_dq"] = cmp_bwd("dq")
         parts["cmp_bwd_dkv"] = cmp_bwd("dkv")
         parts["swd_bwd_dq"] = swd_bwd("dq")
         parts["swd_bwd_dkv"] = swd_bwd("dkv")
         parts["cmp_fwd_w8"] = setting_variant(CMP, {"FWD_WARPS": 8}, parts["cmp_fwd"])
         parts["swd_fwd_w8"] = setting_variant(WIN, {"FWD_WARPS": 8}, parts["swd_fwd"])
-        parts["topk_r1_w1"] = topk_variant(1, 1)
-        parts["topk_r2_w2"] = topk_variant(2, 2)
-        parts["topk_r8_w4"] = topk_variant(8, 4)
-        parts["topk_r8_w8"] = topk_variant(8, 8)
+        for rows_per_program, warps in ((1, 1), (2, 2), (8, 4), (8, 8)):
+            parts[f"topk_r{rows_per_program}_w{warps}"] = setting_variant(
+                SEL, {"ROWS_PER_PROGRAM": rows_per_program, "TOPK_WARPS": warps}, parts["topk"])
         from nsa_kernels.gate_mix import mix_branches
         gates_q = gates.to(q.dtype)
         parts["gate_mix"] = lambda: mix_branches(o_c, o_s, o_w, gates_q)
