@@ -176,6 +176,32 @@ def warm_up(model, rows, args):
     _free()
 
 
+def profile_prefill(model, row: str, inputs: dict, args) -> str:
+    """The CUDA kernels of one vision-tower pass and of one whole prefill of ``row`` (torch.profiler), largest total
+    time first: where the prefill's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    set_row(model, row)
+    tables = []
+    with torch.no_grad():
+        prefill(model, inputs, args.prefill, args.chunk_size)  # warm at this length
+        for part, run in (
+            ("vision tower", lambda: video_features(model, inputs["pixel_values_videos"], inputs["video_grid_thw"],
+                                                    args.chunk_size if args.prefill == "chunked" else None)),
+            (f"prefill ({row})", lambda: prefill(model, inputs, args.prefill, args.chunk_size)),
+        ):
+            _free()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+                result = run()
+                torch.cuda.synchronize()
+            del result
+            tables.append(f"## {part}\n\n" + prof.key_averages().table(
+                sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
+    _free()
+    return "\n\n".join(tables)
+
+
 def fmt(value, digits=2):
     return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "—"
 
@@ -245,9 +271,12 @@ def parse_args(argv=None):
                              "every new sequence length, i.e. every decode step, which charges whichever row runs "
                              "first at a length)")
     parser.add_argument("--out", default=None, help="markdown table path (a .json with the raw numbers beside it)")
+    parser.add_argument("--profile", default=None, metavar="ROW",
+                        help="after the table, profile one vision-tower pass and one prefill of ROW at the first "
+                             "length (torch.profiler); the kernel tables go to stdout and beside --out")
     args = parser.parse_args(argv)
     args.rows = [r for r in args.rows.split(",") if r]
-    unknown = set(args.rows) - set(ROWS)
+    unknown = set(args.rows + ([args.profile] if args.profile else [])) - set(ROWS)
     if unknown:
         parser.error(f"unknown rows {sorted(unknown)}; choose among {ROWS}")
     args.lengths = [int(x) for x in args.lengths.split(",") if x]
@@ -324,6 +353,12 @@ def main(argv=None):
     if args.out:
         _write(args.out, meta, results, args)
         print(f"\nwrote {args.out} and {os.path.splitext(args.out)[0]}.json")
+    if args.profile:
+        text = profile_prefill(model, args.profile, make_inputs(args.lengths[0]), args)
+        print(text, flush=True)
+        if args.out:
+            with open(os.path.splitext(args.out)[0] + f"_profile_{args.profile}.txt", "w") as file:
+                file.write(text + "\n")
     return results
 
 
