@@ -1,10 +1,11 @@
-"""The vision tower's batched attention (VideoNSAVisionAttention) against Qwen2.5-VL's per-segment loop."""
+"""The vision tower's batched attention (VideoNSAVisionAttention) against Qwen2.5-VL's per-segment loop, and its
+padded MLP (VideoNSAVisionMLP) against Qwen2.5-VL's."""
 
 import copy
 
 import pytest
 import torch
-from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel, Qwen2_5_VLMLP
 
 import modeling_videonsa
 from tiny_videonsa import PATCH_DIM, tiny_config
@@ -50,6 +51,8 @@ def test_vision_tower_uses_the_batched_attention_with_unchanged_keys():
     visual = model.model.visual
     assert isinstance(visual, modeling_videonsa.VideoNSAVisionTransformer)
     assert all(isinstance(block.attn, modeling_videonsa.VideoNSAVisionAttention) for block in visual.blocks)
+    assert all(isinstance(block.mlp, modeling_videonsa.VideoNSAVisionMLP) for block in visual.blocks)
+    assert visual.config.intermediate_size % modeling_videonsa._ROW_ALIGNMENT != 0  # the padded path is the one tested
     assert set(visual.state_dict()) == set(stock_twin(visual).state_dict())
 
 
@@ -140,3 +143,52 @@ def test_video_features_in_pieces_of_temporal_patches_equal_one_call():
         pieces = video_features(model, pixels, grid, max_tokens=6)  # one temporal patch per piece
     assert whole.shape == (int(grid.prod(dim=1).sum()) // 4, model.config.vision_config.out_hidden_size)
     torch.testing.assert_close(pieces, whole, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("width", [36, 3420 // 10, 40])  # padded by 4, by 6; already aligned
+@pytest.mark.parametrize("bias", [True, False])
+def test_padded_vision_mlp_equals_qwen25vl_mlp(width, bias, device):
+    """Same outputs and same parameter gradients as Qwen2.5-VL's MLP with the same weights, over random inputs."""
+    config = tiny_config().vision_config
+    config.intermediate_size = width
+    torch.manual_seed(width)
+    ours = modeling_videonsa.VideoNSAVisionMLP(config, bias=bias).to(device)
+    theirs = Qwen2_5_VLMLP(config, bias=bias).to(device)
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    inputs = torch.randn(5, 7, config.hidden_size, device=device)
+    weights = torch.randn(5, 7, config.hidden_size, device=device)
+    outputs = []
+    for mlp in (ours, theirs):
+        out = mlp(inputs)
+        (out * weights).sum().backward()
+        outputs.append((out, *(p.grad for p in mlp.parameters())))
+    assert outputs[0][0].shape == inputs.shape
+    for mine, expected in zip(*outputs):
+        assert mine.shape == expected.shape and expected.abs().sum() > 0
+        torch.testing.assert_close(mine, expected, rtol=1e-4, atol=1e-5)
+
+
+class _DoubledLinear(torch.nn.Linear):
+    """A wrapped projection (as a PEFT adapter or a quantized Linear is): it computes more than its weight."""
+
+    def forward(self, inputs):
+        return 2 * super().forward(inputs)
+
+
+def test_padded_vision_mlp_calls_wrapped_projections():
+    config = tiny_config().vision_config
+    torch.manual_seed(0)
+    ours = modeling_videonsa.VideoNSAVisionMLP(config, bias=True)
+    theirs = Qwen2_5_VLMLP(config, bias=True)
+    theirs.load_state_dict(ours.state_dict())
+    for mlp in (ours, theirs):
+        doubled = _DoubledLinear(config.hidden_size, config.intermediate_size)
+        doubled.load_state_dict(mlp.up_proj.state_dict())
+        mlp.up_proj = doubled
+    inputs = torch.randn(3, config.hidden_size)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(inputs), theirs(inputs))
+        plain = Qwen2_5_VLMLP(config, bias=True)
+        plain.load_state_dict(theirs.state_dict())  # same weights, plain up_proj: a different function
+        assert not torch.allclose(ours(inputs), plain(inputs))
