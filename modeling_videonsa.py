@@ -436,18 +436,18 @@ class VideoNSAVisionMLP(Qwen2_5_VLMLP):
     weights are stacked into one ``[2 * padded, hidden]`` matrix whose extra rows are zeros (with zero bias), and
     the down weight gets the matching zero columns: the padded inner units are ``silu(0) * 0 = 0`` and add
     nothing, so the output is the plain MLP's. The padded weights are rebuilt on every call (a few MB, a copy
-    each), so training updates and gradients go to the original parameters. Wrapped or partitioned projections
-    take Qwen2.5-VL's own path.
+    each), so training updates and gradients go to the original parameters. Wrapped projections take Qwen2.5-VL's
+    own path.
     """
 
     def forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
         """``hidden_state`` ``[..., hidden]`` -> ``[..., hidden]``."""
         pad = -self.intermediate_size % _ROW_ALIGNMENT
         layers = (self.gate_proj, self.up_proj, self.down_proj)
-        # The weights are used directly only when the three are plain Linears holding their whole weight: a wrapped
-        # one (a PEFT adapter, a quantized Linear) computes more than its weight, and DeepSpeed ZeRO-3 gathers a
-        # partitioned weight (``ds_id``) only when its own Linear is called.
-        if pad == 0 or any(type(layer) is not nn.Linear or hasattr(layer.weight, "ds_id") for layer in layers):
+        # The weights are used directly only when the three are plain Linears: a wrapped one (a PEFT adapter, a
+        # quantized Linear) computes more than its weight. (DeepSpeed ZeRO-3 gathers a partitioned weight when it is
+        # read as an attribute, so reading it here is fine.)
+        if pad == 0 or any(type(layer) is not nn.Linear for layer in layers):
             return super().forward(hidden_state)
         gate_up_weight = torch.cat([F.pad(self.gate_proj.weight, (0, 0, 0, pad)),
                                     F.pad(self.up_proj.weight, (0, 0, 0, pad))])  # [2 * padded, hidden]
@@ -485,6 +485,18 @@ class VideoNSAModel(Qwen2_5_VLModel):
         self.post_init()
 
 
+def _released_layout() -> list[WeightRenaming]:
+    """The renamings from the released checkpoint's key layout to the model's: checkpoints saved by transformers 4.x
+    (and the authors' release) keep the text decoder at ``model.layers.N...``, the vision tower at ``visual.*`` and
+    ``lm_head`` at the top. Loading applies them; saving reverts them, so saved folders have the released layout."""
+    return [
+        WeightRenaming(source_patterns=r"^visual", target_patterns="model.visual"),
+        WeightRenaming(
+            source_patterns=r"^model(?!\.(language_model|visual))", target_patterns="model.language_model"
+        ),
+    ]
+
+
 class VideoNSAForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
     """VideoNSA for video/image + text to text generation; ``generate`` and training work as for Qwen2.5-VL.
 
@@ -515,7 +527,12 @@ class VideoNSAForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         self.post_init()
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """Save weights and config as usual, plus the code files and ``nsa_kernels/`` so the folder loads alone."""
+        """Save weights (in the released checkpoint's key layout) and config as usual, plus the code files and
+        ``nsa_kernels/`` so the folder loads alone."""
+        # transformers reverts the renamings it recorded when loading. Under DeepSpeed ZeRO-3 it records every known
+        # renaming, used or not, and reverting its unused legacy ones writes `model.model.*` keys that no loader
+        # maps back (transformers 5.23): the text decoder would load as random weights. Ours are the whole story.
+        self._weight_conversions = _released_layout()
         super().save_pretrained(save_directory, *args, **kwargs)
         here = Path(__file__).resolve().parent
         save_directory = Path(save_directory)
@@ -531,18 +548,7 @@ class VideoNSAForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         _sync_python_files(kernels_dir, save_directory / "nsa_kernels")
 
 
-# Checkpoints saved by transformers 4.x (and the authors' release) keep the text decoder at `model.layers.N...`,
-# the vision tower at `visual.*` and `lm_head` at the top; map them onto the 5.x layout when loading.
-register_checkpoint_conversion_mapping(
-    "VideoNSAForConditionalGeneration",
-    [
-        WeightRenaming(source_patterns=r"^visual", target_patterns="model.visual"),
-        WeightRenaming(
-            source_patterns=r"^model(?!\.(language_model|visual))", target_patterns="model.language_model"
-        ),
-    ],
-    overwrite=True,
-)
+register_checkpoint_conversion_mapping("VideoNSAForConditionalGeneration", _released_layout(), overwrite=True)
 
 VideoNSAConfig.register_for_auto_class()
 VideoNSAForConditionalGeneration.register_for_auto_class("AutoModel")
