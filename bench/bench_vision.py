@@ -1,0 +1,137 @@
+"""The vision tower of the VideoNSA 7B architecture (Qwen2.5-VL-7B's, 32 blocks) on one GPU: ours vs transformers'.
+
+Random bf16 weights; one video of ``N / 64`` temporal patches of 16 x 16 patches (224 x 224 frames, 64 merged tokens
+each), encoded in pieces of ``--piece-tokens`` merged tokens as ``videonsa_long_context.video_features`` does in a
+chunked prefill. Rows, all on the same weights (the blocks' attention and MLP classes are swapped in place; they
+hold the same parameters):
+
+* ``transformers``: Qwen2.5-VL's blocks as transformers runs them without flash-attn (one SDPA call per attention
+  segment; the MLP's 3,420-wide products on unaligned rows);
+* ``batched attention``: :class:`VideoNSAVisionAttention` (segments of equal length batched) + Qwen2.5-VL's MLP;
+* ``ours``: :class:`VideoNSAVisionAttention` + :class:`VideoNSAVisionMLP` (inner width padded to 16-byte rows),
+  the package's tower.
+
+Per row and length: the tower's time (best of ``--reps``, CUDA-synchronised, after one warm-up pass) and the largest
+difference of its output to the ``transformers`` row's. ``--rows-max`` skips the ``transformers`` row above a length
+(its per-segment loop is slow). Markdown to stdout and ``--out`` (default ``$OUT/bench_vision.md``).
+
+    python bench/bench_vision.py --lengths 32768,131072
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+GRID_HW = 16
+ROWS = ("transformers", "batched attention", "ours")
+
+
+def build_tower():
+    from bench_end_to_end import config_7b
+    from modeling_videonsa import VideoNSAVisionTransformer
+
+    config = config_7b().vision_config
+    config._attn_implementation = "sdpa"
+    with torch.device("cuda"):
+        tower = VideoNSAVisionTransformer._from_config(config, dtype=torch.bfloat16)
+    return tower.eval().requires_grad_(False)
+
+
+def set_row(tower, row: str):
+    """Point every block at the attention and MLP classes of ``row`` (same parameters, other forward)."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLMLP, Qwen2_5_VLVisionAttention
+
+    from modeling_videonsa import VideoNSAVisionAttention, VideoNSAVisionMLP
+
+    attention = Qwen2_5_VLVisionAttention if row == "transformers" else VideoNSAVisionAttention
+    mlp = VideoNSAVisionMLP if row == "ours" else Qwen2_5_VLMLP
+    for block in tower.blocks:
+        block.attn.__class__, block.mlp.__class__ = attention, mlp
+
+
+def encode(tower, pixels, steps: int, piece_steps: int) -> torch.Tensor:
+    outputs = []
+    per_step = GRID_HW * GRID_HW
+    for first in range(0, steps, piece_steps):
+        count = min(piece_steps, steps - first)
+        grid = torch.tensor([[count, GRID_HW, GRID_HW]], device="cuda")
+        piece = pixels[first * per_step:(first + count) * per_step]
+        outputs.append(tower(piece, grid_thw=grid).pooler_output)
+    return torch.cat(outputs)
+
+
+def timed(fn, reps: int):
+    fn()  # warm-up at this length
+    best = float("inf")
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = fn()
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best, out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", default="32768,131072", help="merged video tokens, multiples of 64")
+    parser.add_argument("--piece-tokens", type=int, default=8192, help="merged tokens per tower call")
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--rows-max", type=int, default=32768, help="longest video for the transformers row")
+    parser.add_argument("--out", default=os.path.join(os.environ["OUT"], "bench_vision.md") if "OUT" in os.environ
+                        else None)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench_vision.py needs a CUDA GPU")
+    torch.backends.cuda.enable_cudnn_sdp(False)  # as bench_end_to_end.py
+    tower = build_tower()
+    per_step = GRID_HW * GRID_HW // 4
+    lines = [
+        f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; device: "
+        f"{torch.cuda.get_device_name()}; torch {torch.__version__}",
+        "Command: python bench/bench_vision.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "",
+        "| video tokens | patches | row | tower s | vs transformers | max abs diff vs transformers |",
+        "|---|---|---|---|---|---|",
+    ]
+    for length in [int(x) for x in args.lengths.split(",") if x]:
+        steps = length // per_step
+        generator = torch.Generator(device="cuda").manual_seed(0)
+        pixels = torch.randn(steps * GRID_HW * GRID_HW, 3 * 2 * 14 * 14, device="cuda", generator=generator,
+                             dtype=torch.bfloat16)
+        reference = reference_s = None
+        for row in ROWS:
+            if row == "transformers" and length > args.rows_max:
+                lines.append(f"| {length} | {pixels.shape[0]} | {row} | skipped (> --rows-max) | | |")
+                continue
+            set_row(tower, row)
+            with torch.no_grad():
+                seconds, out = timed(lambda: encode(tower, pixels, steps, max(1, args.piece_tokens // per_step)),
+                                     args.reps)
+            if row == "transformers":
+                reference, reference_s = out, seconds
+            diff = f"{(out.float() - reference.float()).abs().max().item():.1e}" if reference is not None else "—"
+            ratio = f"{seconds / reference_s:.2f}x" if reference_s else "—"
+            lines.append(f"| {length} | {pixels.shape[0]} | {row} | {seconds:.3f} | {ratio} | {diff} |")
+            print(lines[-1], flush=True)
+            del out
+        del pixels, reference
+        torch.cuda.empty_cache()
+    text = "\n".join(lines)
+    print("\n" + text)
+    if args.out:
+        with open(args.out, "w") as file:
+            file.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
