@@ -20,8 +20,8 @@ The command then
    `auto_map`), `generation_config.json`, safetensors shards of at most `--max-shard-size` with their index
    (keys in the layout `save_pretrained` writes and the release uses: `model.layers.N`, `visual.*`, `lm_head`),
    the processor / tokenizer / chat-template files (written by `VideoNSAProcessor.save_pretrained`), the three
-   code files, `nsa_kernels/` and `model_card.md` as `README.md`. Weights are streamed tensor by tensor from
-   the source files into the shards (at most one output shard is in memory), with a progress bar;
+   code files, `nsa_kernels/`, `model_card.md` as `README.md` and the images it shows (`CARD_IMAGES`). Weights
+   are streamed tensor by tensor from the source files into the shards (at most one output shard is in memory), with a progress bar;
 3. verifies the folder (`--verify`): every tensor of the source landed unchanged (names mapped, dtypes kept,
    nothing dropped, nothing unexpected; initialised gates are what the seed gives), then a fresh Python process,
    whose `sys.path` does not hold this checkout, loads the folder with `AutoConfig` / `AutoModel` /
@@ -56,6 +56,8 @@ if str(ROOT) not in sys.path:  # the package modules beside this file, however t
 CODE_FILES = ("configuration_videonsa.py", "modeling_videonsa.py", "processing_videonsa.py")
 KERNELS_DIR = "nsa_kernels"
 MODEL_CARD = ROOT / "model_card.md"
+# Images the card shows, shipped at the repository's top level under their own names (the card links them so).
+CARD_IMAGES = {"benchmarks_h100.png": ROOT / "docs" / "benchmarks_h100.png"}
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 FULL_VERIFY_LIMIT = 4 * 2**30  # --verify auto: full below this many bytes of weights, load above
 WEIGHTS_NAME = "model.safetensors"
@@ -67,6 +69,7 @@ SHARD_RE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 SHIPPED_TOP_LEVEL = frozenset(
     {
         "README.md",
+        *CARD_IMAGES,
         "config.json",
         "generation_config.json",
         WEIGHTS_NAME,
@@ -636,6 +639,9 @@ def card_problems(text: str) -> list[str]:
     for key in ("license", "library_name", "pipeline_tag", "base_model"):
         if not data.get(key):
             problems.append(f"metadata key {key!r} is missing")
+    for link in re.findall(r"!\[[^\]]*\]\(([^)\s]+)", text):
+        if "://" not in link and link not in CARD_IMAGES:
+            problems.append(f"image {link!r} is not shipped with the card (CARD_IMAGES: {sorted(CARD_IMAGES)})")
     unfinished = [line.strip() for line in text.splitlines() if "TODO" in line]
     if unfinished:
         problems.append(f"unfinished sections (lines with TODO): {_few(unfinished, 3)}")
@@ -674,6 +680,8 @@ def write_folder(plan: Plan, processor, generation_config, card_text: str, outpu
         for path in sorted((ROOT / KERNELS_DIR).glob("*.py")):
             shutil.copyfile(path, staging / KERNELS_DIR / path.name)
         (staging / "README.md").write_text(card_text, encoding="utf-8")
+        for name, path in CARD_IMAGES.items():
+            shutil.copyfile(path, staging / name)
         dropped = _drop_unlisted(staging)
         if dropped:
             print(f"Not shipped (outside the allow-list): {', '.join(dropped)}")
