@@ -21,7 +21,8 @@ The command then
    (keys in the layout `save_pretrained` writes and the release uses: `model.layers.N`, `visual.*`, `lm_head`),
    the processor / tokenizer / chat-template files (written by `VideoNSAProcessor.save_pretrained`), the three
    code files, `nsa_kernels/`, `model_card.md` as `README.md` and the images it shows (`CARD_IMAGES`). Weights
-   are streamed tensor by tensor from the source files into the shards (at most one output shard is in memory), with a progress bar;
+   are streamed tensor by tensor from the source files into the shards (at most one output shard is in
+   memory), with a progress bar;
 3. verifies the folder (`--verify`): every tensor of the source landed unchanged (names mapped, dtypes kept,
    nothing dropped, nothing unexpected; initialised gates are what the seed gives), then a fresh Python process,
    whose `sys.path` does not hold this checkout, loads the folder with `AutoConfig` / `AutoModel` /
