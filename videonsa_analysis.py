@@ -64,6 +64,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from nsa_kernels.reference import next_pow2
 from videonsa_long_context import DEFAULT_CHUNK_SIZE, chunked_prefill
 
 BRANCHES = ("compression", "selection", "window")
@@ -75,8 +76,15 @@ PAPER_CONTEXT = 131072
 # ----------------------------------------------------------------------------------------------------------
 # Pure helpers (no model)
 # ----------------------------------------------------------------------------------------------------------
-def _slots(block_count: int) -> int:
-    return 1 << math.ceil(math.log2(block_count)) if block_count > 1 else 1
+def _budget(pos: torch.Tensor, selection: torch.Tensor, num_keys: int, block_size: int, window_size: int) -> dict:
+    """Keys read by each branch for queries at ``pos`` (``[N]`` long) given the selection's keys (``[N]``):
+    compressed blocks from the query's own to the last, selected tokens, window keys; their total and the dense
+    count ``t + 1``, all float64 ``[N]``."""
+    compression = (-(-num_keys // block_size) - pos // block_size).double()
+    window = torch.clamp(pos + 1, max=window_size).double()
+    selection = selection.double()
+    return dict(compression=compression, selection=selection, window=window, total=compression + selection + window,
+                dense=(pos + 1).double())
 
 
 def budget_from_block_indices(
@@ -100,11 +108,7 @@ def budget_from_block_indices(
     valid = (idx >= 0) & (start <= pos[:, None, None])
     tokens = torch.clamp(pos[:, None, None] - start + 1, max=block_size)
     selection = torch.where(valid, tokens, 0).sum(dim=-1).double().mean(dim=-1)
-    num_blocks = -(-num_keys // block_size)
-    compression = (num_blocks - pos // block_size).double()
-    window = torch.clamp(pos + 1, max=window_size).double()
-    total = compression + selection + window
-    return dict(compression=compression, selection=selection, window=window, total=total, dense=(pos + 1).double())
+    return _budget(pos, selection, num_keys, block_size, window_size)
 
 
 def _budget_ratios(budget: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -125,13 +129,10 @@ def nominal_budget(length: int, block_size: int = 64, block_count: int = 32, win
     ``last_query_ratio``, ``last_query_keys``) and the per-branch keys of the last query.
     """
     pos = torch.arange(length, dtype=torch.long)
-    slots = _slots(block_count)
+    slots = next_pow2(block_count)
     block = pos // block_size
-    selection = torch.where(block < slots, pos + 1, (slots - 1) * block_size + pos % block_size + 1).double()
-    compression = (-(-length // block_size) - block).double()
-    window = torch.clamp(pos + 1, max=window_size).double()
-    budget = dict(compression=compression, selection=selection, window=window,
-                  total=compression + selection + window, dense=(pos + 1).double())
+    selection = torch.where(block < slots, pos + 1, (slots - 1) * block_size + pos % block_size + 1)
+    budget = _budget(pos, selection, length, block_size, window_size)
     summary = _budget_ratios(budget)
     summary.update(length=int(length), last_query={name: float(budget[name][-1]) for name in BRANCHES})
     # The paper's prose has compression attend the query's own and EARLIER blocks: the last query would then read
@@ -267,29 +268,22 @@ class VideoNSAAnalysis:
     # -- budget
     def budget(self) -> dict[str, torch.Tensor]:
         """Per vision query (``[N]``, selection averaged over layers): keys read by each branch, total, dense."""
-        pos = self.vision_positions
-        num_blocks = -(-self.num_tokens // self.block_size)
-        compression = (num_blocks - pos // self.block_size).double()
-        selection = self.budget_selection.mean(dim=0)
-        window = torch.clamp(pos + 1, max=self.window_size).double()
-        return dict(compression=compression, selection=selection, window=window,
-                    total=compression + selection + window, dense=(pos + 1).double())
+        return _budget(self.vision_positions, self.budget_selection.mean(dim=0), self.num_tokens, self.block_size,
+                       self.window_size)
 
     def budget_summary(self) -> dict:
         """Budget ratios vs dense (see the module docs) on this input, and the nominal ones at this length and at
         128K tokens."""
-        summary = _budget_ratios(self.budget())
+        budget = self.budget()
+        summary = _budget_ratios(budget)
+        fixed = budget["compression"] + budget["window"]  # the same in every layer; selection is per layer
         summary["per_layer_total_ratio"] = [
-            float((self._layer_total(i)).sum() / self.budget()["dense"].sum()) for i in range(len(self.layers))
+            float((fixed + self.budget_selection[i]).sum() / budget["dense"].sum()) for i in range(len(self.layers))
         ]
         config = (self.block_size, self.block_count, self.window_size)
         summary["nominal_this_length"] = nominal_budget(self.num_tokens, *config)
         summary[f"nominal_{PAPER_CONTEXT}"] = nominal_budget(PAPER_CONTEXT, *config)
         return summary
-
-    def _layer_total(self, layer: int) -> torch.Tensor:
-        b = self.budget()
-        return b["compression"] + self.budget_selection[layer] + b["window"]
 
     # -- sinks
     def sink_ratio(self, branch: str = "gated", per_layer: bool = False):
@@ -405,8 +399,7 @@ class _Recorder:
     """Forward hooks on every ``VideoNSAAttention``: recompute the layer's NSA inputs from the hook's arguments
     (the layer's own projections, RoPE and gate MLP) and measure them with the model's own NSA function."""
 
-    def __init__(self, model, *, queries, sink, sink_threshold, compare_dense, keep_per_query):
-        self.model = model
+    def __init__(self, *, queries, sink, sink_threshold, compare_dense, keep_per_query):
         self.queries = queries
         self.sink = sink
         self.threshold = float(sink_threshold)
@@ -548,7 +541,7 @@ def analyze(
         recorder.default_query = requested[0] if requested else int(vision_rows[-1])
         return sorted(set(requested + [int(vision_rows[-1])]))
 
-    recorder = _Recorder(model, queries=choose, sink=sink, sink_threshold=sink_threshold,
+    recorder = _Recorder(queries=choose, sink=sink, sink_threshold=sink_threshold,
                          compare_dense=compare_dense, keep_per_query=keep_per_query)
     handles = [layer.self_attn.register_forward_hook(recorder, with_kwargs=True)
                for layer in model.model.language_model.layers]

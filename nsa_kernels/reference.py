@@ -30,6 +30,12 @@ import torch.nn.functional as F
 _TILE_ELEMENTS = 1 << 24
 
 
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= ``n`` (1 for ``n <= 1``): top-k slots, padded group widths, tile sizes."""
+    n = int(n)
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Token typing and head layout
 # ----------------------------------------------------------------------------------------------------------
@@ -61,7 +67,7 @@ def nsa_head_layout(num_heads: int, num_kv_heads: int) -> tuple[int, int]:
     """
     if num_heads % num_kv_heads:
         raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-    group = max(16, 1 << math.ceil(math.log2(math.ceil(2 * num_heads / num_kv_heads))))
+    group = max(16, next_pow2(-(-2 * num_heads // num_kv_heads)))
     return group * num_kv_heads, group
 
 
@@ -228,7 +234,7 @@ def select_blocks(
     batch, num_q, heads, dim = q.shape
     kv_heads, num_blocks = k_cmp.shape[2], k_cmp.shape[1]
     group = heads // kv_heads
-    slots = 1 << math.ceil(math.log2(block_count)) if block_count > 1 else 1
+    slots = next_pow2(block_count)
     # fla's kernel walks the candidates in chunks of `block_size` blocks and keeps the best half of each chunk
     chunk_width = block_size
     if slots > chunk_width:
