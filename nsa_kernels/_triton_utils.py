@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .reference import next_pow2
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
@@ -18,11 +20,6 @@ LN2 = 0.6931471805599453
 def interpreting() -> bool:
     """True when Triton runs in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def next_pow2(n: int) -> int:
-    n = int(n)
-    return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -59,15 +56,34 @@ def log2_int(n: int) -> int:
 
 
 @triton.jit
-def row_tile_program(Tq, H: tl.constexpr, GROUP: tl.constexpr, BM: tl.constexpr):
+def row_tile_program(Tq, H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
+                     BD: tl.constexpr):
     """Program ids of the row-tile kernels (grid ``(cdiv(Tq, BM), B * H)``): sample ``b``, query head ``h``,
-    its kv head ``g``, the tile's query rows and their mask."""
+    its kv head ``g``, the tile's query rows and their mask, and the feature lanes of its ``[BM, BD]`` tiles
+    with their mask and the tile mask."""
     pid_m = tl.program_id(0).to(tl.int64)  # row offsets pass 2**31 elements beyond 256K tokens
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
     rows = pid_m * BM + tl.arange(0, BM)
-    return b, h, h // GROUP, rows, rows < Tq
+    rmask = rows < Tq
+    dd = tl.arange(0, BD)
+    dmask = dd < D
+    return b, h, h // GROUP, rows, rmask, dd, dmask, rmask[:, None] & dmask[None, :]
+
+
+@triton.jit
+def load_head_rows(q, b, h, rows, dd, mask, sqb, sqt, sqh, sqd):
+    """The ``[len(rows), BD]`` tile of head ``h`` at query rows ``rows`` of a strided ``[B, T, H, D]`` tensor,
+    zero where ``mask`` is off."""
+    return tl.load(q + b * sqb + h * sqh + rows[:, None] * sqt + dd[None, :] * sqd, mask=mask, other=0.0)
+
+
+@triton.jit
+def head_rows_offsets(b, h, rows, dd, Tq, H: tl.constexpr, D: tl.constexpr):
+    """Element offsets of the ``[len(rows), BD]`` tile of head ``h`` in a contiguous ``[B, Tq, H, D]`` tensor
+    (outputs and their gradients)."""
+    return ((b * Tq + rows[:, None]) * H + h) * D + dd[None, :]
 
 
 @triton.jit

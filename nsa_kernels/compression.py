@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import (LOG2E, check_dim, dkv_step, dot_precision, dq_step, load_kv_tile, num_warps_for,
-                           online_softmax_step, row_tile_program)
+from ._triton_utils import (LOG2E, check_dim, dkv_step, dot_precision, dq_step, head_rows_offsets, load_head_rows,
+                           load_kv_tile, num_warps_for, online_softmax_step, row_tile_program)
 
 
 def compress_kv(x: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -54,12 +54,9 @@ def _cmp_fwd_kernel(
     P: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
 ):
-    b, h, g, rows, rmask = row_tile_program(Tq, P, GROUP, BM)
+    b, h, g, rows, rmask, dd, dmask, io_mask = row_tile_program(Tq, P, GROUP, D, BM, BD)
     cur = (rows + OFF) // BS
-    dd = tl.arange(0, BD)
-    dmask = dd < D
-    io_mask = rmask[:, None] & dmask[None, :]
-    o_ptr = o + ((b * Tq + rows[:, None]) * P + h) * D + dd[None, :]
+    o_ptr = o + head_rows_offsets(b, h, rows, dd, Tq, P, D)
     l_ptr = lse + (b * P + h) * Tq + rows
     if h >= H_ACTIVE:
         # all-zero queries: softmax over n equal scores -> lse = log(n); the output is never used (gate 0)
@@ -67,7 +64,7 @@ def _cmp_fwd_kernel(
         tl.store(l_ptr, tl.log(n_vis), mask=rmask)
         tl.store(o_ptr, tl.zeros([BM, BD], dtype=o.dtype.element_ty), mask=io_mask)
     else:
-        bq = tl.load(q + b * sqb + h * sqh + rows[:, None] * sqt + dd[None, :] * sqd, mask=io_mask, other=0.0)
+        bq = load_head_rows(q, b, h, rows, dd, io_mask, sqb, sqt, sqh, sqd)
         m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BM], dtype=tl.float32)
         acc = tl.zeros([BM, BD], dtype=tl.float32)
@@ -93,17 +90,14 @@ def _cmp_bwd_dq_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
 ):
     # do, dq: contiguous [B, Tq, P, D]; lse: [B, P, Tq] (natural log); delta: [B, P, Tq]
-    b, h, g, rows, rmask = row_tile_program(Tq, P, GROUP, BM)
+    b, h, g, rows, rmask, dd, dmask, io_mask = row_tile_program(Tq, P, GROUP, D, BM, BD)
     cur = (rows + OFF) // BS
-    dd = tl.arange(0, BD)
-    dmask = dd < D
-    io_mask = rmask[:, None] & dmask[None, :]
-    dq_ptr = dq + ((b * Tq + rows[:, None]) * P + h) * D + dd[None, :]
+    row_off = head_rows_offsets(b, h, rows, dd, Tq, P, D)
     if h >= H_ACTIVE:
-        tl.store(dq_ptr, tl.zeros([BM, BD], dtype=dq.dtype.element_ty), mask=io_mask)
+        tl.store(dq + row_off, tl.zeros([BM, BD], dtype=dq.dtype.element_ty), mask=io_mask)
     else:
-        bq = tl.load(q + b * sqb + h * sqh + rows[:, None] * sqt + dd[None, :] * sqd, mask=io_mask, other=0.0)
-        bdo = tl.load(do + ((b * Tq + rows[:, None]) * P + h) * D + dd[None, :], mask=io_mask, other=0.0)
+        bq = load_head_rows(q, b, h, rows, dd, io_mask, sqb, sqt, sqh, sqd)
+        bdo = tl.load(do + row_off, mask=io_mask, other=0.0)
         lse2 = tl.load(lse + (b * P + h) * Tq + rows, mask=rmask, other=0.0) * 1.4426950408889634  # to base 2
         dlt = tl.load(delta + (b * P + h) * Tq + rows, mask=rmask, other=0.0)
         acc = tl.zeros([BM, BD], dtype=tl.float32)
@@ -113,7 +107,7 @@ def _cmp_bwd_dq_kernel(
             bk, bv = load_kv_tile(k, v, b, g, cols, cmask, dd, dmask, skb, skn, skh, skd, svb, svn, svh, svd)
             vis = (cols[None, :] >= cur[:, None]) & cmask[None, :] & rmask[:, None]
             acc = dq_step(bq, bk, bv, bdo, vis, lse2, dlt, acc, qk_scale, PREC)
-        tl.store(dq_ptr, (acc * scale).to(dq.dtype.element_ty), mask=io_mask)
+        tl.store(dq + row_off, (acc * scale).to(dq.dtype.element_ty), mask=io_mask)
 
 
 @triton.jit
@@ -152,9 +146,8 @@ def _cmp_bwd_dkv_kernel(
                 rows = r0 + tl.arange(0, BM)
                 rmask = rows < r_hi
                 io_mask = rmask[:, None] & dmask[None, :]
-                bq = tl.load(q + b * sqb + h * sqh + rows[:, None] * sqt + dd[None, :] * sqd, mask=io_mask,
-                             other=0.0)
-                bdo = tl.load(do + ((b * Tq + rows[:, None]) * P + h) * D + dd[None, :], mask=io_mask, other=0.0)
+                bq = load_head_rows(q, b, h, rows, dd, io_mask, sqb, sqt, sqh, sqd)
+                bdo = tl.load(do + head_rows_offsets(b, h, rows, dd, Tq, P, D), mask=io_mask, other=0.0)
                 lse2 = tl.load(lse + (b * P + h) * Tq + rows, mask=rmask, other=0.0) * 1.4426950408889634  # to base 2
                 dlt = tl.load(delta + (b * P + h) * Tq + rows, mask=rmask, other=0.0)
                 cur = (rows + OFF) // BS

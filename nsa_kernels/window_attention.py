@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import (LOG2E, check_dim, dkv_step, dot_precision, dq_step, load_kv_tile, num_warps_for,
-                           online_softmax_step, row_tile_program)
+from ._triton_utils import (LOG2E, check_dim, dkv_step, dot_precision, dq_step, head_rows_offsets, load_head_rows,
+                           load_kv_tile, num_warps_for, online_softmax_step, row_tile_program)
 
 
 @triton.jit
@@ -58,16 +58,13 @@ def _band_fwd_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
     HAS_POS: tl.constexpr, HAS_KVALID: tl.constexpr,
 ):
-    b, h, g, rows, rmask = row_tile_program(Tq, H, GROUP, BM)
-    dd = tl.arange(0, BD)
-    dmask = dd < D
-    io_mask = rmask[:, None] & dmask[None, :]
-    o_ptr = o + ((b * Tq + rows[:, None]) * H + h) * D + dd[None, :]
+    b, h, g, rows, rmask, dd, dmask, io_mask = row_tile_program(Tq, H, GROUP, D, BM, BD)
+    o_ptr = o + head_rows_offsets(b, h, rows, dd, Tq, H, D)
     if h >= H_ACTIVE:
         tl.store(o_ptr, tl.zeros([BM, BD], dtype=o.dtype.element_ty), mask=io_mask)
     else:
         pos, lo, hi = _band_rows(pos_ptr, b, rows, rmask, Tq, Tk, OFF, W, HAS_POS)
-        bq = tl.load(q + b * sqb + h * sqh + rows[:, None] * sqt + dd[None, :] * sqd, mask=io_mask, other=0.0)
+        bq = load_head_rows(q, b, h, rows, dd, io_mask, sqb, sqt, sqh, sqd)
         m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BM], dtype=tl.float32)
         acc = tl.zeros([BM, BD], dtype=tl.float32)
@@ -94,17 +91,14 @@ def _band_bwd_dq_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
     HAS_POS: tl.constexpr, HAS_KVALID: tl.constexpr,
 ):
-    b, h, g, rows, rmask = row_tile_program(Tq, H, GROUP, BM)
-    dd = tl.arange(0, BD)
-    dmask = dd < D
-    io_mask = rmask[:, None] & dmask[None, :]
-    dq_ptr = dq + ((b * Tq + rows[:, None]) * H + h) * D + dd[None, :]
+    b, h, g, rows, rmask, dd, dmask, io_mask = row_tile_program(Tq, H, GROUP, D, BM, BD)
+    row_off = head_rows_offsets(b, h, rows, dd, Tq, H, D)
     if h >= H_ACTIVE:
-        tl.store(dq_ptr, tl.zeros([BM, BD], dtype=dq.dtype.element_ty), mask=io_mask)
+        tl.store(dq + row_off, tl.zeros([BM, BD], dtype=dq.dtype.element_ty), mask=io_mask)
     else:
         pos, lo, hi = _band_rows(pos_ptr, b, rows, rmask, Tq, Tk, OFF, W, HAS_POS)
-        bq = tl.load(q + b * sqb + h * sqh + rows[:, None] * sqt + dd[None, :] * sqd, mask=io_mask, other=0.0)
-        bdo = tl.load(do + ((b * Tq + rows[:, None]) * H + h) * D + dd[None, :], mask=io_mask, other=0.0)
+        bq = load_head_rows(q, b, h, rows, dd, io_mask, sqb, sqt, sqh, sqd)
+        bdo = tl.load(do + row_off, mask=io_mask, other=0.0)
         lse2 = tl.load(lse + (b * Tq + rows) * H + h, mask=rmask, other=float("inf"))
         dlt = tl.load(delta + (b * Tq + rows) * H + h, mask=rmask, other=0.0)
         acc = tl.zeros([BM, BD], dtype=tl.float32)
@@ -114,7 +108,7 @@ def _band_bwd_dq_kernel(
             bk, bv = load_kv_tile(k, v, b, g, cols, cmask, dd, dmask, skb, skt, skh, skd, svb, svt, svh, svd)
             vis = _band_visible(cols, pos, W, b, Tk, cmask, kvalid_ptr, HAS_KVALID)
             acc = dq_step(bq, bk, bv, bdo, vis, lse2, dlt, acc, qk_scale, PREC)
-        tl.store(dq_ptr, (acc * scale).to(dq.dtype.element_ty), mask=io_mask)
+        tl.store(dq + row_off, (acc * scale).to(dq.dtype.element_ty), mask=io_mask)
 
 
 @triton.jit
@@ -160,8 +154,8 @@ def _band_bwd_dkv_kernel(
             rmask = rows < r_hi
             pos = _row_positions(pos_ptr, b, rows, rmask, Tq, OFF, HAS_POS)
             io_mask = rmask[:, None] & dmask[None, :]
-            bq = tl.load(q + b * sqb + h * sqh + rows[:, None] * sqt + dd[None, :] * sqd, mask=io_mask, other=0.0)
-            bdo = tl.load(do + ((b * Tq + rows[:, None]) * H + h) * D + dd[None, :], mask=io_mask, other=0.0)
+            bq = load_head_rows(q, b, h, rows, dd, io_mask, sqb, sqt, sqh, sqd)
+            bdo = tl.load(do + head_rows_offsets(b, h, rows, dd, Tq, H, D), mask=io_mask, other=0.0)
             lse2 = tl.load(lse + (b * Tq + rows) * H + h, mask=rmask, other=float("inf"))
             dlt = tl.load(delta + (b * Tq + rows) * H + h, mask=rmask, other=0.0)
             vis = (cols[None, :] <= pos[:, None]) & (cols[None, :] > pos[:, None] - W) & col_ok[None, :]
