@@ -21,13 +21,11 @@ import functools
 import torch
 
 from . import reference as _ref
-from .compression import compress_kv
-from .compression import compression_attention as _compression_attention
+from .compression import compress_kv, compression_attention
 from .gate_mix import mix_branches
-from .selected_attention import selected_attention as _selected_attention
+from .selected_attention import selected_attention
 from .selection import select_blocks as _select_blocks
-from .window_attention import band_attention
-from .window_attention import window_attention as _window_attention
+from .window_attention import band_attention, window_attention
 
 __all__ = [
     "compress_kv",
@@ -41,23 +39,10 @@ __all__ = [
 ]
 
 
-def compression_attention(q, k_cmp, v_cmp, block_size, scale, num_keys=None, active_heads=None):
-    """Reference signature; returns ``(o [B, Tq, P, D], lse [B, P, Tq] float32)``."""
-    return _compression_attention(q, k_cmp, v_cmp, block_size, scale, num_keys, active_heads)
-
-
 def select_blocks(q, k_cmp, lse, block_count, block_size, scale, num_keys=None):
-    """Reference signature; int32 ``[B, Tq, Hkv, next_pow2(block_count)]``."""
+    """Reference signature; int32 ``[B, Tq, Hkv, next_pow2(block_count)]``. The choice is discrete: no gradient."""
     with torch.no_grad():
         return _select_blocks(q.detach(), k_cmp.detach(), lse, block_count, block_size, scale, num_keys)
-
-
-def selected_attention(q, k, v, block_indices, block_size, scale):
-    return _selected_attention(q, k, v, block_indices, block_size, scale)
-
-
-def window_attention(q, k, v, window_size, scale, active_heads=None):
-    return _window_attention(q, k, v, window_size, scale, active_heads)
 
 
 def _active_heads(q: torch.Tensor, gates: torch.Tensor) -> int:
@@ -88,11 +73,10 @@ def nsa_attention(q, k, v, gates, *, block_count, block_size, window_size, scale
     else:
         active = _active_heads(q, gates)
     k_cmp, v_cmp = compress_kv(k, block_size), compress_kv(v, block_size)
-    o_cmp, lse = _compression_attention(q, k_cmp, v_cmp, block_size, scale, num_keys, active)
-    with torch.no_grad():
-        block_indices = _select_blocks(q.detach(), k_cmp.detach(), lse, block_count, block_size, scale, num_keys)
-    o_slc = _selected_attention(q, k, v, block_indices, block_size, scale)
-    o_swd = _window_attention(q, k, v, window_size, scale, active)
+    o_cmp, lse = compression_attention(q, k_cmp, v_cmp, block_size, scale, num_keys, active)
+    block_indices = select_blocks(q, k_cmp, lse, block_count, block_size, scale, num_keys)
+    o_slc = selected_attention(q, k, v, block_indices, block_size, scale)
+    o_swd = window_attention(q, k, v, window_size, scale, active)
     out = mix_branches(o_cmp, o_slc, o_swd, gates.to(q.dtype))
     if not return_intermediates:
         return out
@@ -118,15 +102,16 @@ def _prefix_mean(v_t: torch.Tensor, key_valid: torch.Tensor | None, group: int, 
     return mean.repeat_interleave(group, dim=2).to(v_t.dtype)
 
 
-def dense_attention(q, k, v, scale, key_padding_mask=None, zero_rows=None):
+def dense_attention(q, k, v, scale, key_padding_mask=None):
     """Causal GQA attention, the reference's ``dense_attention`` contract.
+
+    Rows whose query is all zero (the text-masked query at vision rows) get the running mean of the visible
+    values, exactly what attention with a zero query returns, with no attention run and no gradient to their
+    query: meant for queries zeroed by a mask.
 
     Args:
         q: ``[B, Hq, Tq, D]``; k, v: ``[B, Hkv, Tk, D]``; query row ``r`` at position ``Tk - Tq + r``.
         key_padding_mask: bool ``[B, Tk]`` (True = real token) or None.
-        zero_rows: bool ``[B, Tq]`` of rows whose query is all zero, or None to detect them. Those rows get
-            the running mean of the visible values (exactly what attention with a zero query returns) with
-            no attention run, and no gradient to their query: meant for queries zeroed by a mask.
 
     Returns:
         ``[B, Tq, Hq, D]``; rows at padding positions are zero.
@@ -137,9 +122,8 @@ def dense_attention(q, k, v, scale, key_padding_mask=None, zero_rows=None):
     dev = q.device
     q_t, k_t, v_t = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     pos_all = torch.arange(Tq, device=dev) + (Tk - Tq)
-    if zero_rows is None:
-        with torch.no_grad():
-            zero_rows = (q_t == 0).all(dim=3).all(dim=2)
+    with torch.no_grad():
+        zero_rows = (q_t == 0).all(dim=3).all(dim=2)
     row_real = torch.ones(B, Tq, dtype=torch.bool, device=dev) if key_padding_mask is None else \
         key_padding_mask[:, Tk - Tq:]
     attend = row_real & ~zero_rows
