@@ -118,6 +118,11 @@ class ModelArguments:
         metadata={"help": "Log the mean NSA gate per branch over vision tokens: mean (gate/cmp, gate/slc, "
                           "gate/swa), per_layer (also gate/layer_<i>/<branch>) or none."},
     )
+    step_stats: bool = field(
+        default=False,
+        metadata={"help": "Time every optimizer step (the GPU is synchronised twice a step) and write peak memory "
+                          "and step times to <output_dir>/step_stats.json."},
+    )
     supervised_logits_only: bool = field(
         default=True,
         metadata={"help": "Compute logits only at positions that predict a supervised token (same loss, far less "
@@ -346,7 +351,7 @@ def main(argv=None):
         eval_dataset=eval_dataset,
         data_collator=VideoNSADataCollator(processor, max_context_tokens=data_args.max_context_tokens),
         processing_class=processor,
-        callbacks=[StepStatsCallback()],
+        callbacks=[StepStatsCallback()] if model_args.step_stats else None,
         gate_logging=model_args.gate_logging,
         supervised_logits_only=model_args.supervised_logits_only,
     )

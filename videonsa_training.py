@@ -172,7 +172,6 @@ class VideoNSADataCollator:
     processor: Any
     max_context_tokens: int | None = None
     video_root: str | None = None
-    pad_to_multiple_of: int | None = None
 
     def encode(self, record: dict) -> dict[str, torch.Tensor]:
         messages, videos = record_to_messages(record, self.video_root)
@@ -192,8 +191,6 @@ class VideoNSADataCollator:
 
     def pad(self, samples: list[dict]) -> dict[str, torch.Tensor]:
         length = max(len(s["input_ids"]) for s in samples)
-        if self.pad_to_multiple_of:
-            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
         pad_id = self.processor.tokenizer.pad_token_id
         fills = {"input_ids": pad_id, "attention_mask": 0, "mm_token_type_ids": 0, "labels": IGNORE_INDEX}
         batch = {}
@@ -355,12 +352,13 @@ class GateMonitor:
                 if tokens.key_padding_mask is not None:
                     vision = vision & tokens.key_padding_mask[:, -length:]
                 logits = output.detach().float().view(batch, length, -1, 3) / attention.config.nsa_gate_temperature
-                gates = torch.sigmoid(logits[vision.to(logits.device)])  # [vision tokens, heads, 3]
+                # weighted by the vision flags rather than indexed by them: boolean indexing waits for the GPU
+                weight = vision.to(device=logits.device, dtype=logits.dtype)[:, :, None, None]  # [B, T, 1, 1]
                 if self._sums is None:
-                    self._sums = torch.zeros(len(self.layers), 3, dtype=torch.float64, device=gates.device)
-                    self._counts = torch.zeros(len(self.layers), dtype=torch.float64, device=gates.device)
-                self._sums[index] += gates.sum(dim=(0, 1)).to(torch.float64)
-                self._counts[index] += gates.shape[0] * gates.shape[1]
+                    self._sums = torch.zeros(len(self.layers), 3, dtype=torch.float64, device=logits.device)
+                    self._counts = torch.zeros(len(self.layers), dtype=torch.float64, device=logits.device)
+                self._sums[index] += (torch.sigmoid(logits) * weight).sum(dim=(0, 1, 2)).to(torch.float64)
+                self._counts[index] += weight.sum().to(torch.float64) * logits.shape[2]
 
         return hook
 
@@ -408,9 +406,8 @@ def supervised_causal_lm_loss(outputs, labels, num_items_in_batch=None, **kwargs
     """Causal-LM cross entropy on logits computed at :func:`supervised_positions` only; the same value as the
     model's own loss over all positions (a sum divided by ``num_items_in_batch`` when given, else a mean)."""
     logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-    keep = supervised_positions(labels).to(labels.device)
-    targets = labels[:, 1:][:, keep]
-    if targets.numel() == 0 or not (targets != IGNORE_INDEX).any():
+    targets = labels[:, 1:][:, supervised_positions(labels)]
+    if targets.numel() == 0:  # nothing supervised (a kept position has a supervised label by construction)
         return logits.sum() * 0.0
     return ForCausalLMLoss(
         logits, None, vocab_size=logits.shape[-1], num_items_in_batch=num_items_in_batch, shift_labels=targets
@@ -483,7 +480,8 @@ class VideoNSATrainer(Trainer):
 
 class StepStatsCallback(TrainerCallback):
     """Times every optimizer step and tracks peak accelerator memory; writes ``step_stats.json`` to the output
-    folder at the end of training (the numbers ``docs/benchmarks.md`` reports).
+    folder at the end of training. It synchronises the GPU twice a step, so it is on only when asked for
+    (``train.py --step_stats``; ``bench/bench_training.py`` uses it for its tables).
 
     ``step_time_s``: from the step's start to its end (forward, backward, optimizer; the batches of the step are
     already loaded); ``interval_s``: from one step's end to the next (data loading included)."""

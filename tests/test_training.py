@@ -317,7 +317,7 @@ def test_freezing_the_llm_and_vision_leaves_only_the_gates(workspace, processor,
 def test_cli_checkpoint_resumes_to_the_same_state_with_eval_loss(workspace, tmp_path):
     data = workspace / "data"
     args = ["--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2", "--learning_rate", "1e-3",
-            "--eval_file", str(data / "eval.json"), "--eval_strategy", "steps", "--eval_steps", "2"]
+            "--step_stats", "--eval_file", str(data / "eval.json"), "--eval_strategy", "steps", "--eval_steps", "2"]
     whole = cli(workspace, tmp_path / "whole", *args)
     assert [e["eval_loss"] for e in whole.state.log_history if "eval_loss" in e]  # evaluation loss during training
     assert (tmp_path / "whole" / "checkpoint-2" / "modeling_videonsa.py").is_file()  # checkpoints load on their own
@@ -339,6 +339,7 @@ def test_cli_lora_trains_the_gates_and_projections_and_merges(workspace, tmp_pat
     cli(workspace, tmp_path, "--use_lora", "--merge_lora", "--lora_r", "4", "--max_steps", "3",
         "--learning_rate", "5e-3", "--gradient_checkpointing")
     assert (tmp_path / "adapter_config.json").is_file()
+    assert not (tmp_path / "step_stats.json").exists()  # step timing (GPU syncs) only with --step_stats
     trained = load_file(tmp_path / "adapter_model.safetensors")
     targets = {key.split(".lora_B")[0].rsplit(".", 1)[-1] for key in trained if "lora_B" in key}
     assert targets == set(vt.DEFAULT_LORA_TARGETS)
@@ -455,7 +456,8 @@ def test_cli_deepspeed_zero3_trains_like_a_plain_run(workspace, tmp_path):
     state = json.loads((tmp_path / "zero3" / "trainer_state.json").read_text())
     assert torch.load(tmp_path / "zero3" / "training_args.bin", weights_only=False).deepspeed == str(
         tmp_path / "zero3.json")
-    losses = [[e["loss"] for e in history if "loss" in e] for history in (plain.state.log_history, state["log_history"])]
+    histories = (plain.state.log_history, state["log_history"])
+    losses = [[e["loss"] for e in history if "loss" in e] for history in histories]
     assert len(losses[0]) == 2
     torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-4, atol=0)
     ours, expected = (load_file(tmp_path / name / "model.safetensors") for name in ("zero3", "plain"))
