@@ -122,8 +122,8 @@ GATE_WEIGHT_STD = 0.02
 GATE_OUTPUT_BIAS = math.log(0.5 / (1 - 0.5))
 GATE_RE = re.compile(r"^model\.language_model\.layers\.(\d+)\.self_attn\.g_proj_[12]\.(weight|bias)$")
 
-SAFETENSORS_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                      "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+# safetensors dtypes a gate MLP can be initialised in (that of a neighbouring attention weight): torch name, bytes.
+GATE_DTYPES = {"F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2), "F64": ("float64", 8)}
 
 
 class PushError(Exception):
@@ -526,11 +526,11 @@ def plan_conversion(source: Path, seed: int = 0) -> Plan:
         layer = GATE_RE.match(canonical).group(1)
         neighbour = by_canonical[f"model.language_model.layers.{layer}.self_attn.q_proj.weight"]
         dtype = tensors[neighbour][1]
-        if dtype not in ("F32", "F16", "BF16", "F64"):
+        if dtype not in GATE_DTYPES:
             raise PushError(f"cannot initialise gate MLPs next to {neighbour}, whose dtype is {dtype}")
         shape = expected[canonical]
         specs.append(TensorSpec(hub_name(canonical), canonical, shape, dtype,
-                                math.prod(shape) * SAFETENSORS_DTYPES[dtype]))
+                                math.prod(shape) * GATE_DTYPES[dtype][1]))
     specs.sort(key=lambda spec: _natural_key(spec.target))
     return Plan(source, kind, config, specs, seed, layouts)
 
@@ -539,7 +539,7 @@ def initial_gate_tensor(spec: TensorSpec, seed: int):
     """The authors' initialisation of one gate tensor, reproducible from the seed and the tensor's name."""
     import torch
 
-    dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}[spec.dtype]
+    dtype = getattr(torch, GATE_DTYPES[spec.dtype][0])
     if spec.canonical.endswith(".bias"):
         bias = 0.0 if ".g_proj_1." in spec.canonical else GATE_OUTPUT_BIAS
         return torch.full(spec.shape, bias, dtype=dtype)
@@ -782,23 +782,13 @@ def _missing_required(folder: Path, files: list[str]) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------
 # Verification
 # ----------------------------------------------------------------------------------------------------------
-def _written_tensors(folder: Path) -> dict[str, tuple[Path, str, tuple]]:
-    index = folder / WEIGHTS_INDEX_NAME
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [WEIGHTS_NAME]
-    written = {}
-    for name in files:
-        for key, info in read_safetensors_header(folder / name).items():
-            written[key] = (folder / name, info["dtype"], tuple(info["shape"]))
-    return written
-
-
 def check_written_weights(plan: Plan, folder: Path) -> str:
     """Every planned tensor is in the written files under its mapped name, with its dtype and shape, and holds the
     source's bytes exactly (initialised gates: exactly what the seed gives); nothing else is there."""
     import torch
     from safetensors import safe_open
 
-    written = _written_tensors(folder)
+    written = list_source_tensors(folder)
     planned = {spec.target: spec for spec in plan.tensors}
     problems = []
     if set(written) != set(planned):
@@ -818,7 +808,7 @@ def check_written_weights(plan: Plan, folder: Path) -> str:
         for target, spec in planned.items():
             if target not in written:
                 continue
-            path, dtype, shape = written[target]
+            path, dtype, shape, _ = written[target]
             if (dtype, shape) != (spec.dtype, spec.shape):
                 problems.append(f"{target}: {dtype} {list(shape)} written, {spec.dtype} {list(spec.shape)} planned")
                 continue
