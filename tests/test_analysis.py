@@ -6,7 +6,6 @@ import math
 import pytest
 import torch
 
-import modeling_videonsa
 from nsa_kernels import reference
 from tiny_videonsa import build_tiny_checkpoint, tiny_model, video_prompt, write_video
 from videonsa_analysis import (
@@ -160,12 +159,8 @@ def test_analysis_blocks_and_gates_are_the_models_own():
     finally:
         handle.remove()
     hidden = captured["hidden"]
-    shape = (1, hidden.shape[1], -1, attention.head_dim)
-    q = attention.q_proj(hidden).view(shape).transpose(1, 2)
-    k = attention.k_proj(hidden).view(shape).transpose(1, 2)
-    v = attention.v_proj(hidden).view(shape).transpose(1, 2)
-    q, k = modeling_videonsa.apply_rotary_pos_emb(q, k, *captured["emb"])
     with torch.no_grad():
+        q, k, v = attention.project_qkv(hidden, captured["emb"])
         _, inter = reference.hybrid_attention(q, k, v, attention.gate_logits(hidden), captured["vision"],
                                               block_size=16, block_count=2, window_size=32, return_intermediates=True)
     blocks = inter[0]["block_indices"][0]
