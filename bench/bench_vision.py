@@ -31,12 +31,11 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-GRID_HW = 16
+from bench_end_to_end import GRID_HW, config_7b  # noqa: E402  (the prefill benchmark's model and video geometry)
 ROWS = ("transformers", "batched attention", "ours")
 
 
 def build_tower():
-    from bench_end_to_end import config_7b
     from modeling_videonsa import VideoNSAVisionTransformer
 
     config = config_7b().vision_config
