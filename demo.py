@@ -67,14 +67,14 @@ def main(argv=None):
     workdir = Path(args.workdir)
     source = args.model
     if source is None:
-        from tiny_videonsa import build_tiny_checkpoint
+        from videonsa.testing import build_tiny_checkpoint
 
         source = str(workdir / "tiny-videonsa")
         print(f"No --model given: building a tiny random VideoNSA checkpoint in {source}")
         build_tiny_checkpoint(source)  # rebuilt every run (a second), so it always carries this checkout's code
     video = args.video
     if video is None:
-        from tiny_videonsa import write_video
+        from videonsa.testing import write_video
 
         video = str(workdir / "moving-square.mp4")
         if not Path(video).is_file():

@@ -188,7 +188,7 @@ def preset_config(name: str) -> VideoNSAConfig:
     if name == "small":
         return apply_config_overrides(VideoNSAConfig(**PRESET_7B), SMALL_OVERRIDES)
     if name == "tiny":
-        from tiny_videonsa import tiny_config
+        from videonsa.testing import tiny_config
 
         return tiny_config()
     raise ValueError(f"--random_init_preset must be '7b', 'small' or 'tiny', got {name!r}")
@@ -197,7 +197,7 @@ def preset_config(name: str) -> VideoNSAConfig:
 def synthetic_processor(config) -> VideoNSAProcessor:
     """A processor for a random model: a byte-level tokenizer carrying Qwen2.5-VL's special tokens at the config's
     ids (all of them at the real ids when the vocabulary is Qwen2.5-VL's)."""
-    from tiny_videonsa import QWEN2_5_VL_SPECIAL_TOKENS, make_tokenizer
+    from videonsa.testing import QWEN2_5_VL_SPECIAL_TOKENS, make_tokenizer
 
     vocab_size = config.text_config.vocab_size
     if vocab_size >= 151643 + len(QWEN2_5_VL_SPECIAL_TOKENS):

@@ -18,4 +18,6 @@ if ! .venv/bin/python -c "import torch, torchvision, sys; sys.exit(not (torch.__
 fi
 pip install -q -r requirements-dev.txt
 pip install -q --no-deps triton==3.6.0
+# the project itself, editable: the Hub modules at the root and the videonsa tools package (console scripts)
+pip install -q --no-deps --no-build-isolation -e .
 .venv/bin/python -c "import torch, torchvision, transformers, triton; print(f'set-up ok: torch {torch.__version__}, torchvision {torchvision.__version__}, transformers {transformers.__version__}, triton {triton.__version__}')"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nsa_kernels import reference
-from tiny_videonsa import build_tiny_checkpoint, tiny_model, video_prompt, write_video
+from videonsa.testing import build_tiny_checkpoint, tiny_model, video_prompt, write_video
 from videonsa_analysis import (
     analyze,
     block_to_frames,

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from hub_utils import COMMIT, REPO_ID, load_in_fresh_process, populate_hub_cache
 from modeling_videonsa import VideoNSAForConditionalGeneration
-from tiny_videonsa import build_tiny_checkpoint, tiny_model, video_prompt
+from videonsa.testing import build_tiny_checkpoint, tiny_model, video_prompt
 
 
 @pytest.fixture(scope="module")

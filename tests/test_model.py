@@ -8,7 +8,7 @@ from transformers.cache_utils import DynamicCache
 import modeling_videonsa
 from configuration_videonsa import NSA_KEYS, VideoNSAConfig
 from nsa_kernels import reference
-from tiny_videonsa import VIDEO_TOKEN, left_pad_batch, tiny_config, tiny_model, video_prompt
+from videonsa.testing import VIDEO_TOKEN, left_pad_batch, tiny_config, tiny_model, video_prompt
 
 TEXT_VIDEO_TEXT = [5, (4, 4, 6), 7]  # 5 text | video of 24 tokens (+ start/end) | 7 text; block 16 -> 3 blocks
 

@@ -24,7 +24,7 @@ from transformers.utils import logging as hf_logging
 from transformers.video_utils import load_video
 
 import processing_videonsa
-from tiny_videonsa import make_tokenizer, synthetic_frames, write_video
+from videonsa.testing import make_tokenizer, synthetic_frames, write_video
 from processing_videonsa import (
     ContextBudgetExceededError,
     FpsReducedWarning,
@@ -611,7 +611,7 @@ def test_progress_bar_while_decoding(processor, clips, capsys):
 
 
 def test_processor_to_tiny_model_to_generate(clips, tmp_path):
-    import tiny_videonsa as tiny
+    import videonsa.testing as tiny
     model = tiny.tiny_model()
     tokenizer = make_tokenizer(
         {

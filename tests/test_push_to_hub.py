@@ -24,7 +24,7 @@ from configuration_videonsa import NSA_KEYS
 from hub_utils import COMMIT, REPO_ID, REPO_ROOT, fresh_process_env, load_many_in_fresh_process, populate_hub_cache
 from modeling_videonsa import VideoNSAForConditionalGeneration
 from test_model import qwen_twin
-from tiny_videonsa import build_tiny_checkpoint, make_tokenizer, video_prompt, write_video
+from videonsa.testing import build_tiny_checkpoint, make_tokenizer, video_prompt, write_video
 
 LAYOUTS = ("videonsa", "release-4x", "release-5x", "qwen")
 PUSH_OPTIONS = {  # every verification mode once; loading and tensors of all layouts are checked by the tests too

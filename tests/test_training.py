@@ -17,7 +17,7 @@ import train
 import videonsa_training as vt
 from modeling_videonsa import VideoNSAForConditionalGeneration
 from processing_videonsa import ContextBudgetExceededError, VideoNSAProcessor
-from tiny_videonsa import build_tiny_checkpoint, write_video
+from videonsa.testing import build_tiny_checkpoint, write_video
 
 TOKENS_PER_CLIP = 16  # 8 frames of 64x64 at 4 fps -> 4 temporal patches x (56x56 -> 2x2 merged tokens)
 

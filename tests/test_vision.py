@@ -8,7 +8,7 @@ import torch
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel, Qwen2_5_VLMLP
 
 import modeling_videonsa
-from tiny_videonsa import PATCH_DIM, tiny_config
+from videonsa.testing import PATCH_DIM, tiny_config
 
 # (t, h, w) grids in patches. The window is 56 px = 4 x 4 patches (2 x 2 merged tokens), so grids whose merged
 # height or width is odd have partial windows at their edges: segments of 16, 8 and 4 patches in the windowed

@@ -10,7 +10,7 @@ if not torch.cuda.is_available():
     pytest.skip("no CUDA device", allow_module_level=True)
 pytest.importorskip("triton")
 
-from tiny_videonsa import tiny_config, video_prompt  # noqa: E402
+from videonsa.testing import tiny_config, video_prompt  # noqa: E402
 
 HEAD_DIM = 64  # the kernels take head dim 64 or 128; 28 heads as in the 7B
 
