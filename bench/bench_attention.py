@@ -165,23 +165,12 @@ def bench_length(T, reps, rows):
             "slc_bwd": lambda: selected_attention_bwd(q, k, v, bi, o_s, lse_s, do, BS, scale),
             "swd_bwd": lambda: band_attention_bwd(q, k, v, o_w, lse_w, do, scale, W, None, None, 56),
         }
-        import nsa_kernels.compression as CMP
-        import nsa_kernels.selected_attention as SA
-        import nsa_kernels.selection as SEL
-        import nsa_kernels.window_attention as WIN
+        import dataclasses
 
-        def setting_variant(mod, settings, fn):
-            """``fn`` run with the module-level launch settings ``settings`` of ``mod`` (restored after)."""
-            def run():
-                old = {n: getattr(mod, n) for n in settings}
-                for n, val in settings.items():
-                    setattr(mod, n, val)
-                try:
-                    return fn()
-                finally:
-                    for n, val in old.items():
-                        setattr(mod, n, val)
-            return run
+        from nsa_kernels._triton_utils import DEFAULT_LAUNCH
+
+        def variant(**settings):
+            return dataclasses.replace(DEFAULT_LAUNCH, **settings)
 
         def slc_bwd(part):
             return lambda: selected_attention_bwd(q, k, v, bi, o_s, lse_s, do, BS, scale, parts=(part,))
@@ -192,18 +181,21 @@ def bench_length(T, reps, rows):
         def swd_bwd(part):
             return lambda: band_attention_bwd(q, k, v, o_w, lse_w, do, scale, W, None, None, 56, parts=(part,))
 
-        parts["slc_fwd_w4"] = setting_variant(SA, {"FWD_WARPS": 4}, parts["slc_fwd"])
+        parts["slc_fwd_w4"] = lambda: selected_attention_fwd(q, k, v, bi, BS, scale, launch=variant(selected_warps=4))
         parts["slc_bwd_dq"] = slc_bwd("dq")
         parts["slc_bwd_dkv"] = slc_bwd("dkv")
         parts["cmp_bwd_dq"] = cmp_bwd("dq")
         parts["cmp_bwd_dkv"] = cmp_bwd("dkv")
         parts["swd_bwd_dq"] = swd_bwd("dq")
         parts["swd_bwd_dkv"] = swd_bwd("dkv")
-        parts["cmp_fwd_w8"] = setting_variant(CMP, {"FWD_WARPS": 8}, parts["cmp_fwd"])
-        parts["swd_fwd_w8"] = setting_variant(WIN, {"FWD_WARPS": 8}, parts["swd_fwd"])
+        parts["cmp_fwd_w8"] = lambda: compression_attention_fwd(q, kc, vc, BS, scale, T, 56,
+                                                                launch=variant(attention_warps=8))
+        parts["swd_fwd_w8"] = lambda: band_attention_fwd(q, k, v, scale, W, None, None, 56,
+                                                         launch=variant(attention_warps=8))
         for rows_per_program, warps in ((1, 1), (2, 2), (8, 4), (8, 8)):
-            parts[f"topk_r{rows_per_program}_w{warps}"] = setting_variant(
-                SEL, {"ROWS_PER_PROGRAM": rows_per_program, "TOPK_WARPS": warps}, parts["topk"])
+            launch = variant(topk_rows_per_program=rows_per_program, topk_warps=warps)
+            parts[f"topk_r{rows_per_program}_w{warps}"] = (
+                lambda launch=launch: select_blocks(q, kc, lse, BC, BS, scale, T, launch=launch))
         from nsa_kernels.gate_mix import mix_branches
         gates_q = gates.to(q.dtype)
         parts["gate_mix"] = lambda: mix_branches(o_c, o_s, o_w, gates_q)
@@ -276,7 +268,7 @@ def work_model(T, bi):
     "L2" is what it re-reads from cache: the compressed keys streamed by every top-k program, and the 32 selected
     K/V blocks gathered by every (row, kv head) of selected attention.
     """
-    import nsa_kernels.selection as SEL
+    from nsa_kernels._triton_utils import DEFAULT_LAUNCH
 
     heads, nb = 56, -(-T // BS)
     t = torch.arange(T, device="cuda", dtype=torch.float64)
@@ -296,7 +288,7 @@ def work_model(T, bi):
     return {
         "cmp_fwd": dict(flops=4 * D * pairs_cmp, hbm=2 * qbytes + T * P * 4, l2=0.0),
         "topk": dict(flops=2 * D * pairs_topk, hbm=T * P * D * 2 + T * P * 4,
-                     l2=HKV * float(((cur // BS + 1) * BS).sum()) * D * 2 / SEL.ROWS_PER_PROGRAM),
+                     l2=HKV * float(((cur // BS + 1) * BS).sum()) * D * 2 / DEFAULT_LAUNCH.topk_rows_per_program),
         "slc_fwd": dict(flops=4 * D * pairs_slc, hbm=2 * T * P * D * 2 + kvbytes, l2=slots_slc * BS * D * 2 * 2),
         "swd_fwd": dict(flops=4 * D * pairs_swd, hbm=2 * qbytes + kvbytes, l2=0.0),
         "cmp_bwd": dict(flops=14 * D * pairs_cmp, hbm=4 * qbytes, l2=0.0),

@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
+
+import functools
+import warnings
 
 import torch
 import triton
@@ -23,12 +27,29 @@ def interpreting() -> bool:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """``tl.dot`` precision: exact float32 products for float32 inputs, the tensor-core default otherwise.
+    """``tl.dot`` precision: for float32 inputs exact products unless ``torch.backends.cuda.matmul.allow_tf32`` is
+    set (then TF32, as PyTorch's own matmuls), the tensor-core default for half precision.
 
-    float32 inputs are the accuracy path (tests, block selection that must match the reference bit for bit
-    outside exact ties), so TF32 is not used for them.
+    Exact float32 is the accuracy path (tests, block selection that matches the reference bit for bit outside
+    exact ties) but runs on CUDA cores, far slower than bf16: a one-time warning says so on CUDA.
     """
-    return "ieee" if dtype == torch.float32 else "tf32"
+    if dtype != torch.float32:
+        return "tf32"
+    if torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    if not interpreting():
+        _warn_exact_float32()
+    return "ieee"
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_exact_float32() -> None:
+    warnings.warn(
+        "VideoNSA's Triton kernels run float32 inputs with exact float32 dot products on CUDA cores, tens of times "
+        "slower than bfloat16. Load the model in bfloat16, or set torch.backends.cuda.matmul.allow_tf32 = True to "
+        "use TF32 tensor cores (block selection may then differ from the float32 reference on near ties).",
+        stacklevel=3,
+    )
 
 
 def head_block(group: int) -> int:
@@ -43,9 +64,26 @@ def check_dim(d: int) -> int:
     return max(16, bd)
 
 
-def num_warps_for(bd: int) -> int:
-    """Warps of the dense-tile attention kernels (64-row tiles): 4 measured faster than 8 at D = 128 on H200."""
-    return 4
+@dataclass(frozen=True)
+class LaunchSettings:
+    """Launch settings of every kernel, in one explicit object (the defaults are the fastest measured on H100 and
+    H200, ``docs/benchmarks.md``). Library calls take ``launch=DEFAULT_LAUNCH``; a benchmark passes a variant made
+    with ``dataclasses.replace``."""
+
+    attention_warps: int = 4  # compression and window tiles (64 x 64), forward and backward
+    compression_dkv_rows: int | None = None  # query rows per dk/dv program; None: 256 up to 16K rows, else 1024
+    selected_warps: int = 2  # one row x one kv group per program, forward and dq
+    selected_rows_per_tile: int = 1  # forward: rows per program (1, or 2, 4, 8 for tiles over unions of blocks)
+    selected_union_blocks_per_row: int = 20  # a tile walks its union when it has at most this many blocks per row
+    selected_stages: int = 2
+    selected_dkv_rows: int = 64  # (row, head) pairs per step of the selected dk/dv kernel
+    selected_dkv_warps: int = 4
+    topk_rows_per_program: int = 4
+    topk_warps: int = 4
+    mix_rows: int = 16  # (token, head) rows per gate-mixing program
+
+
+DEFAULT_LAUNCH = LaunchSettings()
 
 
 def log2_int(n: int) -> int:

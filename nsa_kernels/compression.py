@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import (LOG2E, check_dim, dkv_step, dot_precision, dq_step, head_rows_offsets, load_head_rows,
-                           load_kv_tile, num_warps_for, online_softmax_step, row_tile_program)
+from ._triton_utils import (DEFAULT_LAUNCH, LOG2E, check_dim, dkv_step, dot_precision, dq_step, head_rows_offsets, load_head_rows,
+                           load_kv_tile, online_softmax_step, row_tile_program)
 
 
 def compress_kv(x: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -165,7 +165,8 @@ def _blocks(d: int):
     return bd, bm, bn
 
 
-def compression_attention_fwd(q, k_cmp, v_cmp, block_size, scale, num_keys=None, active_heads=None):
+def compression_attention_fwd(q, k_cmp, v_cmp, block_size, scale, num_keys=None, active_heads=None,
+                              launch=DEFAULT_LAUNCH):
     B, Tq, P, D = q.shape
     NB, HKV = k_cmp.shape[1], k_cmp.shape[2]
     num_keys = Tq if num_keys is None else int(num_keys)
@@ -179,20 +180,15 @@ def compression_attention_fwd(q, k_cmp, v_cmp, block_size, scale, num_keys=None,
         *q.stride(), *k_cmp.stride(), *v_cmp.stride(),
         Tq, num_keys - Tq, NB, active_heads, scale * LOG2E,
         P=P, GROUP=P // HKV, D=D, BS=block_size, BM=bm, BN=bn, BD=bd, PREC=dot_precision(q.dtype),
-        num_warps=FWD_WARPS or num_warps_for(bd), num_stages=2,
+        num_warps=launch.attention_warps, num_stages=2,
     )
     return o, lse
 
 
-# launch settings of the backward kernels (module level so that a benchmark can try others)
-BWD_DQ_WARPS = None  # None: num_warps_for(D)
-BWD_DKV_WARPS = None
-FWD_WARPS = None
-BWD_ROWS_PER_PROGRAM = None  # None: 256 up to 16K rows, else 1024
-
-
 def compression_attention_bwd(q, k_cmp, v_cmp, o, lse, do, block_size, scale, num_keys=None, active_heads=None,
-                              parts=("dq", "dkv")):
+                              launch=DEFAULT_LAUNCH, parts=("dq", "dkv")):
+    """``dq`` (q dtype), ``dk_cmp``, ``dv_cmp`` (k_cmp dtype). ``parts`` runs only the dq or the dk/dv kernel
+    (the other result is left unset): the two halves are timed apart."""
     B, Tq, P, D = q.shape
     NB, HKV = k_cmp.shape[1], k_cmp.shape[2]
     num_keys = Tq if num_keys is None else int(num_keys)
@@ -209,12 +205,12 @@ def compression_attention_bwd(q, k_cmp, v_cmp, o, lse, do, block_size, scale, nu
             scale * LOG2E, scale)
     if "dq" in parts:
         _cmp_bwd_dq_kernel[(triton.cdiv(Tq, bm), B * P)](q, k_cmp, v_cmp, do, lse, delta, dq, *args,
-                                                          num_warps=BWD_DQ_WARPS or num_warps_for(bd), **common)
+                                                          num_warps=launch.attention_warps, **common)
     if "dkv" in parts:
-        rc = BWD_ROWS_PER_PROGRAM or (256 if Tq <= 16384 else 1024)
+        rc = launch.compression_dkv_rows or (256 if Tq <= 16384 else 1024)
         _cmp_bwd_dkv_kernel[(triton.cdiv(NB, bn), triton.cdiv(Tq, rc), B * HKV)](
             q, k_cmp, v_cmp, do, lse, delta, dk, dv, *args, HKV=HKV, RC=rc,
-            num_warps=BWD_DKV_WARPS or num_warps_for(bd), **common)
+            num_warps=launch.attention_warps, **common)
     return dq, dk.to(k_cmp.dtype), dv.to(v_cmp.dtype)
 
 

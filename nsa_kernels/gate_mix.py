@@ -12,9 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import check_dim
+from ._triton_utils import DEFAULT_LAUNCH, check_dim
 
-ROWS = 16  # (token, head) rows per program
 
 
 @triton.jit
@@ -65,7 +64,8 @@ class GateMixFunction(torch.autograd.Function):
         D = branches[0].shape[-1]
         n_rows = branches[0].numel() // D
         out = torch.empty_like(branches[0])
-        _mix_fwd_kernel[(triton.cdiv(n_rows, ROWS),)](*branches, g, out, n_rows, D=D, BR=ROWS, BD=check_dim(D),
+        rows = DEFAULT_LAUNCH.mix_rows
+        _mix_fwd_kernel[(triton.cdiv(n_rows, rows),)](*branches, g, out, n_rows, D=D, BR=rows, BD=check_dim(D),
                                                       num_warps=4)
         ctx.save_for_backward(*branches, g)
         return out
@@ -77,8 +77,9 @@ class GateMixFunction(torch.autograd.Function):
         n_rows = o_cmp.numel() // D
         grads = [torch.empty_like(o_cmp) for _ in range(3)]
         dgates = torch.empty(g.shape, device=g.device, dtype=torch.float32)
-        _mix_bwd_kernel[(triton.cdiv(n_rows, ROWS),)](o_cmp, o_slc, o_swd, g, dout.contiguous(), *grads, dgates,
-                                                      n_rows, D=D, BR=ROWS, BD=check_dim(D), num_warps=4)
+        rows = DEFAULT_LAUNCH.mix_rows
+        _mix_bwd_kernel[(triton.cdiv(n_rows, rows),)](o_cmp, o_slc, o_swd, g, dout.contiguous(), *grads, dgates,
+                                                      n_rows, D=D, BR=rows, BD=check_dim(D), num_warps=4)
         return (*grads, dgates.to(g.dtype))
 
 

@@ -4,7 +4,16 @@ Query row ``r`` (position ``t = num_keys - Tq + r``) of padded head ``j`` attend
 listed in ``block_indices[b, r, j // G]`` that are at or before ``t``; slots holding ``-1`` or a block that
 starts after ``t`` are skipped, as in the authors' kernel.
 
-Forward and dq: one program per (row, kv head) holding the G query heads of that group. dk/dv: the
+Forward, two schedules of the same function:
+
+* per row: one program per (row, kv head) holding the G query heads of that group, loading the row's own
+  blocks (at most S key/value tiles per row);
+* per tile of rows: one program per (R consecutive rows, kv head) holding R x G query rows, walking the
+  union of the blocks those rows selected once and masking each row to its own blocks. Neighbouring video
+  queries select many of the same blocks, so a tile loads far fewer key/value tiles than its rows would
+  alone, at the price of computing every union block for all R x G rows.
+
+dq: one program per (row, kv head). dk/dv: the
 (row, slot) pairs are inverted into per-block lists of rows with a sort in torch, the lists are cut into
 work items of at most ``_ROWS_PER_ITEM`` rows, and one program per item accumulates dk/dv of its block
 over the rows (G heads each) and adds them to float32 buffers with atomics (one add per item and element).
@@ -16,29 +25,18 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import (LOG2E, check_dim, dkv_step, dot_precision, dq_step, head_block, load_group_query,
+from ._triton_utils import (DEFAULT_LAUNCH, LOG2E, check_dim, dkv_step, dot_precision, dq_step, head_block, load_group_query,
                            load_kv_tile, online_softmax_step, row_group_program)
 
 _ROWS_PER_ITEM = 256
-# launch settings (module level so that a benchmark can try others)
-FWD_WARPS = 2
-FWD_STAGES = 2
-BWD_WARPS = 2
-DKV_ROWS = 64  # (row, head) pairs per step of the dk/dv kernel
-DKV_WARPS = 4
 
 
 @triton.jit
-def _slc_fwd_kernel(
-    q, k, v, bi, o, lse,
-    sqb, sqt, sqh, sqd,
-    skb, skt, skh, skd,
-    svb, svt, svh, svd,
-    Tq, OFF, qk_scale,
-    P: tl.constexpr, HKV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, S: tl.constexpr,
-    BS: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
-):
-    b, g, r, t, hh, hmask, dd, dmask = row_group_program(Tq, OFF, HKV, GROUP, D, BH, BD)
+def _row_forward(q, k, v, bi, o, lse, b, g, r, t, hh, hmask, dd, dmask,
+                 sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, Tq, qk_scale,
+                 P: tl.constexpr, HKV: tl.constexpr, GROUP: tl.constexpr, S: tl.constexpr, BS: tl.constexpr,
+                 BH: tl.constexpr, BD: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr):
+    """Row ``r`` (position ``t``) of kv group ``g``: its ``[BH, BD]`` query heads over its own S blocks."""
     qmask = hmask[:, None] & dmask[None, :]
     bq = load_group_query(q, b, r, g, GROUP, hh, dd, qmask, sqb, sqt, sqh, sqd)
     m_i = tl.full([BH], float("-inf"), dtype=tl.float32)
@@ -57,6 +55,104 @@ def _slc_fwd_kernel(
     tl.store(o + ((b * Tq + r) * P + g * GROUP + hh[:, None]) * D + dd[None, :], out.to(o.dtype.element_ty),
              mask=qmask)
     tl.store(lse + (b * Tq + r) * P + g * GROUP + hh, m_i + tl.log2(l_i), mask=hmask)
+
+
+@triton.jit
+def _slc_fwd_kernel(
+    q, k, v, bi, o, lse,
+    sqb, sqt, sqh, sqd,
+    skb, skt, skh, skd,
+    svb, svt, svh, svd,
+    Tq, OFF, qk_scale,
+    P: tl.constexpr, HKV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, S: tl.constexpr,
+    BS: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
+):
+    b, g, r, t, hh, hmask, dd, dmask = row_group_program(Tq, OFF, HKV, GROUP, D, BH, BD)
+    _row_forward(q, k, v, bi, o, lse, b, g, r, t, hh, hmask, dd, dmask, sqb, sqt, sqh, sqd, skb, skt, skh, skd,
+                 svb, svt, svh, svd, Tq, qk_scale, P, HKV, GROUP, S, BS, BH, BD, D, PREC)
+
+
+@triton.jit
+def _tile_union_kernel(bi, ids, bits, count, Tq, NT, HKV: tl.constexpr, S: tl.constexpr, R: tl.constexpr):
+    """Grid ``(NT, B * Hkv)``: the distinct blocks of one tile of R rows (ascending), which rows chose each, and
+    how many there are. All pairs of the tile's R x S entries are compared at once (no sort)."""
+    tile = tl.program_id(0).to(tl.int64)
+    pid_bg = tl.program_id(1)
+    b = pid_bg // HKV
+    g = pid_bg % HKV
+    E: tl.constexpr = R * S
+    e = tl.arange(0, E)
+    row = tile * R + e // S
+    blk = tl.load(bi + ((b * Tq + row) * HKV + g) * S + e % S, mask=row < Tq, other=-1)
+    blk = tl.where(blk >= 0, blk, 2147483647)
+    valid = blk != 2147483647
+    # [E, E]: entry i against entry j
+    same = blk[:, None] == blk[None, :]
+    first = valid & (tl.sum((same & (e[None, :] < e[:, None])).to(tl.int32), 1) == 0)  # first entry of its block
+    slot = tl.sum(((blk[None, :] < blk[:, None]) & first[None, :]).to(tl.int32), 1)  # rank among distinct blocks
+    row_bit = (1 << (e // S)).to(tl.int32)
+    chosen_by = tl.sum(tl.where(same, row_bit[None, :], 0), 1)  # a row lists a block once: the sum is an or
+    base = ((b * NT + tile) * HKV + g) * E
+    tl.store(ids + base + slot, blk, mask=first)
+    tl.store(bits + base + slot, chosen_by, mask=first)
+    tl.store(count + (b * NT + tile) * HKV + g, tl.sum(first.to(tl.int32), 0))
+
+
+@triton.jit
+def _slc_fwd_tile_kernel(
+    q, k, v, bi, union_ids, union_bits, union_count, o, lse,
+    sqb, sqt, sqh, sqd,
+    skb, skt, skh, skd,
+    svb, svt, svh, svd,
+    Tq, Tk, OFF, NT, MAX_UNION, qk_scale,
+    P: tl.constexpr, HKV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, S: tl.constexpr,
+    R: tl.constexpr, BS: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
+):
+    # grid (NT, B * Hkv). A tile whose rows chose at most MAX_UNION distinct blocks walks the union once with
+    # R * BH query rows, masking each row to its own blocks; otherwise (little overlap: the union would cost more
+    # arithmetic than it saves loads) its rows run one by one as in the per-row kernel.
+    tile = tl.program_id(0).to(tl.int64)
+    pid_bg = tl.program_id(1)
+    b = pid_bg // HKV
+    g = pid_bg % HKV
+    base = (b * NT + tile) * HKV + g
+    count = tl.load(union_count + base)
+    dd = tl.arange(0, BD)
+    dmask = dd < D
+    if count <= MAX_UNION:
+        mm = tl.arange(0, R * BH)
+        ri = mm // BH
+        hj = mm % BH
+        r = tile * R + ri
+        rmask = (r < Tq) & (hj < GROUP)
+        t = r + OFF
+        qmask = rmask[:, None] & dmask[None, :]
+        bq = tl.load(q + b * sqb + r[:, None] * sqt + (g * GROUP + hj)[:, None] * sqh + dd[None, :] * sqd,
+                     mask=qmask, other=0.0)
+        m_i = tl.full([R * BH], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([R * BH], dtype=tl.float32)
+        acc = tl.zeros([R * BH, BD], dtype=tl.float32)
+        offs = tl.arange(0, BS)
+        for u in range(0, count):
+            blk = tl.load(union_ids + base * (R * S) + u)
+            chosen = ((tl.load(union_bits + base * (R * S) + u) >> ri) & 1) != 0
+            cols = blk * BS + offs
+            bk, bv = load_kv_tile(k, v, b, g, cols, cols < Tk, dd, dmask, skb, skt, skh, skd, svb, svt, svh, svd)
+            vis = chosen[:, None] & (cols[None, :] <= t[:, None])
+            m_i, l_i, acc = online_softmax_step(bq, bk, bv, vis, m_i, l_i, acc, qk_scale, PREC)
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        row_off = (b * Tq + r) * P + g * GROUP + hj
+        tl.store(o + row_off[:, None] * D + dd[None, :], out.to(o.dtype.element_ty), mask=qmask)
+        tl.store(lse + row_off, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), mask=rmask)
+    else:
+        hh = tl.arange(0, BH)
+        hmask = hh < GROUP
+        for ri in range(R):
+            r = tile * R + ri
+            if r < Tq:
+                _row_forward(q, k, v, bi, o, lse, b, g, r, r + OFF, hh, hmask, dd, dmask, sqb, sqt, sqh, sqd,
+                             skb, skt, skh, skd, svb, svt, svh, svd, Tq, qk_scale, P, HKV, GROUP, S, BS, BH, BD, D,
+                             PREC)
 
 
 @triton.jit
@@ -145,17 +241,59 @@ def _cfg(q, k, block_indices, block_size):
     return B, Tq, P, D, Tk, HKV, S, group
 
 
-def selected_attention_fwd(q, k, v, block_indices, block_size, scale):
+def tile_unions(block_indices: torch.Tensor, rows_per_tile: int):
+    """The blocks selected by each tile of ``rows_per_tile`` consecutive query rows, per kv head.
+
+    Args:
+        block_indices: int ``[B, Tq, Hkv, S]`` (-1 = empty slot); a row lists each block at most once.
+
+    Returns:
+        ``ids`` int32 ``[B, NT, Hkv, R * S]``: the tile's distinct blocks ascending (entries past ``count`` are
+        unspecified); ``bits`` int32 of the same shape: bit ``i`` set iff row ``i`` of the tile chose that block;
+        ``count`` int32 ``[B, NT, Hkv]``: distinct blocks per tile. ``NT = ceil(Tq / R)``.
+    """
+    R = int(rows_per_tile)
+    if R not in (1, 2, 4, 8):
+        raise ValueError(f"rows_per_tile must be 1, 2, 4 or 8 (R x 16 query rows per tile), got {R}")
+    bi = block_indices.to(torch.int32).contiguous()
+    B, Tq, HKV, S = bi.shape
+    NT = -(-Tq // R)
+    ids = torch.empty(B, NT, HKV, R * S, dtype=torch.int32, device=bi.device)
+    bits = torch.empty_like(ids)
+    count = torch.empty(B, NT, HKV, dtype=torch.int32, device=bi.device)
+    if NT:
+        _tile_union_kernel[(NT, B * HKV)](bi, ids, bits, count, Tq, NT, HKV=HKV, S=S, R=R, num_warps=4)
+    return ids, bits, count
+
+
+def selected_attention_fwd(q, k, v, block_indices, block_size, scale, rows_per_tile=None, launch=DEFAULT_LAUNCH):
+    """Forward: output ``[B, Tq, P, D]`` (q dtype) and base-2 log-sum-exp ``[B, Tq, P]`` float32.
+
+    ``rows_per_tile``: None for the launch settings' choice (``selected_rows_per_tile``), 1 for one row per
+    program, R > 1 for tiles of R rows that walk the union of their blocks when it has at most
+    ``launch.selected_union_blocks_per_row * R`` blocks and their rows one by one otherwise. Every schedule
+    computes the same function.
+    """
     B, Tq, P, D, Tk, HKV, S, group = _cfg(q, k, block_indices, block_size)
     bi = block_indices.to(torch.int32).contiguous()
     o = torch.empty(B, Tq, P, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, Tq, P, device=q.device, dtype=torch.float32)
     bd = check_dim(D)
-    _slc_fwd_kernel[(Tq, B * HKV)](
-        q, k, v, bi, o, lse, *q.stride(), *k.stride(), *v.stride(), Tq, Tk - Tq, scale * LOG2E,
-        P=P, HKV=HKV, GROUP=group, D=D, S=S, BS=block_size, BH=head_block(group), BD=bd,
-        PREC=dot_precision(q.dtype), num_warps=FWD_WARPS, num_stages=FWD_STAGES,
-    )
+    bh = head_block(group)
+    rows = launch.selected_rows_per_tile if rows_per_tile is None else int(rows_per_tile)
+    strides = (*q.stride(), *k.stride(), *v.stride())
+    common = dict(P=P, HKV=HKV, GROUP=group, D=D, S=S, BS=block_size, BH=bh, BD=bd, PREC=dot_precision(q.dtype),
+                  num_stages=launch.selected_stages)
+    if rows > 1:
+        ids, bits, count = tile_unions(bi, rows)
+        NT = ids.shape[1]
+        _slc_fwd_tile_kernel[(NT, B * HKV)](
+            q, k, v, bi, ids, bits, count, o, lse, *strides, Tq, Tk, Tk - Tq, NT,
+            launch.selected_union_blocks_per_row * rows, scale * LOG2E, R=rows,
+            num_warps=4 if rows * bh <= 64 else 8, **common)
+        return o, lse
+    _slc_fwd_kernel[(Tq, B * HKV)](q, k, v, bi, o, lse, *strides, Tq, Tk - Tq, scale * LOG2E,
+                                   num_warps=launch.selected_warps, **common)
     return o, lse
 
 
@@ -187,7 +325,7 @@ def _invert(bi, Tq, Tk, HKV, S, block_size, OFF):
 
 
 def selected_attention_bwd(q, k, v, block_indices, o, lse, do, block_size, scale, dk_acc=None, dv_acc=None,
-                           parts=("dq", "dkv")):
+                           launch=DEFAULT_LAUNCH, parts=("dq", "dkv")):
     """Returns ``dq`` (q dtype) and float32 ``dk``, ``dv`` (added into ``dk_acc``/``dv_acc`` when given).
 
     ``parts`` limits the work to the dq kernel or to the dk/dv half (inversion + kernel), for timing.
@@ -206,26 +344,26 @@ def selected_attention_bwd(q, k, v, block_indices, o, lse, do, block_size, scale
     if "dq" in parts:
         _slc_bwd_dq_kernel[(Tq, B * HKV)](
             q, k, v, bi, do, lse, delta, dq, *strides, Tq, Tk - Tq, scale * LOG2E, scale,
-            P=P, HKV=HKV, GROUP=group, D=D, S=S, BS=block_size, BH=bh, BD=bd, PREC=prec, num_warps=BWD_WARPS,
-            num_stages=FWD_STAGES,
+            P=P, HKV=HKV, GROUP=group, D=D, S=S, BS=block_size, BH=bh, BD=bd, PREC=prec, num_warps=launch.selected_warps,
+            num_stages=launch.selected_stages,
         )
     if "dkv" in parts:
         item_key, item_start, item_end, rows, NB, total = _invert(bi, Tq, Tk, HKV, S, block_size, Tk - Tq)
         if total:
-            bq_rows = max(1, DKV_ROWS // bh)
+            bq_rows = max(1, launch.selected_dkv_rows // bh)
             _slc_bwd_dkv_kernel[(total,)](
                 q, k, v, do, lse, delta, dk, dv, item_key, item_start, item_end, rows, *strides,
                 Tq, Tk, Tk - Tq, NB, scale * LOG2E, scale,
                 P=P, HKV=HKV, GROUP=group, D=D, BS=block_size, BH=bh, BQ=bq_rows, BD=bd, PREC=prec,
-                num_warps=DKV_WARPS if bd > 64 else 4, num_stages=2,
+                num_warps=launch.selected_dkv_warps if bd > 64 else 4, num_stages=2,
             )
     return dq, dk, dv
 
 
 class SelectedAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, block_indices, block_size, scale):
-        o, lse = selected_attention_fwd(q, k, v, block_indices, block_size, scale)
+    def forward(ctx, q, k, v, block_indices, block_size, scale, rows_per_tile):
+        o, lse = selected_attention_fwd(q, k, v, block_indices, block_size, scale, rows_per_tile)
         ctx.save_for_backward(q, k, v, block_indices, o, lse)
         ctx.cfg = (block_size, scale)
         return o
@@ -234,15 +372,16 @@ class SelectedAttentionFunction(torch.autograd.Function):
     def backward(ctx, do):
         q, k, v, bi, o, lse = ctx.saved_tensors
         dq, dk, dv = selected_attention_bwd(q, k, v, bi, o, lse, do, *ctx.cfg)
-        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
-def selected_attention(q, k, v, block_indices, block_size, scale=None):
+def selected_attention(q, k, v, block_indices, block_size, scale=None, rows_per_tile=None):
     """Triton selected attention. q ``[B, Tq, P, D]``; k, v ``[B, Tk, Hkv, D]``; block_indices int
-    ``[B, Tq, Hkv, S]``. Returns ``[B, Tq, P, D]`` in q's dtype."""
+    ``[B, Tq, Hkv, S]``. Returns ``[B, Tq, P, D]`` in q's dtype. ``rows_per_tile``: the forward's schedule
+    (see :func:`selected_attention_fwd`)."""
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    return SelectedAttentionFunction.apply(q, k, v, block_indices, int(block_size), float(scale))
+    return SelectedAttentionFunction.apply(q, k, v, block_indices, int(block_size), float(scale), rows_per_tile)
 
 
-__all__ = ["selected_attention", "selected_attention_fwd", "selected_attention_bwd"]
+__all__ = ["selected_attention", "selected_attention_fwd", "selected_attention_bwd", "tile_unions"]

@@ -24,13 +24,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import check_dim, dot_precision, head_block, log2_int, next_pow2
+from ._triton_utils import DEFAULT_LAUNCH, check_dim, dot_precision, head_block, log2_int, next_pow2
 
-# rows ranked by one program, and its warps (module level so that a benchmark can try others). Rows of one
-# program that share a block share its compressed-key loads, one larger score product, and the network work
-# of a wider tile; a row whose candidates end earlier than its neighbours' simply stops updating.
-ROWS_PER_PROGRAM = 4
-TOPK_WARPS = 4
+# Several rows per program (LaunchSettings.topk_rows_per_program): rows that share a block share its
+# compressed-key loads, one larger score product and the network work of a wider tile; a row whose candidates
+# end earlier than its neighbours' simply stops updating.
 
 
 @triton.jit
@@ -137,7 +135,7 @@ def _topk_kernel(
              mask=row_ok[:, None] & (lane < S)[None, :])
 
 
-def select_blocks(q, k_cmp, lse, block_count, block_size, scale=None, num_keys=None):
+def select_blocks(q, k_cmp, lse, block_count, block_size, scale=None, num_keys=None, launch=DEFAULT_LAUNCH):
     """Triton top-k block selection.
 
     Args:
@@ -163,13 +161,13 @@ def select_blocks(q, k_cmp, lse, block_count, block_size, scale=None, num_keys=N
     out = torch.empty(B, Tq, HKV, S, device=q.device, dtype=torch.int32)
     bd = check_dim(D)
     group = P // HKV
-    rows = ROWS_PER_PROGRAM
+    rows = launch.topk_rows_per_program
     _topk_kernel[(triton.cdiv(Tq, rows), B * HKV)](
         q, k_cmp, lse, out,
         *q.stride(), *k_cmp.stride(),
         Tq, num_keys - Tq, NB, float(scale),
         P=P, HKV=HKV, GROUP=group, D=D, S=S, BS=block_size, LOG_BC=log_bc, BH=head_block(group), BD=bd,
-        R=rows, PREC=dot_precision(q.dtype), num_warps=TOPK_WARPS, num_stages=2,
+        R=rows, PREC=dot_precision(q.dtype), num_warps=launch.topk_warps, num_stages=2,
     )
     return out
 

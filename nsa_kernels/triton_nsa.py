@@ -21,6 +21,7 @@ import functools
 import torch
 
 from . import reference as _ref
+from ._triton_utils import DEFAULT_LAUNCH, LaunchSettings
 from .compression import compress_kv, compression_attention
 from .gate_mix import mix_branches
 from .selected_attention import selected_attention
@@ -36,6 +37,8 @@ __all__ = [
     "nsa_attention",
     "dense_attention",
     "hybrid_attention",
+    "LaunchSettings",
+    "DEFAULT_LAUNCH",
 ]
 
 
@@ -53,7 +56,7 @@ def _active_heads(q: torch.Tensor, gates: torch.Tensor) -> int:
 
 
 def nsa_attention(q, k, v, gates, *, block_count, block_size, window_size, scale, return_intermediates=False,
-                  active_heads=None):
+                  active_heads=None, launch=DEFAULT_LAUNCH):
     """The three NSA branches mixed by gates: same contract as ``reference.nsa_attention``.
 
     ``active_heads``: heads from this index on are all-zero queries with zero gates (heads 56-63 of the 7B
@@ -61,7 +64,7 @@ def nsa_attention(q, k, v, gates, *, block_count, block_size, window_size, scale
     but the gradient of their gates is then 0 instead of the branch outputs: pass it only where those gates
     are constants (as in :func:`hybrid_attention`). When None, such heads are detected (one host sync) and
     skipped only if ``gates`` does not require grad. With ``return_intermediates`` every head is computed
-    so that the intermediates equal the reference's.
+    so that the intermediates equal the reference's. ``launch``: the kernels' launch settings.
     """
     num_keys = k.shape[1]
     if return_intermediates:
@@ -75,7 +78,7 @@ def nsa_attention(q, k, v, gates, *, block_count, block_size, window_size, scale
     k_cmp, v_cmp = compress_kv(k, block_size), compress_kv(v, block_size)
     o_cmp, lse = compression_attention(q, k_cmp, v_cmp, block_size, scale, num_keys, active)
     block_indices = select_blocks(q, k_cmp, lse, block_count, block_size, scale, num_keys)
-    o_slc = selected_attention(q, k, v, block_indices, block_size, scale)
+    o_slc = selected_attention(q, k, v, block_indices, block_size, scale, launch.selected_rows_per_tile)
     o_swd = window_attention(q, k, v, window_size, scale, active)
     out = mix_branches(o_cmp, o_slc, o_swd, gates.to(q.dtype))
     if not return_intermediates:
@@ -146,7 +149,8 @@ def dense_attention(q, k, v, scale, key_padding_mask=None):
 
 
 def hybrid_attention(query, key, value, gate_logits, token_is_vision, attention_mask=None, *, block_size=64,
-                     block_count=32, window_size=256, scale=None, return_intermediates=False):
+                     block_count=32, window_size=256, scale=None, return_intermediates=False,
+                     launch=DEFAULT_LAUNCH):
     """``reference.hybrid_attention`` with the Triton NSA and dense attention (same signature and result)."""
     head_dim = query.shape[-1]
     sc = head_dim ** -0.5 if scale is None else scale
@@ -155,7 +159,7 @@ def hybrid_attention(query, key, value, gate_logits, token_is_vision, attention_
         return dense_attention(q, key, value, sc, attention_mask)
 
     # the padded heads 2*Hq.. have constant zero queries and gates: skip them (see nsa_attention)
-    nsa_fn = functools.partial(nsa_attention, active_heads=2 * query.shape[1])
+    nsa_fn = functools.partial(nsa_attention, active_heads=2 * query.shape[1], launch=launch)
     return _ref.hybrid_attention(query, key, value, gate_logits, token_is_vision, attention_mask,
                                  block_size=block_size, block_count=block_count, window_size=window_size,
                                  scale=sc, return_intermediates=return_intermediates, nsa_fn=nsa_fn,

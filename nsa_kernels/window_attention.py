@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import (LOG2E, check_dim, dkv_step, dot_precision, dq_step, head_rows_offsets, load_head_rows,
-                           load_kv_tile, num_warps_for, online_softmax_step, row_tile_program)
+from ._triton_utils import (DEFAULT_LAUNCH, LOG2E, check_dim, dkv_step, dot_precision, dq_step, head_rows_offsets, load_head_rows,
+                           load_kv_tile, online_softmax_step, row_tile_program)
 
 
 @triton.jit
@@ -185,7 +185,8 @@ def _prep(q, k, window, positions, key_valid, active_heads):
     return B, Tq, H, D, Tk, HKV, W, pos, kvalid, active, bd, bm, bn
 
 
-def band_attention_fwd(q, k, v, scale, window=None, positions=None, key_valid=None, active_heads=None):
+def band_attention_fwd(q, k, v, scale, window=None, positions=None, key_valid=None, active_heads=None,
+                       launch=DEFAULT_LAUNCH):
     """q ``[B, Tq, H, D]``, k/v ``[B, Tk, Hkv, D]`` (any strides). Returns ``(o [B, Tq, H, D], lse2)``,
     ``lse2`` the base-2 log-sum-exp ``[B, Tq, H]`` float32 (``inf`` for empty rows)."""
     B, Tq, H, D, Tk, HKV, W, pos, kvalid, active, bd, bm, bn = _prep(q, k, window, positions, key_valid,
@@ -197,21 +198,16 @@ def band_attention_fwd(q, k, v, scale, window=None, positions=None, key_valid=No
         q, k, v, o, lse, pos if pos is not None else dummy, kvalid if kvalid is not None else dummy,
         *q.stride(), *k.stride(), *v.stride(), Tq, Tk, Tk - Tq, W, active, scale * LOG2E,
         H=H, HKV=HKV, GROUP=H // HKV, D=D, BM=bm, BN=bn, BD=bd, PREC=dot_precision(q.dtype),
-        HAS_POS=pos is not None, HAS_KVALID=kvalid is not None, num_warps=FWD_WARPS or num_warps_for(bd),
+        HAS_POS=pos is not None, HAS_KVALID=kvalid is not None, num_warps=launch.attention_warps,
         num_stages=2,
     )
     return o, lse
 
 
-# launch settings of the backward kernels (module level so that a benchmark can try others)
-BWD_DQ_WARPS = None  # None: num_warps_for(D)
-BWD_DKV_WARPS = None
-FWD_WARPS = None
-
-
 def band_attention_bwd(q, k, v, o, lse, do, scale, window=None, positions=None, key_valid=None,
-                       active_heads=None, dk_acc=None, dv_acc=None, parts=("dq", "dkv")):
-    """Returns ``dq`` (q dtype) and float32 ``dk``, ``dv`` (added into ``dk_acc``/``dv_acc`` when given)."""
+                       active_heads=None, dk_acc=None, dv_acc=None, launch=DEFAULT_LAUNCH, parts=("dq", "dkv")):
+    """Returns ``dq`` (q dtype) and float32 ``dk``, ``dv`` (added into ``dk_acc``/``dv_acc`` when given).
+    ``parts`` runs only the dq or the dk/dv kernel: the two halves are timed apart."""
     B, Tq, H, D, Tk, HKV, W, pos, kvalid, active, bd, bm, bn = _prep(q, k, window, positions, key_valid,
                                                                       active_heads)
     do = do.contiguous()
@@ -227,11 +223,11 @@ def band_attention_bwd(q, k, v, o, lse, do, scale, window=None, positions=None, 
             *q.stride(), *k.stride(), *v.stride(), Tq, Tk, Tk - Tq, W, active, scale * LOG2E, scale)
     if "dq" in parts:
         _band_bwd_dq_kernel[(triton.cdiv(Tq, bm), B * H)](q, k, v, do, lse, delta, dq, *args,
-                                                          num_warps=BWD_DQ_WARPS or num_warps_for(bd), **common)
+                                                          num_warps=launch.attention_warps, **common)
     if "dkv" in parts:
         _band_bwd_dkv_kernel[(triton.cdiv(Tk, bn), B * HKV)](q, k, v, do, lse, delta, dk, dv, *args,
                                                              ACCUMULATE=accumulate,
-                                                             num_warps=BWD_DKV_WARPS or num_warps_for(bd), **common)
+                                                             num_warps=launch.attention_warps, **common)
     return dq, dk, dv
 
 

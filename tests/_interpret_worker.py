@@ -222,6 +222,64 @@ def _small_branches(cfg):
 
 
 @check
+def selected_union_tiles():
+    """Tiles of R rows over the union of their blocks: the same output and log-sum-exp as one row per program
+    and as the reference, on a real block choice (rows of a chunk at an offset, a partial last tile)."""
+    import dataclasses
+
+    from nsa_kernels import reference as R
+    from nsa_kernels._triton_utils import DEFAULT_LAUNCH
+    from nsa_kernels.selected_attention import selected_attention_fwd
+
+    B, Tq, Tk, P, Hkv, D, bs, bc = 1, 45, 100, 32, 2, 16, 16, 2
+    q, k, v = _rand(B, Tq, P, D, seed=11), _rand(B, Tk, Hkv, D, seed=12), _rand(B, Tk, Hkv, D, seed=13)
+    sc = D ** -0.5
+    kc = R.compress_kv(k, bs)
+    _, lse = R.compression_attention(q, kc, R.compress_kv(v, bs), bs, sc, Tk)
+    bi = R.select_blocks(q, kc, lse, bc, bs, sc, Tk)
+    o_row, lse_row = selected_attention_fwd(q, k, v, bi, bs, sc)
+    msgs = [_close("row vs reference", o_row, R.selected_attention(q, k, v, bi, bs, sc), 2e-5)]
+    for rows in (2, 4):
+        # every tile over its union (32 blocks per row allowed), every tile row by row (0), the default mix
+        for per_row in (32, 0, DEFAULT_LAUNCH.selected_union_blocks_per_row):
+            launch = dataclasses.replace(DEFAULT_LAUNCH, selected_union_blocks_per_row=per_row)
+            o_tile, lse_tile = selected_attention_fwd(q, k, v, bi, bs, sc, rows_per_tile=rows, launch=launch)
+            msgs.append(_close(f"R={rows}/{per_row} out", o_tile, o_row, 2e-5))
+            msgs.append(_close(f"R={rows}/{per_row} lse", lse_tile, lse_row, 2e-5))
+    return "; ".join(msgs)
+
+
+@check
+def tile_unions_against_sets():
+    """The union lists and row bits of tiles of R rows equal what Python sets say, for random selections with
+    empty slots, a partial last tile and two samples."""
+    from nsa_kernels.selected_attention import tile_unions
+
+    gen = torch.Generator().manual_seed(3)
+    B, T, HKV, S, block = 2, 37, 3, 4, 8
+    bi = torch.full((B, T, HKV, S), -1, dtype=torch.int32)
+    for b in range(B):
+        for t in range(T):
+            for g in range(HKV):
+                chosen = torch.randperm(t // block + 1, generator=gen)[:S]
+                bi[b, t, g, : len(chosen)] = chosen.to(torch.int32)
+    for rows_per_tile in (1, 2, 4, 8):
+        ids, bits, count = tile_unions(bi, rows_per_tile)
+        assert ids.shape == bits.shape == (B, -(-T // rows_per_tile), HKV, rows_per_tile * S)
+        for b in range(B):
+            for tile in range(ids.shape[1]):
+                for g in range(HKV):
+                    rows = bi[b, tile * rows_per_tile:(tile + 1) * rows_per_tile, g].tolist()
+                    expected = sorted({blk for row in rows for blk in row if blk >= 0})
+                    n = int(count[b, tile, g])
+                    assert ids[b, tile, g, :n].tolist() == expected, (rows_per_tile, b, tile, g)
+                    for j, blk in enumerate(expected):
+                        mask = int(bits[b, tile, g, j])
+                        assert [bool(mask >> i & 1) for i in range(len(rows))] == [blk in row for row in rows]
+    return "R = 1, 2, 4, 8 equal to sets"
+
+
+@check
 def small_branches_T70():
     return _small_branches(SMALL[0])
 

@@ -23,7 +23,8 @@ WORKER = os.path.join(HERE, "_interpret_worker.py")
 SHARDS = [
     ["conf_branches_T200", "small_branches_T70", "topk_multichunk", "dense_text_only_and_padding",
      "conf_topk_T320_bc3", "small_branches_T1", "conf_dense_T200", "conf_topk_T200"],
-    ["small_nsa_with_gates_T100", "small_hybrid_mixed_padded", "small_branches_chunk", "conf_topk_T320_bc3_q0"],
+    ["small_nsa_with_gates_T100", "small_hybrid_mixed_padded", "small_branches_chunk", "conf_topk_T320_bc3_q0",
+     "selected_union_tiles", "tile_unions_against_sets"],
 ]
 ALL = [name for shard in SHARDS for name in shard]
 
@@ -66,3 +67,12 @@ def test_mix_branches_rejects_mismatched_inputs():
         mix_branches(o, o, o, torch.zeros(1, 5, 4, 2))
     with pytest.raises(ValueError, match="do not match"):
         mix_branches(o, o[:, :4], o, torch.zeros(1, 5, 4, 3))
+
+
+def test_tile_unions_rejects_bad_tile_rows():
+    import torch
+
+    from nsa_kernels.selected_attention import tile_unions
+
+    with pytest.raises(ValueError, match="rows_per_tile must be 1, 2, 4 or 8"):
+        tile_unions(torch.zeros(1, 4, 1, 2, dtype=torch.int32), 3)  # checked before any launch

@@ -11,6 +11,7 @@ Skips cleanly when CUDA or Triton is missing.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -166,6 +167,7 @@ def test_topk_rows_per_program_agree(dtype):
     the same blocks: identical on exactly tied rows, near-ties only elsewhere (the score sums are rounded in
     another order), also for a chunk whose programs straddle block boundaries (rows at positions 1001..)."""
     import nsa_kernels.selection as SEL
+    from nsa_kernels._triton_utils import DEFAULT_LAUNCH
 
     T, off = 16384, 1001
     q, k, v, _ = _inputs(T, dtype, seed=5)
@@ -174,15 +176,11 @@ def test_topk_rows_per_program_agree(dtype):
     _, lse = TN.compression_attention(q, kc, TN.compress_kv(v, BS), BS, SCALE, T)
     q_chunk = q[:, off:]
     lse_chunk = lse.reshape(1, -1)[:, off * P:].reshape(1, P, T - off)  # the chunk's own misread array
-    old = SEL.ROWS_PER_PROGRAM
-    try:
-        got = {}
-        for rows in (1, 4, 8):
-            SEL.ROWS_PER_PROGRAM = rows
-            got[rows] = (TN.select_blocks(q, kc, lse, BC, BS, SCALE, T),
-                         TN.select_blocks(q_chunk, kc, lse_chunk, BC, BS, SCALE, T))
-    finally:
-        SEL.ROWS_PER_PROGRAM = old
+    got = {}
+    for rows in (1, 4, 8):
+        launch = dataclasses.replace(DEFAULT_LAUNCH, topk_rows_per_program=rows)
+        got[rows] = (SEL.select_blocks(q, kc, lse, BC, BS, SCALE, T, launch=launch),
+                     SEL.select_blocks(q_chunk, kc, lse_chunk, BC, BS, SCALE, T, launch=launch))
     for rows in (4, 8):
         for part, (qq, ll, shift) in enumerate(((q, lse, 0), (q_chunk, lse_chunk, off))):
             a, b = got[rows][part], got[1][part]
@@ -238,3 +236,35 @@ def test_offsets_beyond_int32_rows():
         mixed = mix_branches(q, q, q, gates)[:, -tail:].float()
         expect = q[:, -tail:].float() * gates[:, -tail:].float().sum(-1, keepdim=True)
         torch.testing.assert_close(mixed, expect, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows_per_tile", [2, 4, 8])
+def test_selected_union_tiles_match_rows(dtype, rows_per_tile):
+    """Tiles of R rows over the union of their blocks compute what the per-row schedule computes, output and
+    log-sum-exp, on the real block choice of a random and of a video-like input (chunk rows at an offset too)."""
+    from nsa_kernels._triton_utils import DEFAULT_LAUNCH
+    from nsa_kernels.selected_attention import selected_attention_fwd
+    from videonsa.video_like import video_like_qkv
+
+    T, off = 4096, 777
+    for kind in ("random", "video-like"):
+        if kind == "random":
+            q, k, v, _ = _inputs(T, dtype, seed=rows_per_tile)
+        else:
+            q28, k, v = video_like_qkv(T, 28, HKV, D, dtype=dtype, seed=rows_per_tile)
+            q = R.pad_heads(q28.transpose(1, 2), P)
+            k, v = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
+        kc = TN.compress_kv(k, BS)
+        _, lse = TN.compression_attention(q, kc, TN.compress_kv(v, BS), BS, SCALE, T)
+        bi = TN.select_blocks(q, kc, lse, BC, BS, SCALE, T)
+        for qq, bb in ((q, bi), (q[:, off:], bi[:, off:])):
+            o_row, lse_row = selected_attention_fwd(qq, k, v, bb, BS, SCALE)
+            for per_row in (32, 0, DEFAULT_LAUNCH.selected_union_blocks_per_row):  # union, row by row, mixed
+                launch = dataclasses.replace(DEFAULT_LAUNCH, selected_union_blocks_per_row=per_row)
+                o_tile, lse_tile = selected_attention_fwd(qq, k, v, bb, BS, SCALE, rows_per_tile=rows_per_tile,
+                                                          launch=launch)
+                tol = 1e-5 if dtype == torch.float32 else 2e-2
+                assert torch.isfinite(o_tile).all()
+                assert _rel(o_tile, o_row) < tol, (kind, per_row, _rel(o_tile, o_row))
+                assert _rel(lse_tile[..., :56], lse_row[..., :56]) < 1e-5
