@@ -89,7 +89,8 @@ def hybrid_rows(T, reps, kinds, rows_per_tile):
     out = {}
     for kind in kinds:
         q, k, v, logits, vision = layer_inputs(T, kind)
-        launch = dataclasses.replace(TN.DEFAULT_LAUNCH, selected_rows_per_tile=rows_per_tile)
+        launch = TN.DEFAULT_LAUNCH if rows_per_tile is None else dataclasses.replace(
+            TN.DEFAULT_LAUNCH, selected_rows_per_tile=rows_per_tile, selected_tile_max_rows=T)
         kw = dict(block_size=BS, block_count=BC, window_size=W, launch=launch)
 
         def run(q=q, k=k, v=v, logits=logits):
@@ -102,16 +103,13 @@ def hybrid_rows(T, reps, kinds, rows_per_tile):
         fwdbwd = timed(lambda: run(*leaves).backward(grad), reps)
         name = f"hybrid ({kind})"
         out[name] = {"fwd_ms": fwd, "fwdbwd_ms": fwdbwd}
-        print(f"  T={T} {name} [R={rows_per_tile}]: {out[name]}", flush=True)
+        print(f"  T={T} {name} [{rows_per_tile or 'default'}]: {out[name]}", flush=True)
     return out
 
 
 def selected_diagnostics(T, reps, kinds, tile_rows):
     """Selected attention alone on the layer's real block choice: per row vs tiles of R rows; union sizes."""
-    import dataclasses
-
     from nsa_kernels import triton_nsa as TN
-    from nsa_kernels._triton_utils import DEFAULT_LAUNCH
     from nsa_kernels.reference import pad_heads
     from nsa_kernels.selected_attention import selected_attention_fwd, tile_unions
 
@@ -125,18 +123,12 @@ def selected_diagnostics(T, reps, kinds, tile_rows):
             kc, vc = TN.compress_kv(kt, BS), TN.compress_kv(vt, BS)
             _, lse = TN.compression_attention(q64, kc, vc, BS, D**-0.5, T)
             bi = TN.select_blocks(q64, kc, lse, BC, BS, D**-0.5, T)
-            row = {"per-row ms": timed(lambda: selected_attention_fwd(q64, kt, vt, bi, BS, D**-0.5), reps)}
-            ref = selected_attention_fwd(q64, kt, vt, bi, BS, D**-0.5)[0].float()
+            row = {"per-row ms": timed(lambda: selected_attention_fwd(q64, kt, vt, bi, BS, D**-0.5, 1), reps)}
+            ref = selected_attention_fwd(q64, kt, vt, bi, BS, D**-0.5, 1)[0].float()
             for R in tile_rows:
-                for mode, per_row in (("adaptive", DEFAULT_LAUNCH.selected_union_blocks_per_row), ("union", 32)):
-                    launch = dataclasses.replace(DEFAULT_LAUNCH, selected_union_blocks_per_row=per_row)
-
-                    def fwd(R=R, launch=launch):
-                        return selected_attention_fwd(q64, kt, vt, bi, BS, D**-0.5, rows_per_tile=R, launch=launch)
-
-                    row[f"{mode} R={R} ms"] = timed(fwd, reps)
-                    got = fwd()[0].float()
-                    row[f"{mode} R={R} max rel diff"] = float((got - ref).abs().max() / ref.abs().max())
+                row[f"R={R} ms"] = timed(lambda R=R: selected_attention_fwd(q64, kt, vt, bi, BS, D**-0.5, R), reps)
+                got = selected_attention_fwd(q64, kt, vt, bi, BS, D**-0.5, R)[0].float()
+                row[f"R={R} max rel diff"] = float((got - ref).abs().max() / ref.abs().max())
                 ids, bits, count = tile_unions(bi, R)
                 row[f"R={R} mean blocks"] = float(count.float().mean())
                 row[f"R={R} build ms"] = timed(lambda R=R: tile_unions(bi, R), reps)
@@ -150,8 +142,9 @@ def main():
     ap.add_argument("--lengths", default="8192,16384,32768,65536,131072")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--kinds", default="random,video-like")
-    ap.add_argument("--rows-per-tile", default="1,4",
-                    help="selected-attention forward rows per program of the hybrid rows (1 = per row)")
+    ap.add_argument("--rows-per-tile", default="default",
+                    help="selected-attention forward rows per program of the hybrid rows: 'default' (the launch "
+                         "settings' rule), or numbers (1 = per row) forced at every length")
     ap.add_argument("--tile-rows", default="2,4,8", help="R values of the union-tile diagnostics (empty: none)")
     ap.add_argument("--skip-dense", action="store_true")
     ap.add_argument("--out", default="")
@@ -166,9 +159,10 @@ def main():
     results = {}
     for T in lengths:
         row = {} if args.skip_dense else dense_rows(T, args.reps)
-        for rows_per_tile in [int(x) for x in args.rows_per_tile.split(",")]:
+        for choice in args.rows_per_tile.split(","):
+            rows_per_tile = None if choice == "default" else int(choice)
             for name, e in hybrid_rows(T, args.reps, kinds, rows_per_tile).items():
-                row[f"{name} [R={rows_per_tile}]"] = e
+                row[name if rows_per_tile is None else f"{name} [R={rows_per_tile}]"] = e
         results[T] = {"rows": row, "selected": selected_diagnostics(T, args.reps, kinds, tile_rows) if tile_rows else {}}
         torch.cuda.empty_cache()
 
@@ -193,15 +187,14 @@ def main():
                          f"{ratio(e['fwd_ms'], flash.get('fwd_ms'))} | {ratio(e['fwd_ms'], cudnn.get('fwd_ms'))} | "
                          f"{ratio(e['fwdbwd_ms'], cudnn.get('fwdbwd_ms'))} |")
     if tile_rows:
-        lines += ["", "Kernel diagnostic (padded 64-head layout): selected attention forward in ms, per row vs tiles of "
-                  "R rows (adaptive: a tile walks its union when it has at most 20 blocks per row; union: always), "
-                  "union build included; mean distinct blocks per tile and kv head in brackets.", "",
-                  "| T | input | per row | " + " | ".join(f"R={R} adaptive | R={R} union (blocks)" for R in tile_rows)
-                  + " |", "|---|---|---|" + "---|---|" * len(tile_rows)]
+        lines += ["", "Kernel diagnostic (padded 64-head layout): selected attention forward in ms, one row per "
+                  "program vs tiles of R rows over the union of their blocks (union build included; mean distinct "
+                  "blocks per tile and kv head in brackets).", "",
+                  "| T | input | per row | " + " | ".join(f"R={R} (blocks)" for R in tile_rows) + " |",
+                  "|---|---|---|" + "---|" * len(tile_rows)]
         for T, res in results.items():
             for kind, d in res["selected"].items():
-                cells = [f"{d[f'adaptive R={R} ms']:.2f} | {d[f'union R={R} ms']:.2f} ({d[f'R={R} mean blocks']:.0f})"
-                         for R in tile_rows]
+                cells = [f"{d[f'R={R} ms']:.2f} ({d[f'R={R} mean blocks']:.0f})" for R in tile_rows]
                 lines.append(f"| {T} | {kind} | {d['per-row ms']:.2f} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     print("\n" + table, flush=True)

@@ -32,11 +32,16 @@ _ROWS_PER_ITEM = 256
 
 
 @triton.jit
-def _row_forward(q, k, v, bi, o, lse, b, g, r, t, hh, hmask, dd, dmask,
-                 sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, Tq, qk_scale,
-                 P: tl.constexpr, HKV: tl.constexpr, GROUP: tl.constexpr, S: tl.constexpr, BS: tl.constexpr,
-                 BH: tl.constexpr, BD: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr):
-    """Row ``r`` (position ``t``) of kv group ``g``: its ``[BH, BD]`` query heads over its own S blocks."""
+def _slc_fwd_kernel(
+    q, k, v, bi, o, lse,
+    sqb, sqt, sqh, sqd,
+    skb, skt, skh, skd,
+    svb, svt, svh, svd,
+    Tq, OFF, qk_scale,
+    P: tl.constexpr, HKV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, S: tl.constexpr,
+    BS: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
+):
+    b, g, r, t, hh, hmask, dd, dmask = row_group_program(Tq, OFF, HKV, GROUP, D, BH, BD)
     qmask = hmask[:, None] & dmask[None, :]
     bq = load_group_query(q, b, r, g, GROUP, hh, dd, qmask, sqb, sqt, sqh, sqd)
     m_i = tl.full([BH], float("-inf"), dtype=tl.float32)
@@ -55,21 +60,6 @@ def _row_forward(q, k, v, bi, o, lse, b, g, r, t, hh, hmask, dd, dmask,
     tl.store(o + ((b * Tq + r) * P + g * GROUP + hh[:, None]) * D + dd[None, :], out.to(o.dtype.element_ty),
              mask=qmask)
     tl.store(lse + (b * Tq + r) * P + g * GROUP + hh, m_i + tl.log2(l_i), mask=hmask)
-
-
-@triton.jit
-def _slc_fwd_kernel(
-    q, k, v, bi, o, lse,
-    sqb, sqt, sqh, sqd,
-    skb, skt, skh, skd,
-    svb, svt, svh, svd,
-    Tq, OFF, qk_scale,
-    P: tl.constexpr, HKV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, S: tl.constexpr,
-    BS: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
-):
-    b, g, r, t, hh, hmask, dd, dmask = row_group_program(Tq, OFF, HKV, GROUP, D, BH, BD)
-    _row_forward(q, k, v, bi, o, lse, b, g, r, t, hh, hmask, dd, dmask, sqb, sqt, sqh, sqd, skb, skt, skh, skd,
-                 svb, svt, svh, svd, Tq, qk_scale, P, HKV, GROUP, S, BS, BH, BD, D, PREC)
 
 
 @triton.jit
@@ -100,59 +90,47 @@ def _tile_union_kernel(bi, ids, bits, count, Tq, NT, HKV: tl.constexpr, S: tl.co
 
 @triton.jit
 def _slc_fwd_tile_kernel(
-    q, k, v, bi, union_ids, union_bits, union_count, o, lse,
+    q, k, v, union_ids, union_bits, union_count, o, lse,
     sqb, sqt, sqh, sqd,
     skb, skt, skh, skd,
     svb, svt, svh, svd,
-    Tq, Tk, OFF, NT, MAX_UNION, qk_scale,
+    Tq, Tk, OFF, NT, qk_scale,
     P: tl.constexpr, HKV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, S: tl.constexpr,
     R: tl.constexpr, BS: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
 ):
-    # grid (NT, B * Hkv). A tile whose rows chose at most MAX_UNION distinct blocks walks the union once with
-    # R * BH query rows, masking each row to its own blocks; otherwise (little overlap: the union would cost more
-    # arithmetic than it saves loads) its rows run one by one as in the per-row kernel.
+    # grid (NT, B * Hkv): R rows x BH heads of one kv group walk the union of the rows' blocks once, each row
+    # masked to its own blocks
     tile = tl.program_id(0).to(tl.int64)
     pid_bg = tl.program_id(1)
     b = pid_bg // HKV
     g = pid_bg % HKV
     base = (b * NT + tile) * HKV + g
-    count = tl.load(union_count + base)
+    mm = tl.arange(0, R * BH)
+    ri = mm // BH
+    hj = mm % BH
+    r = tile * R + ri
+    rmask = (r < Tq) & (hj < GROUP)
+    t = r + OFF
     dd = tl.arange(0, BD)
     dmask = dd < D
-    if count <= MAX_UNION:
-        mm = tl.arange(0, R * BH)
-        ri = mm // BH
-        hj = mm % BH
-        r = tile * R + ri
-        rmask = (r < Tq) & (hj < GROUP)
-        t = r + OFF
-        qmask = rmask[:, None] & dmask[None, :]
-        bq = tl.load(q + b * sqb + r[:, None] * sqt + (g * GROUP + hj)[:, None] * sqh + dd[None, :] * sqd,
-                     mask=qmask, other=0.0)
-        m_i = tl.full([R * BH], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([R * BH], dtype=tl.float32)
-        acc = tl.zeros([R * BH, BD], dtype=tl.float32)
-        offs = tl.arange(0, BS)
-        for u in range(0, count):
-            blk = tl.load(union_ids + base * (R * S) + u)
-            chosen = ((tl.load(union_bits + base * (R * S) + u) >> ri) & 1) != 0
-            cols = blk * BS + offs
-            bk, bv = load_kv_tile(k, v, b, g, cols, cols < Tk, dd, dmask, skb, skt, skh, skd, svb, svt, svh, svd)
-            vis = chosen[:, None] & (cols[None, :] <= t[:, None])
-            m_i, l_i, acc = online_softmax_step(bq, bk, bv, vis, m_i, l_i, acc, qk_scale, PREC)
-        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        row_off = (b * Tq + r) * P + g * GROUP + hj
-        tl.store(o + row_off[:, None] * D + dd[None, :], out.to(o.dtype.element_ty), mask=qmask)
-        tl.store(lse + row_off, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), mask=rmask)
-    else:
-        hh = tl.arange(0, BH)
-        hmask = hh < GROUP
-        for ri in range(R):
-            r = tile * R + ri
-            if r < Tq:
-                _row_forward(q, k, v, bi, o, lse, b, g, r, r + OFF, hh, hmask, dd, dmask, sqb, sqt, sqh, sqd,
-                             skb, skt, skh, skd, svb, svt, svh, svd, Tq, qk_scale, P, HKV, GROUP, S, BS, BH, BD, D,
-                             PREC)
+    qmask = rmask[:, None] & dmask[None, :]
+    bq = tl.load(q + b * sqb + r[:, None] * sqt + (g * GROUP + hj)[:, None] * sqh + dd[None, :] * sqd,
+                 mask=qmask, other=0.0)
+    m_i = tl.full([R * BH], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([R * BH], dtype=tl.float32)
+    acc = tl.zeros([R * BH, BD], dtype=tl.float32)
+    offs = tl.arange(0, BS)
+    for u in range(0, tl.load(union_count + base)):
+        blk = tl.load(union_ids + base * (R * S) + u)
+        chosen = ((tl.load(union_bits + base * (R * S) + u) >> ri) & 1) != 0
+        cols = blk * BS + offs
+        bk, bv = load_kv_tile(k, v, b, g, cols, cols < Tk, dd, dmask, skb, skt, skh, skd, svb, svt, svh, svd)
+        vis = chosen[:, None] & (cols[None, :] <= t[:, None])
+        m_i, l_i, acc = online_softmax_step(bq, bk, bv, vis, m_i, l_i, acc, qk_scale, PREC)
+    l_safe = tl.where(l_i > 0, l_i, 1.0)  # rows past Tq and padded heads see nothing (not stored)
+    row_off = (b * Tq + r) * P + g * GROUP + hj
+    tl.store(o + row_off[:, None] * D + dd[None, :], (acc / l_safe[:, None]).to(o.dtype.element_ty), mask=qmask)
+    tl.store(lse + row_off, m_i + tl.log2(l_safe), mask=rmask)
 
 
 @triton.jit
@@ -269,10 +247,9 @@ def tile_unions(block_indices: torch.Tensor, rows_per_tile: int):
 def selected_attention_fwd(q, k, v, block_indices, block_size, scale, rows_per_tile=None, launch=DEFAULT_LAUNCH):
     """Forward: output ``[B, Tq, P, D]`` (q dtype) and base-2 log-sum-exp ``[B, Tq, P]`` float32.
 
-    ``rows_per_tile``: None for the launch settings' choice (``selected_rows_per_tile``), 1 for one row per
-    program, R > 1 for tiles of R rows that walk the union of their blocks when it has at most
-    ``launch.selected_union_blocks_per_row * R`` blocks and their rows one by one otherwise. Every schedule
-    computes the same function.
+    ``rows_per_tile``: 1 for one row per program, R in (2, 4, 8) for tiles of R rows over the union of their
+    blocks; None for the launch settings' choice by length (tiles up to ``launch.selected_tile_max_rows`` query
+    rows, where they measured faster). Every schedule computes the same function.
     """
     B, Tq, P, D, Tk, HKV, S, group = _cfg(q, k, block_indices, block_size)
     bi = block_indices.to(torch.int32).contiguous()
@@ -280,17 +257,17 @@ def selected_attention_fwd(q, k, v, block_indices, block_size, scale, rows_per_t
     lse = torch.empty(B, Tq, P, device=q.device, dtype=torch.float32)
     bd = check_dim(D)
     bh = head_block(group)
-    rows = launch.selected_rows_per_tile if rows_per_tile is None else int(rows_per_tile)
+    if rows_per_tile is None:
+        rows_per_tile = launch.selected_rows_per_tile if Tq <= launch.selected_tile_max_rows else 1
     strides = (*q.stride(), *k.stride(), *v.stride())
     common = dict(P=P, HKV=HKV, GROUP=group, D=D, S=S, BS=block_size, BH=bh, BD=bd, PREC=dot_precision(q.dtype),
                   num_stages=launch.selected_stages)
-    if rows > 1:
-        ids, bits, count = tile_unions(bi, rows)
+    if rows_per_tile > 1:
+        ids, bits, count = tile_unions(bi, rows_per_tile)
         NT = ids.shape[1]
         _slc_fwd_tile_kernel[(NT, B * HKV)](
-            q, k, v, bi, ids, bits, count, o, lse, *strides, Tq, Tk, Tk - Tq, NT,
-            launch.selected_union_blocks_per_row * rows, scale * LOG2E, R=rows,
-            num_warps=4 if rows * bh <= 64 else 8, **common)
+            q, k, v, ids, bits, count, o, lse, *strides, Tq, Tk, Tk - Tq, NT, scale * LOG2E, R=int(rows_per_tile),
+            num_warps=4 if rows_per_tile * bh <= 64 else 8, **common)
         return o, lse
     _slc_fwd_kernel[(Tq, B * HKV)](q, k, v, bi, o, lse, *strides, Tq, Tk - Tq, scale * LOG2E,
                                    num_warps=launch.selected_warps, **common)
@@ -362,26 +339,28 @@ def selected_attention_bwd(q, k, v, block_indices, o, lse, do, block_size, scale
 
 class SelectedAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, block_indices, block_size, scale, rows_per_tile):
-        o, lse = selected_attention_fwd(q, k, v, block_indices, block_size, scale, rows_per_tile)
+    def forward(ctx, q, k, v, block_indices, block_size, scale, rows_per_tile, launch):
+        o, lse = selected_attention_fwd(q, k, v, block_indices, block_size, scale, rows_per_tile, launch)
         ctx.save_for_backward(q, k, v, block_indices, o, lse)
         ctx.cfg = (block_size, scale)
+        ctx.launch = launch
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, bi, o, lse = ctx.saved_tensors
-        dq, dk, dv = selected_attention_bwd(q, k, v, bi, o, lse, do, *ctx.cfg)
-        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+        dq, dk, dv = selected_attention_bwd(q, k, v, bi, o, lse, do, *ctx.cfg, launch=ctx.launch)
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
 
-def selected_attention(q, k, v, block_indices, block_size, scale=None, rows_per_tile=None):
+def selected_attention(q, k, v, block_indices, block_size, scale=None, rows_per_tile=None, launch=DEFAULT_LAUNCH):
     """Triton selected attention. q ``[B, Tq, P, D]``; k, v ``[B, Tk, Hkv, D]``; block_indices int
     ``[B, Tq, Hkv, S]``. Returns ``[B, Tq, P, D]`` in q's dtype. ``rows_per_tile``: the forward's schedule
     (see :func:`selected_attention_fwd`)."""
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    return SelectedAttentionFunction.apply(q, k, v, block_indices, int(block_size), float(scale), rows_per_tile)
+    return SelectedAttentionFunction.apply(q, k, v, block_indices, int(block_size), float(scale), rows_per_tile,
+                                           launch)
 
 
 __all__ = ["selected_attention", "selected_attention_fwd", "selected_attention_bwd", "tile_unions"]
