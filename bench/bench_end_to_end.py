@@ -38,11 +38,9 @@ import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from configuration_videonsa import VideoNSAConfig  # noqa: E402
-from videonsa_long_context import chunked_prefill, video_features  # noqa: E402
+from configuration_videonsa import VideoNSAConfig
+from videonsa.long_context import chunked_prefill, video_features
+from videonsa.training.presets import apply_config_overrides, preset_config
 
 ROWS = ("videonsa", "dense", "naive")
 ROW_SETTINGS = {
@@ -56,11 +54,8 @@ GRID_HW = 16  # 16 x 16 patches of 14 px = 224 x 224 frames -> 64 merged tokens 
 
 
 def config_7b(num_layers: int = 28) -> VideoNSAConfig:
-    """Qwen2.5-VL-7B-Instruct's architecture with the released NSA settings (``train.py``'s ``7b`` preset), with
-    ``num_layers`` text layers."""
-    from train import preset_config
-    from videonsa_training import apply_config_overrides
-
+    """Qwen2.5-VL-7B-Instruct's architecture with the released NSA settings (``videonsa.training.presets``'
+    ``7b`` preset), with ``num_layers`` text layers."""
     return apply_config_overrides(preset_config("7b"), None if num_layers == 28 else f"num_hidden_layers={num_layers}")
 
 

@@ -1,6 +1,6 @@
-"""Training-step benchmark of VideoNSA through the fine-tuning code path (``train.py`` + ``videonsa_training``).
+"""Training-step benchmark of VideoNSA through the fine-tuning code path (``videonsa.train`` + ``videonsa.training``).
 
-What runs is what ``train.py`` runs: a random-weight model from a preset (``train.preset_config``, built by
+What runs is what ``videonsa-train`` runs: a random-weight model from a preset (``train.preset_config``, built by
 ``train.load_model_and_processor``), LoRA or full fine-tuning (``train.make_trainable``), gradient checkpointing,
 bf16, ``VideoNSATrainer`` (logits only where supervised, gate logging) and ``StepStatsCallback`` (CUDA-synchronised
 step times). Only the data differ: instead of decoding videos, a ``torch.utils.data.Dataset`` returns synthetic
@@ -14,7 +14,7 @@ samples already in the processor's output form, padded and batched by the traini
   values (float32, as the processor returns them), ``video_grid_thw = [[t, h, w]]``, ``second_per_grid_ts = [0.5]``
   (4 fps, two frames per temporal patch), ``mm_token_type_ids`` 2 on video tokens;
 * ``labels``: the answer (``--answer-tokens`` random letters) and its ``<|im_end|>``, by
-  ``videonsa_training.assistant_labels``; everything else is ``-100``.
+  ``videonsa.training.assistant_labels``; everything else is ``-100``.
 The tokenizer is ``train.synthetic_processor``'s byte-level one, so a sample has exactly ``--tokens`` tokens. Sample
 ``i`` depends on ``--seed`` and ``i`` only, so runs with any number of processes see the same data.
 
@@ -70,11 +70,9 @@ import traceback
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-import train  # noqa: E402
-import videonsa_training as vt  # noqa: E402
+import videonsa.training as vt
+from videonsa import train
+from videonsa.training.trainer import _videonsa_attention_modules
 
 ROWS = ("videonsa", "dense")
 PRESETS = ("7b", "small", "tiny")
@@ -283,7 +281,7 @@ def run_row(args, row: str) -> dict:
     try:
         trainer.train()
         logs = [entry for entry in trainer.state.log_history if "loss" in entry]
-        path = next((m.last_path for m in vt._videonsa_attention_modules(trainer.model)), None)
+        path = next((m.last_path for m in _videonsa_attention_modules(trainer.model)), None)
         timed = stats.step_times[args.warmup_steps:]
         step_s = sum(timed) / len(timed) if timed else None
         tokens_per_step = args.tokens * args.batch_size * args.grad_accum * world

@@ -27,11 +27,7 @@ import sys
 import time
 
 import torch
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from bench_end_to_end import GRID_HW, config_7b  # noqa: E402  (the prefill benchmark's model and video geometry)
+from bench_end_to_end import GRID_HW, config_7b  # the prefill benchmark's model and video geometry
 ROWS = ("transformers", "batched attention", "ours")
 
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import train
-import videonsa_training as vt
+import videonsa.training as vt
+from videonsa import train
 from modeling_videonsa import VideoNSAForConditionalGeneration
 from processing_videonsa import ContextBudgetExceededError, VideoNSAProcessor
 from videonsa.testing import build_tiny_checkpoint, write_video
@@ -405,7 +405,7 @@ def test_scaling_configs_name_the_model_and_parse():
 
     from accelerate.commands.config.config_args import load_config_from_file
 
-    root = Path(train.__file__).parent / "configs"
+    root = Path(__file__).resolve().parents[1] / "configs"
     fsdp = load_config_from_file(str(root / "accelerate_fsdp.yaml"))
     assert fsdp.distributed_type == "FSDP" and fsdp.mixed_precision == "bf16"
     assert fsdp.fsdp_config["fsdp_version"] == 2
@@ -426,7 +426,7 @@ def _free_port() -> int:
 
 
 def test_cli_deepspeed_zero3_trains_like_a_plain_run(workspace, tmp_path):
-    """``train.py --deepspeed configs/deepspeed_zero3.json`` under ``torchrun`` (one process on the CPU) trains to the
+    """``videonsa-train --deepspeed configs/deepspeed_zero3.json`` under ``torchrun`` (one process on the CPU) trains to the
     same losses and the same saved weights as a plain run. The config is the shipped one with the persistence
     threshold at 0, so every weight is partitioned and gathered by ZeRO-3's hooks (the tiny model's weights would
     all stay whole under the default threshold)."""
@@ -436,7 +436,7 @@ def test_cli_deepspeed_zero3_trains_like_a_plain_run(workspace, tmp_path):
     from pathlib import Path
 
     pytest.importorskip("deepspeed")
-    config = json.loads((Path(train.__file__).parent / "configs" / "deepspeed_zero3.json").read_text())
+    config = json.loads((Path(__file__).resolve().parents[1] / "configs" / "deepspeed_zero3.json").read_text())
     config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     (tmp_path / "zero3.json").write_text(json.dumps(config))
     (tmp_path / "two.jsonl").write_text("".join(
@@ -449,7 +449,7 @@ def test_cli_deepspeed_zero3_trains_like_a_plain_run(workspace, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(_free_port()),
-         train.__file__, *common, "--deepspeed", str(tmp_path / "zero3.json"), "--output_dir", str(tmp_path / "zero3")],
+         "-m", "videonsa.train", *common, "--deepspeed", str(tmp_path / "zero3.json"), "--output_dir", str(tmp_path / "zero3")],
         env=env, capture_output=True, text=True, timeout=900,
     )
     assert run.returncode == 0, run.stderr[-3000:]

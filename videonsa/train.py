@@ -9,21 +9,24 @@ Data: a JSON list or JSON Lines file in the LLaVA-Video form, loaded with ``data
 several videos, one ``<video>`` tag each. Turns may also be ``{"role": "user"|"assistant"|"system", "content":
 ...}``. Only the assistant turns are supervised. Every sample's token count is planned from its videos' metadata
 before training; samples over ``--max_context_tokens`` are reported and skipped (``--on_too_long skip``, the
-default) or stop the run (``--on_too_long error``); nothing is ever truncated.
+default) or stop the run (``--on_too_long error``); nothing is ever truncated. A sample whose video cannot be read,
+at planning or when it is decoded during training (a file whose frames are cut), is skipped and reported
+(``--on_invalid skip``) or stops the run naming it (``--on_invalid error``, the default); decoding failures are
+listed in ``<output_dir>/undecodable_samples.jsonl``, which a resumed run reads to skip them.
 
 Examples::
 
     # LoRA on one GPU, bf16, gradient checkpointing
-    python train.py --model_name_or_path Enxin/VideoNSA --train_file data/train.json --video_root data/videos \\
+    videonsa-train --model_name_or_path Enxin/VideoNSA --train_file data/train.json --video_root data/videos \\
         --output_dir runs/lora --use_lora --bf16 --gradient_checkpointing --max_context_tokens 36864 \\
         --per_device_train_batch_size 1 --gradient_accumulation_steps 8 --learning_rate 1e-4 --num_train_epochs 1
 
     # full fine-tuning of the language model and gates, vision tower frozen, 8 GPUs with FSDP
-    accelerate launch --config_file configs/accelerate_fsdp.yaml train.py --model_name_or_path Enxin/VideoNSA \\
+    accelerate launch --config_file configs/accelerate_fsdp.yaml -m videonsa.train --model_name_or_path Enxin/VideoNSA \\
         --dtype float32 --bf16 --gradient_checkpointing --freeze_vision_tower --train_file data/train.json ...
 
     # the 7B architecture with random weights (no download), e.g. to benchmark
-    python train.py --random_init --train_file bench/data.json --output_dir runs/bench --max_steps 5 ...
+    videonsa-train --random_init --train_file bench/data.json --output_dir runs/bench --max_steps 5 ...
 
 A single ``.json``/``.yaml`` argument is read as a file of all the arguments. Every ``TrainingArguments`` option
 applies (``--eval_strategy``, ``--save_steps``, ``--resume_from_checkpoint``, ``--report_to``, ``--deepspeed``...).
@@ -42,12 +45,11 @@ import transformers
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from anywhere: the package files sit beside this one
+from configuration_videonsa import VideoNSAConfig
+from modeling_videonsa import VideoNSAForConditionalGeneration
+from processing_videonsa import VideoNSAProcessor
 
-from configuration_videonsa import VideoNSAConfig  # noqa: E402
-from modeling_videonsa import VideoNSAForConditionalGeneration  # noqa: E402
-from processing_videonsa import VideoNSAProcessor  # noqa: E402
-from videonsa_training import (  # noqa: E402
+from .training import (
     DEFAULT_LORA_TARGETS,
     StepStatsCallback,
     VideoNSADataCollator,
@@ -56,9 +58,13 @@ from videonsa_training import (  # noqa: E402
     freeze_modules,
     lora_config,
     prepare_dataset,
+    preset_config,
+    read_failures,
+    synthetic_processor,
 )
+from .training.collator import UNDECODABLE_REPORT
 
-logger = logging.getLogger("train")
+logger = logging.getLogger("videonsa.train")
 
 
 @dataclass
@@ -142,7 +148,9 @@ class DataArguments:
     )
     on_too_long: str = field(default="skip", metadata={"help": "Samples over the budget: skip (reported) or error."})
     on_invalid: str = field(
-        default="error", metadata={"help": "Malformed records, missing or unreadable videos: error or skip (reported)."}
+        default="error",
+        metadata={"help": "Malformed records, missing or unreadable videos, videos that fail to decode during training: "
+                          "error (stops naming the sample; a resumed run skips it) or skip (reported)."},
     )
     video_fps: float | None = field(default=None, metadata={"help": "Sampling rate (default: the processor's, 4)."})
     video_max_pixels: int | None = field(
@@ -155,58 +163,6 @@ class DataArguments:
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for the planning pass."})
     dataset_cache_dir: str | None = field(default=None, metadata={"help": "Cache folder of `datasets`."})
     overwrite_cache: bool = field(default=False, metadata={"help": "Plan the samples again (videos changed)."})
-
-
-# Qwen2.5-VL-7B-Instruct's architecture (the released VideoNSA) with the released NSA settings.
-PRESET_7B = dict(
-    text_config=dict(
-        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-        num_key_value_heads=4, hidden_act="silu", max_position_embeddings=128000, rms_norm_eps=1e-6,
-        rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1000000.0},
-        sliding_window=32768, max_window_layers=28, use_sliding_window=False, attention_dropout=0.0,
-        bos_token_id=151643, eos_token_id=151645, pad_token_id=151643,
-        nsa_block_size=64, nsa_block_count=32, nsa_window_size=256, nsa_gate_temperature=0.3,
-    ),
-    vision_config=dict(
-        depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, in_channels=3, out_hidden_size=3584,
-        patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-        fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2, hidden_act="silu",
-    ),
-    image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
-    bos_token_id=151643, eos_token_id=151645, pad_token_id=151643, tie_word_embeddings=False,
-)
-
-
-# 'small': the 7B's widths, heads, vocabulary and NSA settings with 4 text layers and 4 vision blocks (the last one
-# full attention), about 2.2B parameters: every kernel and shape of the 7B at a size that trains in full on one GPU.
-SMALL_OVERRIDES = "num_hidden_layers=4,vision_config.depth=4"
-
-
-def preset_config(name: str) -> VideoNSAConfig:
-    if name == "7b":
-        return VideoNSAConfig(**PRESET_7B)
-    if name == "small":
-        return apply_config_overrides(VideoNSAConfig(**PRESET_7B), SMALL_OVERRIDES)
-    if name == "tiny":
-        from videonsa.testing import tiny_config
-
-        return tiny_config()
-    raise ValueError(f"--random_init_preset must be '7b', 'small' or 'tiny', got {name!r}")
-
-
-def synthetic_processor(config) -> VideoNSAProcessor:
-    """A processor for a random model: a byte-level tokenizer carrying Qwen2.5-VL's special tokens at the config's
-    ids (all of them at the real ids when the vocabulary is Qwen2.5-VL's)."""
-    from videonsa.testing import QWEN2_5_VL_SPECIAL_TOKENS, make_tokenizer
-
-    vocab_size = config.text_config.vocab_size
-    if vocab_size >= 151643 + len(QWEN2_5_VL_SPECIAL_TOKENS):
-        ids = {token: 151643 + i for i, token in enumerate(QWEN2_5_VL_SPECIAL_TOKENS)}
-    else:
-        ids = {"<|image_pad|>": config.image_token_id, "<|video_pad|>": config.video_token_id,
-               "<|vision_start|>": config.vision_start_token_id, "<|vision_end|>": config.vision_end_token_id}
-    tokenizer = make_tokenizer(ids, vocab_size=vocab_size)
-    return VideoNSAProcessor(tokenizer=tokenizer, nsa_block_size=config.text_config.nsa_block_size)
 
 
 def _has_processor(path: str | None) -> bool:
@@ -332,10 +288,16 @@ def main(argv=None):
     logger.info(f"Trainable parameters: {counts['trainable']:,} of {counts['total']:,}; NSA "
                 f"{'on' if model.config.nsa_enabled else 'off'} (backend {model.config.nsa_backend})")
 
-    if training_args.process_index == 0:  # a fresh report for this run
-        report = Path(training_args.output_dir) / "skipped_samples.jsonl"
-        if report.exists():
-            report.unlink()
+    output = Path(training_args.output_dir)
+    resuming = training_args.resume_from_checkpoint is not None
+    if training_args.process_index == 0:  # fresh reports for this run; a resumed run keeps its decoding failures
+        for report in ["skipped_samples.jsonl"] + ([] if resuming else [UNDECODABLE_REPORT]):
+            if (output / report).exists():
+                (output / report).unlink()
+    failures = read_failures(output / UNDECODABLE_REPORT) if resuming else set()
+    if failures:
+        logger.warning(f"{len(failures)} sample(s) failed to decode in an earlier run and are skipped (listed in "
+                       f"{output / UNDECODABLE_REPORT})")
     train_dataset = eval_dataset = None
     if data_args.train_file:
         train_dataset = load_split(data_args.train_file, data_args, processor, training_args, "train",
@@ -349,7 +311,9 @@ def main(argv=None):
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=VideoNSADataCollator(processor, max_context_tokens=data_args.max_context_tokens),
+        data_collator=VideoNSADataCollator(processor, max_context_tokens=data_args.max_context_tokens,
+                                           on_invalid=data_args.on_invalid,
+                                           failures_path=output / UNDECODABLE_REPORT, known_invalid=failures),
         processing_class=processor,
         callbacks=[StepStatsCallback()] if model_args.step_stats else None,
         gate_logging=model_args.gate_logging,
