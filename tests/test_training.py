@@ -505,3 +505,84 @@ def test_training_benchmark_reports_both_rows_and_compares_losses(tmp_path):
     comparison = second["comparison"]["dense"]
     assert comparison["same_initial_weights"] and comparison["steps"] == 2 and comparison["within"], comparison
     assert "Loss against the reference run" in (tmp_path / "batched.md").read_text()
+
+
+# ---------------------------------------------------------------------------------------------------- undecodable videos
+
+
+def cut_video(path):
+    """A video whose header reads (the planning pass accepts it) but whose frames are cut off at the end: an .avi
+    (header first) truncated to half its size."""
+    write_video(path, 8, 4, 64, 64, seed=5)
+    size = path.stat().st_size
+    with open(path, "r+b") as file:
+        file.truncate(size // 2)
+    return path
+
+
+@pytest.fixture()
+def cut_data(workspace, tmp_path):
+    data = tmp_path / "data"
+    (data / "clips").mkdir(parents=True)
+    for name in ("clip0.mp4", "clip1.mp4"):
+        shutil.copyfile(workspace / "data" / "clips" / name, data / "clips" / name)
+    cut_video(data / "clips" / "cut.avi")
+    records = [conversation("What moves?", f"The square {i}.", f"clips/clip{i % 2}.mp4", id=f"s{i}") for i in range(5)]
+    records.insert(1, conversation("What moves?", "Nothing.", "clips/cut.avi", id="cut"))
+    with open(data / "train.jsonl", "w") as file:
+        file.writelines(json.dumps(r) + "\n" for r in records)
+    return data, records
+
+
+def test_a_video_cut_at_the_end_is_skipped_with_a_log_line_or_stops_naming_it(cut_data, processor, model, tmp_path,
+                                                                              caplog):
+    from datasets import Dataset
+
+    data, records = cut_data
+    planned = vt.prepare_dataset(Dataset.from_list(records), processor, video_root=data)
+    assert "cut" in planned["id"]  # its header reads: the planning pass keeps it
+    good, cut = planned[0], planned[planned["id"].index("cut")]
+    failures = tmp_path / "failures.jsonl"
+    skipping = vt.VideoNSADataCollator(processor, on_invalid="skip", failures_path=failures)
+    with caplog.at_level("WARNING"):
+        batch = skipping([good, cut])
+    assert batch["input_ids"].shape[0] == 1 and torch.equal(batch["input_ids"], skipping([good])["input_ids"])
+    lines = [r.getMessage() for r in caplog.records if "id='cut'" in r.getMessage()]
+    assert len(lines) == 1 and "could not be decoded" in lines[0] and "cut.avi" in lines[0], caplog.text
+    [entry] = map(json.loads, failures.read_text().splitlines())
+    assert entry["id"] == "cut" and entry["index"] == cut["index"] and entry["videos"][0].endswith("cut.avi")
+    # a batch left empty trains nothing: one padding token, no label, a zero loss with a gradient of zero
+    empty = vt.VideoNSADataCollator(processor, on_invalid="skip")([cut])
+    assert empty["input_ids"].shape == (1, 1) and bool((empty["labels"] == vt.IGNORE_INDEX).all())
+    keep = vt.supervised_positions(empty["labels"])
+    loss = vt.supervised_causal_lm_loss(model(**{k: v for k, v in empty.items() if k != "labels"},
+                                              logits_to_keep=keep), empty["labels"])
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+    # on_invalid="error": the error names the sample, before any step computes on it
+    stopping = vt.VideoNSADataCollator(processor, failures_path=tmp_path / "stop.jsonl")
+    with pytest.raises(vt.SampleDecodingError, match=r"sample #1 \(id='cut'.*cut\.avi.*--resume_from_checkpoint"):
+        stopping([good, cut])
+    assert read_ids(tmp_path / "stop.jsonl") == ["cut"]
+    # a sample recorded as undecodable is skipped without decoding it again, whatever the policy
+    resumed = vt.VideoNSADataCollator(processor, known_invalid=vt.read_failures(tmp_path / "stop.jsonl"))
+    assert torch.equal(resumed([good, cut])["input_ids"], batch["input_ids"])
+
+
+def read_ids(path):
+    return [json.loads(line)["id"] for line in path.read_text().splitlines()]
+
+
+def test_cli_stops_on_an_undecodable_video_and_a_resumed_run_gets_past_it(workspace, cut_data, tmp_path):
+    data, records = cut_data
+    args = ["--train_file", str(data / "train.jsonl"), "--video_root", str(data), "--max_steps", "3",
+            "--save_strategy", "steps", "--save_steps", "1", "--learning_rate", "1e-3"]
+    with pytest.raises(vt.SampleDecodingError, match="id='cut'"):
+        cli(workspace, tmp_path / "run", *args)
+    assert read_ids(tmp_path / "run" / "undecodable_samples.jsonl") == ["cut"]
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-1"]  # stopped in step 2
+    resumed = cli(workspace, tmp_path / "run", *args, "--resume_from_checkpoint", "auto")
+    assert resumed.state.global_step == 3
+    skipped = cli(workspace, tmp_path / "skip", *args, "--on_invalid", "skip")  # the same data, skipped and logged
+    assert skipped.state.global_step == 3 and read_ids(tmp_path / "skip" / "undecodable_samples.jsonl") == ["cut"]
