@@ -106,5 +106,10 @@ def main(argv=None):
     return answer
 
 
+def console() -> None:
+    """The ``videonsa-demo`` command: :func:`main`, whose return value (the answer) is not an exit status."""
+    main()
+
+
 if __name__ == "__main__":
     main()

@@ -352,5 +352,10 @@ def main(argv=None):
     return trainer
 
 
+def console() -> None:
+    """The ``videonsa-train`` command: :func:`main`, whose return value (the trainer) is not an exit status."""
+    main()
+
+
 if __name__ == "__main__":
     main()

@@ -70,6 +70,10 @@ def main(argv=None) -> dict:
     return paths
 
 
+def console() -> None:
+    """The ``videonsa-analyze`` command: :func:`main`, whose return value (the written paths) is not an exit status."""
+    main()
+
 
 if __name__ == "__main__":
     main()
