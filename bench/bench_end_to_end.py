@@ -11,7 +11,7 @@ resolution, between a short chat prefix and a question):
   default only up to ``--naive-max-tokens``.
 
 Per row and length: prefill time = time to first token (vision tower + text decoder + the last position's logits,
-through ``videonsa_long_context.chunked_prefill``: one pass computed in pieces, no logits but the last; with
+through ``videonsa.long_context.chunked_prefill``: one pass computed in pieces, no logits but the last; with
 ``--prefill forward``, ``model(..., logits_to_keep=1)`` instead), the vision tower's share of it (measured once
 per length), decode tokens/s (greedy steps on the prefill's cache; steps are dense in every row, as in VideoNSA),
 peak GPU memory of the prefill and of prefill + decode (``torch.cuda.max_memory_allocated``, weights and inputs

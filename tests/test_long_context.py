@@ -1,4 +1,4 @@
-"""videonsa_long_context: the prefill in pieces equals the one-pass forward; generation continues from it."""
+"""videonsa.long_context: the prefill in pieces equals the one-pass forward; generation continues from it."""
 
 import pytest
 import torch

@@ -2,18 +2,8 @@
 sinks, selected frames), :mod:`~videonsa.analysis.plots` (figures and the report folder) and
 :mod:`~videonsa.analysis.cli` (``videonsa-analyze``). Definitions: ``docs/analysis.md``."""
 
-from .measure import (
-    BRANCHES,
-    DEFAULT_SINK_THRESHOLD,
-    SINK_COLUMNS,
-    VideoNSAAnalysis,
-    VideoSpan,
-    analyze,
-    block_to_frames,
-    budget_from_block_indices,
-    nominal_budget,
-    video_spans,
-)
+from .measure import (BRANCHES, DEFAULT_SINK_THRESHOLD, SINK_COLUMNS, VideoNSAAnalysis, VideoSpan, analyze,
+                      block_to_frames, budget_from_block_indices, nominal_budget, video_spans)
 from .plots import plot_budget, plot_gates, plot_selected_frames, plot_sinks, write_report
 
 __all__ = [

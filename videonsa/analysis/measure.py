@@ -463,7 +463,7 @@ def analyze(
         sink_threshold: a (query, head) pair has a sink when its weight on the sink exceeds this.
         compare_dense: also measure dense causal attention's weight on the sink on the same layer inputs.
         plans: ``processor.plan_videos(videos)``, for source-frame numbers and exact timestamps.
-        chunk_size: piece size of the prefill (:func:`videonsa_long_context.chunked_prefill`).
+        chunk_size: piece size of the prefill (:func:`videonsa.long_context.chunked_prefill`).
         keep_per_query: keep every vision query's sink weights (``[L, N, H, 4]``; large for long videos).
     """
     if sink not in ("token", "block"):
