@@ -380,13 +380,13 @@ def test_cli_bf16_autocast_over_float32_weights(workspace, tmp_path):
 
 
 def test_config_overrides_and_the_7b_preset():
-    config = train.preset_config("7b")
+    config = vt.preset_config("7b")
     text, vision = config.text_config, config.vision_config
     assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads) == (
         3584, 28, 28, 4)
     assert (text.vocab_size, vision.depth, vision.out_hidden_size, config.video_token_id) == (152064, 32, 3584, 151656)
     assert (config.nsa_block_size, config.nsa_block_count, config.nsa_window_size) == (64, 32, 256)
-    small = train.preset_config("small")  # the 7B's widths and NSA settings, 4 text layers and 4 vision blocks
+    small = vt.preset_config("small")  # the 7B's widths and NSA settings, 4 text layers and 4 vision blocks
     layers = {"num_hidden_layers": 4, "layer_types": ["full_attention"] * 4}
     assert small.text_config.to_dict() == {**text.to_dict(), **layers}
     assert (small.vision_config.depth, small.vision_config.fullatt_block_indexes) == (4, [3])

@@ -2,7 +2,9 @@
 
 :mod:`~videonsa.training.data` (records, labels, planning), :mod:`~videonsa.training.collator` (decoding and
 padding), :mod:`~videonsa.training.trainer` (Trainer, gate logging, freezing, LoRA),
-:mod:`~videonsa.training.presets` (model presets, config overrides).
+:mod:`~videonsa.training.presets` (model presets, config overrides), :mod:`~videonsa.training.arguments` (the
+command's model and data arguments), :mod:`~videonsa.training.model` (building the model and processor, freezing
+and LoRA).
 """
 
 from .collator import SampleDecodingError, VideoNSADataCollator, read_failures, sample_key
