@@ -39,8 +39,6 @@ import sys
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 P, HKV, D, BS, BC, W = 64, 4, 128, 64, 32, 256
 
 

@@ -11,7 +11,7 @@ resolution, between a short chat prefix and a question):
   default only up to ``--naive-max-tokens``.
 
 Per row and length: prefill time = time to first token (vision tower + text decoder + the last position's logits,
-through ``videonsa_long_context.chunked_prefill``: one pass computed in pieces, no logits but the last; with
+through ``videonsa.long_context.chunked_prefill``: one pass computed in pieces, no logits but the last; with
 ``--prefill forward``, ``model(..., logits_to_keep=1)`` instead), the vision tower's share of it (measured once
 per length), decode tokens/s (greedy steps on the prefill's cache; steps are dense in every row, as in VideoNSA),
 peak GPU memory of the prefill and of prefill + decode (``torch.cuda.max_memory_allocated``, weights and inputs
@@ -38,11 +38,9 @@ import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from configuration_videonsa import VideoNSAConfig  # noqa: E402
-from videonsa_long_context import chunked_prefill, video_features  # noqa: E402
+from configuration_videonsa import VideoNSAConfig
+from videonsa.long_context import chunked_prefill, video_features
+from videonsa.training.presets import apply_config_overrides, preset_config
 
 ROWS = ("videonsa", "dense", "naive")
 ROW_SETTINGS = {
@@ -56,11 +54,8 @@ GRID_HW = 16  # 16 x 16 patches of 14 px = 224 x 224 frames -> 64 merged tokens 
 
 
 def config_7b(num_layers: int = 28) -> VideoNSAConfig:
-    """Qwen2.5-VL-7B-Instruct's architecture with the released NSA settings (``train.py``'s ``7b`` preset), with
-    ``num_layers`` text layers."""
-    from train import preset_config
-    from videonsa_training import apply_config_overrides
-
+    """Qwen2.5-VL-7B-Instruct's architecture with the released NSA settings (``videonsa.training.presets``'
+    ``7b`` preset), with ``num_layers`` text layers."""
     return apply_config_overrides(preset_config("7b"), None if num_layers == 28 else f"num_hidden_layers={num_layers}")
 
 

@@ -1,7 +1,7 @@
-"""Training-step benchmark of VideoNSA through the fine-tuning code path (``train.py`` + ``videonsa_training``).
+"""Training-step benchmark of VideoNSA through the fine-tuning code path (``videonsa.train`` + ``videonsa.training``).
 
-What runs is what ``train.py`` runs: a random-weight model from a preset (``train.preset_config``, built by
-``train.load_model_and_processor``), LoRA or full fine-tuning (``train.make_trainable``), gradient checkpointing,
+What runs is what ``videonsa-train`` runs: a random-weight model from a preset (``videonsa.training.preset_config``, built by
+``videonsa.training.model.load_model_and_processor``), LoRA or full fine-tuning (``make_trainable``), gradient checkpointing,
 bf16, ``VideoNSATrainer`` (logits only where supervised, gate logging) and ``StepStatsCallback`` (CUDA-synchronised
 step times). Only the data differ: instead of decoding videos, a ``torch.utils.data.Dataset`` returns synthetic
 samples already in the processor's output form, padded and batched by the training collator:
@@ -14,8 +14,8 @@ samples already in the processor's output form, padded and batched by the traini
   values (float32, as the processor returns them), ``video_grid_thw = [[t, h, w]]``, ``second_per_grid_ts = [0.5]``
   (4 fps, two frames per temporal patch), ``mm_token_type_ids`` 2 on video tokens;
 * ``labels``: the answer (``--answer-tokens`` random letters) and its ``<|im_end|>``, by
-  ``videonsa_training.assistant_labels``; everything else is ``-100``.
-The tokenizer is ``train.synthetic_processor``'s byte-level one, so a sample has exactly ``--tokens`` tokens. Sample
+  ``videonsa.training.assistant_labels``; everything else is ``-100``.
+The tokenizer is ``videonsa.training.synthetic_processor``'s byte-level one, so a sample has exactly ``--tokens`` tokens. Sample
 ``i`` depends on ``--seed`` and ``i`` only, so runs with any number of processes see the same data.
 
 Rows: ``videonsa`` (``nsa_enabled=True``, ``nsa_backend=--backend``: the Triton kernels on CUDA with ``auto``) and
@@ -28,7 +28,7 @@ largest over the processes; GB = 10^9 bytes), the loss of every step (the Traine
 Results go to stdout and, from the first process only, to ``--out`` (markdown, plus the raw numbers in a ``.json``
 beside it; default ``$OUT/bench_training.md`` when ``$OUT`` is set), rewritten after every row.
 
-Presets (``train.preset_config``): ``7b`` (Qwen2.5-VL-7B + VideoNSA gates, 8.7B parameters), ``small`` (the 7B's
+Presets (``videonsa.training.preset_config``): ``7b`` (Qwen2.5-VL-7B + VideoNSA gates, 8.7B parameters), ``small`` (the 7B's
 widths, heads, vocabulary and NSA settings with 4 text layers and 4 vision blocks, 2.2B parameters: every kernel and
 shape of the 7B at a size that trains in full on one GPU), ``tiny`` (the CPU test model).
 
@@ -70,11 +70,10 @@ import traceback
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-import train  # noqa: E402
-import videonsa_training as vt  # noqa: E402
+import videonsa.training as vt
+from videonsa.training.arguments import ModelArguments
+from videonsa.training.model import load_model_and_processor, make_trainable
+from videonsa.training.trainer import _videonsa_attention_modules
 
 ROWS = ("videonsa", "dense")
 PRESETS = ("7b", "small", "tiny")
@@ -237,7 +236,7 @@ def training_arguments(args, row: str):
 def model_arguments(args, row: str):
     nsa = "nsa_enabled=false" if row == "dense" else f"nsa_enabled=true,nsa_backend={args.backend}"
     overrides = ",".join(part for part in (args.config_overrides, nsa) if part)
-    return train.ModelArguments(
+    return ModelArguments(
         random_init=True,
         random_init_preset=args.preset,
         dtype=args.dtype,
@@ -263,8 +262,8 @@ def run_row(args, row: str) -> dict:
     leftover = torch.cuda.memory_allocated() / 1e9 if torch.cuda.is_available() else None  # of earlier rows: ~0
     set_seed(args.seed)
     start = time.perf_counter()
-    model, processor = train.load_model_and_processor(model_args, training_args, init_device=init_device)
-    model, counts = train.make_trainable(model, model_args)
+    model, processor = load_model_and_processor(model_args, training_args, init_device=init_device)
+    model, counts = make_trainable(model, model_args)
     build_s = time.perf_counter() - start
     checksum = weights_checksum(model)
     config = model.config
@@ -283,7 +282,7 @@ def run_row(args, row: str) -> dict:
     try:
         trainer.train()
         logs = [entry for entry in trainer.state.log_history if "loss" in entry]
-        path = next((m.last_path for m in vt._videonsa_attention_modules(trainer.model)), None)
+        path = next((m.last_path for m in _videonsa_attention_modules(trainer.model)), None)
         timed = stats.step_times[args.warmup_steps:]
         step_s = sum(timed) / len(timed) if timed else None
         tokens_per_step = args.tokens * args.batch_size * args.grad_accum * world

@@ -1,7 +1,7 @@
 """The vision tower of the VideoNSA 7B architecture (Qwen2.5-VL-7B's, 32 blocks) on one GPU: ours vs transformers'.
 
 Random bf16 weights; one video of ``N / 64`` temporal patches of 16 x 16 patches (224 x 224 frames, 64 merged tokens
-each), encoded in pieces of ``--piece-tokens`` merged tokens as ``videonsa_long_context.video_features`` does in a
+each), encoded in pieces of ``--piece-tokens`` merged tokens as ``videonsa.long_context.video_features`` does in a
 chunked prefill. Rows, all on the same weights (the blocks' attention and MLP classes are swapped in place; they
 hold the same parameters):
 
@@ -27,11 +27,7 @@ import sys
 import time
 
 import torch
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from bench_end_to_end import GRID_HW, config_7b  # noqa: E402  (the prefill benchmark's model and video geometry)
+from bench_end_to_end import GRID_HW, config_7b  # the prefill benchmark's model and video geometry
 ROWS = ("transformers", "batched attention", "ours")
 
 

@@ -412,6 +412,21 @@ def dense_attention(
     return torch.cat(outs, dim=1)
 
 
+def mask_mixed_inputs(q, k, v, gate_logits, query_vision: torch.Tensor, key_vision: torch.Tensor):
+    """The mixed path's NSA inputs: queries, gate logits, keys and values of text positions are zeroed.
+
+    Args:
+        q: ``[1, Tq, H, D]``; k, v: ``[1, Tk, Hkv, D]`` (``v`` may be None); gate_logits: ``[1, Tq, H, 3]``;
+        query_vision: bool ``[Tq]``; key_vision: bool ``[Tk]``.
+
+    Returns:
+        ``(q, k, v, gate_logits)`` masked (``v`` None when given None).
+    """
+    query_mask = query_vision[None, :, None, None]
+    key_mask = key_vision[None, :, None, None]
+    return q * query_mask, k * key_mask, None if v is None else v * key_mask, gate_logits * query_mask
+
+
 def hybrid_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -484,9 +499,7 @@ def hybrid_attention(
         v_b = value[b][:, keys].transpose(0, 1)[None]
         logits = gate_logits[b, rows][None]
         if mixed[b]:
-            q_vis = vision[-len(rows) :][None, :, None, None]
-            q_b, logits = q_b * q_vis, logits * q_vis
-            k_b, v_b = k_b * vision[None, :, None, None], v_b * vision[None, :, None, None]
+            q_b, k_b, v_b, logits = mask_mixed_inputs(q_b, k_b, v_b, logits, vision[-len(rows) :], vision)
         gates = pad_heads(torch.sigmoid(logits), padded_heads)
         result = nsa_fn(
             pad_heads(q_b, padded_heads), k_b, v_b, gates,

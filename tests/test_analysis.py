@@ -1,4 +1,4 @@
-"""videonsa_analysis on tiny models: hand-computed gates, budgets, sinks and frames; the plots; the CLI."""
+"""videonsa.analysis on tiny models: hand-computed gates, budgets, sinks and frames; the plots; the CLI."""
 
 import json
 import math
@@ -8,16 +8,16 @@ import torch
 
 from nsa_kernels import reference
 from videonsa.testing import build_tiny_checkpoint, tiny_model, video_prompt, write_video
-from videonsa_analysis import (
+from videonsa.analysis import (
     analyze,
     block_to_frames,
     budget_from_block_indices,
-    main,
     nominal_budget,
     plot_budget,
     video_spans,
     write_report,
 )
+from videonsa.analysis.cli import main
 
 # 3 text | vision start | video of 3 temporal patches x 16 tokens (positions 4..51) | vision end | 3 text: 56 tokens,
 # 4 NSA blocks of 16 <= 4 slots, so selection keeps every candidate block.

@@ -1,11 +1,11 @@
-"""videonsa_long_context: the prefill in pieces equals the one-pass forward; generation continues from it."""
+"""videonsa.long_context: the prefill in pieces equals the one-pass forward; generation continues from it."""
 
 import pytest
 import torch
 from transformers.cache_utils import DynamicCache
 
 from videonsa.testing import left_pad_batch, tiny_model, video_prompt
-from videonsa_long_context import chunked_generate, chunked_prefill, video_features
+from videonsa.long_context import chunked_generate, chunked_prefill, video_features
 
 PROMPT = [5, (6, 4, 8), 9]  # 5 text | 48 video tokens (+ start/end) | 9 text: 64 tokens, 4 blocks of 16
 

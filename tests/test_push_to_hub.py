@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import json
 import re
 import shutil
@@ -21,6 +22,11 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 
 import push_to_hub
 from configuration_videonsa import NSA_KEYS
+from videonsa.hub import cli
+from videonsa.hub.checks import card_problems
+from videonsa.hub.convert import initial_gate_tensor, plan_conversion
+from videonsa.hub.layout import PushError, hub_files
+from videonsa.hub.upload import commit_operations
 from hub_utils import COMMIT, REPO_ID, REPO_ROOT, fresh_process_env, load_many_in_fresh_process, populate_hub_cache
 from modeling_videonsa import VideoNSAForConditionalGeneration
 from test_model import qwen_twin
@@ -222,10 +228,10 @@ def test_every_source_tensor_lands_unchanged(sources, pushed, layout):
             assert torch.count_nonzero(gate) == 0, name
         else:
             assert abs(gate.float().std().item() - 0.02) < 0.002 and abs(gate.float().mean().item()) < 0.002, name
-    spec = next(s for s in push_to_hub.plan_conversion(sources["folders"]["qwen"], seed=7).tensors
+    spec = next(s for s in plan_conversion(sources["folders"]["qwen"], seed=7).tensors
                 if s.target == "model.layers.1.self_attn.g_proj_1.weight")
-    assert torch.equal(push_to_hub.initial_gate_tensor(spec, 7), written[spec.target])  # reproducible from the seed
-    assert not torch.equal(push_to_hub.initial_gate_tensor(spec, 8), written[spec.target])
+    assert torch.equal(initial_gate_tensor(spec, 7), written[spec.target])  # reproducible from the seed
+    assert not torch.equal(initial_gate_tensor(spec, 8), written[spec.target])
 
 
 def test_pushed_folders_load_by_directory_and_by_repo_id(sources, pushed, tmp_path):
@@ -264,7 +270,7 @@ def test_pushed_folders_load_by_directory_and_by_repo_id(sources, pushed, tmp_pa
 def test_commit_operations_follow_the_allow_list(pushed, tmp_path):
     folder = tmp_path / "repo"
     shutil.copytree(pushed["videonsa"][0], folder)
-    shipped = push_to_hub.hub_files(folder)
+    shipped = hub_files(folder)
     plant_strays(folder)
     (folder / ".git").mkdir()
     (folder / ".git" / "config").write_text("[credential]\n")
@@ -272,12 +278,12 @@ def test_commit_operations_follow_the_allow_list(pushed, tmp_path):
     (folder / "nsa_kernels" / "sub").mkdir()
     (folder / "nsa_kernels" / "sub" / "extra.py").write_text("")
     (folder / "link.json").symlink_to(folder / "config.json")
-    operations = push_to_hub.commit_operations(folder)
+    operations = commit_operations(folder)
     assert all(isinstance(op, CommitOperationAdd) for op in operations)
     assert [op.path_in_repo for op in operations] == shipped
     remote = ["README.md", ".gitattributes", "model-00001-of-00009.safetensors", "pytorch_model.bin",
               "chat_template.json", "nsa_kernels/old_kernel.py", "assets/teaser.png", "notes.md"]
-    deletes = [op for op in push_to_hub.commit_operations(folder, remote) if isinstance(op, CommitOperationDelete)]
+    deletes = [op for op in commit_operations(folder, remote) if isinstance(op, CommitOperationDelete)]
     assert [op.path_in_repo for op in deletes] == [
         "chat_template.json", "model-00001-of-00009.safetensors", "nsa_kernels/old_kernel.py", "pytorch_model.bin"]
 
@@ -316,7 +322,7 @@ def test_upload_makes_one_commit_after_verification(sources, tmp_path, monkeypat
         return dict(model="VideoNSAForConditionalGeneration", processor="VideoNSAProcessor", kernels="k",
                     attention_paths=["hybrid"])
 
-    monkeypatch.setattr(push_to_hub, "verify_in_fresh_process", verify)
+    monkeypatch.setattr(cli, "verify_in_fresh_process", verify)
     out = tmp_path / "out"
     code, stdout, stderr = run_push(sources["folders"]["release-4x"], "--output", out, "--repo-id", "me/VideoNSA",
                                     "--revision", "dev", "--private", "--commit-message", "First upload")
@@ -331,7 +337,7 @@ def test_upload_makes_one_commit_after_verification(sources, tmp_path, monkeypat
     assert commit["commit_message"] == "First upload" and "release" in commit["commit_description"]
     adds = [op for op in commit["operations"] if isinstance(op, CommitOperationAdd)]
     deletes = [op for op in commit["operations"] if isinstance(op, CommitOperationDelete)]
-    assert [op.path_in_repo for op in adds] == push_to_hub.hub_files(out)
+    assert [op.path_in_repo for op in adds] == hub_files(out)
     assert all(Path(op.path_or_fileobj) == out / op.path_in_repo for op in adds)
     assert [op.path_in_repo for op in deletes] == ["model-00001-of-00004.safetensors"]
     assert (out / "README.md").read_text() == (REPO_ROOT / "model_card.md").read_text()
@@ -347,9 +353,9 @@ def test_upload_makes_one_commit_after_verification(sources, tmp_path, monkeypat
     assert hub.calls[2][2]["revision"] == "main"
 
     def broken(folder, mode):
-        raise push_to_hub.PushError("the model does not load")
+        raise PushError("the model does not load")
 
-    monkeypatch.setattr(push_to_hub, "verify_in_fresh_process", broken)
+    monkeypatch.setattr(cli, "verify_in_fresh_process", broken)
     hub = FakeHub(monkeypatch)
     code, _, stderr = run_push(sources["folders"]["release-4x"], "--output", tmp_path / "broken", "--repo-id",
                                "me/VideoNSA")
@@ -359,7 +365,7 @@ def test_upload_makes_one_commit_after_verification(sources, tmp_path, monkeypat
 def test_upload_refuses_an_unfinished_card_before_writing(sources, tmp_path, monkeypatch):
     card = tmp_path / "card.md"
     card.write_text((REPO_ROOT / "model_card.md").read_text().rstrip() + "\n\n<!-- TODO: results -->\n")
-    monkeypatch.setattr(push_to_hub, "MODEL_CARD", card)
+    monkeypatch.setattr(cli, "MODEL_CARD", card)
     hub = FakeHub(monkeypatch)
     code, _, stderr = run_push(sources["folders"]["videonsa"], "--output", tmp_path / "out", "--repo-id", "me/x")
     assert code == 2 and "TODO" in stderr and not (tmp_path / "out").exists() and hub.calls == []
@@ -367,8 +373,8 @@ def test_upload_refuses_an_unfinished_card_before_writing(sources, tmp_path, mon
 
 def test_card_images_must_be_shipped():
     text = (REPO_ROOT / "model_card.md").read_text()
-    assert "](benchmarks_h100.png)" in text and push_to_hub.card_problems(text) == []
-    problems = push_to_hub.card_problems(text + "\n![plot](docs/other.png)\n![remote](https://example.org/a.png)\n")
+    assert "](benchmarks_h100.png)" in text and card_problems(text) == []
+    problems = card_problems(text + "\n![plot](docs/other.png)\n![remote](https://example.org/a.png)\n")
     assert len(problems) == 1 and "docs/other.png" in problems[0] and "not shipped" in problems[0]
 
 # --------------------------------------------------------------------------------------------------------------
@@ -392,9 +398,9 @@ def test_model_card_metadata_and_sections():
     assert "Reference compatibility" in limitations and "h // 16" in limitations and "later" in limitations
     efficiency = body.split("## Efficiency")[1].split("\n## ")[0]
     assert "H100" in efficiency and re.search(r"20\d\d-\d\d-\d\d", efficiency)  # device and date
-    assert push_to_hub.card_problems(text) == []  # ready to publish
-    assert any("license" in p for p in push_to_hub.card_problems(text.replace("license: apache-2.0\n", "")))
-    assert any("TODO" in p for p in push_to_hub.card_problems(text + "\n<!-- TODO: numbers -->\n"))
+    assert card_problems(text) == []  # ready to publish
+    assert any("license" in p for p in card_problems(text.replace("license: apache-2.0\n", "")))
+    assert any("TODO" in p for p in card_problems(text + "\n<!-- TODO: numbers -->\n"))
 
 
 def test_model_card_code_runs(pushed, tmp_path):
@@ -568,3 +574,114 @@ def test_repo_id_source_and_processor_source(sources, tmp_path, monkeypatch):
     assert (out / "tokenizer.json").is_file() and (out / "processor_config.json").is_file()
     assert load_file(out / "model.safetensors").keys() == load_file(sources["folders"]["videonsa"] /
                                                                       "model.safetensors").keys()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Links and non-files: nothing a link points to is read into, or shipped with, the repository
+# --------------------------------------------------------------------------------------------------------------
+SECRET = "HF_TOKEN=hf_not_a_real_token_but_secret\n"
+
+
+def _source_with(sources, tmp_path, case, make):
+    folder = _variant(sources, tmp_path / case)
+    make(folder)
+    return folder
+
+
+LINKS_AND_NON_FILES = {
+    "chat template linked to a secret": (lambda f, s: (f / "chat_template.jinja").symlink_to(s),
+                                         ["chat_template.jinja", "symbolic link", "secret.txt"]),
+    "tokenizer linked": (lambda f, s: ((f / "tokenizer.json").rename(f.parent / "tok.json"),
+                                       (f / "tokenizer.json").symlink_to(f.parent / "tok.json")),
+                         ["tokenizer.json", "symbolic link"]),
+    "weights linked": (lambda f, s: ((f / "model.safetensors").rename(f.parent / "w.safetensors"),
+                                     (f / "model.safetensors").symlink_to(f.parent / "w.safetensors")),
+                       ["model.safetensors", "symbolic link"]),
+    "a pipe as chat template": (lambda f, s: os.mkfifo(f / "chat_template.jinja"),
+                                ["chat_template.jinja", "not a regular file"]),
+    "a folder as config": (lambda f, s: ((f / "generation_config.json").unlink(),
+                                         (f / "generation_config.json").mkdir()),
+                           ["generation_config.json", "is a folder"]),
+}
+
+
+@pytest.mark.parametrize("case", LINKS_AND_NON_FILES)
+def test_links_and_non_files_in_the_source_are_refused(sources, tmp_path, case):
+    make, messages = LINKS_AND_NON_FILES[case]
+    secret = tmp_path / "secret.txt"
+    secret.write_text(SECRET)
+    (tmp_path / case).mkdir()
+    source = _source_with(sources, tmp_path, case, lambda folder: make(folder, secret))
+    out = tmp_path / "out"
+    code, stdout, stderr = run_push(source, "--output", out, "--dry-run", "--verify", "skip")
+    assert code == 2, stdout
+    for message in messages:
+        assert message in stderr, (message, stderr)
+    assert not out.exists() and not list(tmp_path.glob(".out.staging-*"))
+    if case != "chat template linked to a secret":
+        return
+    # a link beside the read files, never read, is no reason to refuse (and is never shipped)
+    (tmp_path / "clean").mkdir()
+    clean = _variant(sources, tmp_path / "clean")
+    (clean / "readme-link.txt").symlink_to(secret)
+    code, _, stderr = run_push(clean, "--output", out, "--dry-run", "--verify", "skip")
+    assert code == 0, stderr
+    assert SECRET not in "".join(p.read_text(errors="ignore") for p in out.rglob("*") if p.is_file())
+
+
+def test_hub_cache_links_are_read_and_links_out_of_the_cache_refused(sources, tmp_path, monkeypatch):
+    """huggingface_hub's cache serves a repo id's files as links into its blobs: those are read (and the written
+    folder holds copies). A snapshot link that leaves the cache is refused like any other link."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    populate_hub_cache(cache, sources["folders"]["release-4x"], repo_id="authors/linked")
+    repo = cache / "models--authors--linked"
+    (repo / "blobs").mkdir()
+    snapshot = repo / "snapshots" / COMMIT
+    for path in sorted(snapshot.iterdir()):
+        if path.is_file():
+            blob = repo / "blobs" / f"blob-{path.name}"
+            path.rename(blob)
+            path.symlink_to(Path("../..") / "blobs" / blob.name)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    out = tmp_path / "out"
+    code, _, stderr = run_push("authors/linked", "--output", out, "--dry-run", "--verify", "skip")
+    assert code == 0, stderr
+    assert not any(p.is_symlink() for p in out.rglob("*"))
+    assert load_file(out / "model.safetensors").keys() == load_file(sources["folders"]["videonsa"] /
+                                                                      "model.safetensors").keys()
+    secret = tmp_path / "secret.txt"
+    secret.write_text(SECRET)
+    (snapshot / "chat_template.jinja").symlink_to(secret)
+    code, _, stderr = run_push("authors/linked", "--output", tmp_path / "out2", "--dry-run", "--verify", "skip")
+    assert code == 2 and "chat_template.jinja" in stderr and "symbolic link" in stderr
+    assert not (tmp_path / "out2").exists()
+
+
+def test_links_in_the_checkout_are_refused(sources, tmp_path, monkeypatch):
+    """The code files and nsa_kernels/ come from this checkout: a link there is refused too, naming it."""
+    from videonsa.hub import write
+
+    checkout = tmp_path / "checkout"
+    shutil.copytree(REPO_ROOT / "nsa_kernels", checkout / "nsa_kernels", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in write.CODE_FILES:
+        shutil.copyfile(REPO_ROOT / name, checkout / name)
+    secret = tmp_path / "secret.txt"
+    secret.write_text(SECRET)
+    (checkout / "nsa_kernels" / "leak.py").symlink_to(secret)
+    monkeypatch.setattr(write, "ROOT", checkout)
+    out = tmp_path / "out"
+    code, _, stderr = run_push(sources["folders"]["videonsa"], "--output", out, "--dry-run", "--verify", "skip")
+    assert code == 2 and "leak.py" in stderr and "symbolic link" in stderr
+    assert not out.exists() and not list(tmp_path.glob(".out.staging-*"))
+
+
+def test_the_shipped_code_files_are_the_layouts():
+    """The code files beside the weights are the Hub modules at the root of this checkout: one list
+    (``modeling_videonsa._CODE_FILES``, which save_pretrained writes too) that the layout confirms."""
+    from videonsa.hub.layout import CODE_FILES
+
+    assert sorted(CODE_FILES) == sorted(p.name for p in REPO_ROOT.glob("*_videonsa.py"))
+    assert sorted(p.name for p in REPO_ROOT.glob("*.py")) == sorted([*CODE_FILES, "push_to_hub.py"])

@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import train
-import videonsa_training as vt
+import videonsa.training as vt
+from videonsa import train
 from modeling_videonsa import VideoNSAForConditionalGeneration
 from processing_videonsa import ContextBudgetExceededError, VideoNSAProcessor
 from videonsa.testing import build_tiny_checkpoint, write_video
@@ -380,13 +380,13 @@ def test_cli_bf16_autocast_over_float32_weights(workspace, tmp_path):
 
 
 def test_config_overrides_and_the_7b_preset():
-    config = train.preset_config("7b")
+    config = vt.preset_config("7b")
     text, vision = config.text_config, config.vision_config
     assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads) == (
         3584, 28, 28, 4)
     assert (text.vocab_size, vision.depth, vision.out_hidden_size, config.video_token_id) == (152064, 32, 3584, 151656)
     assert (config.nsa_block_size, config.nsa_block_count, config.nsa_window_size) == (64, 32, 256)
-    small = train.preset_config("small")  # the 7B's widths and NSA settings, 4 text layers and 4 vision blocks
+    small = vt.preset_config("small")  # the 7B's widths and NSA settings, 4 text layers and 4 vision blocks
     layers = {"num_hidden_layers": 4, "layer_types": ["full_attention"] * 4}
     assert small.text_config.to_dict() == {**text.to_dict(), **layers}
     assert (small.vision_config.depth, small.vision_config.fullatt_block_indexes) == (4, [3])
@@ -405,7 +405,7 @@ def test_scaling_configs_name_the_model_and_parse():
 
     from accelerate.commands.config.config_args import load_config_from_file
 
-    root = Path(train.__file__).parent / "configs"
+    root = Path(__file__).resolve().parents[1] / "configs"
     fsdp = load_config_from_file(str(root / "accelerate_fsdp.yaml"))
     assert fsdp.distributed_type == "FSDP" and fsdp.mixed_precision == "bf16"
     assert fsdp.fsdp_config["fsdp_version"] == 2
@@ -426,7 +426,7 @@ def _free_port() -> int:
 
 
 def test_cli_deepspeed_zero3_trains_like_a_plain_run(workspace, tmp_path):
-    """``train.py --deepspeed configs/deepspeed_zero3.json`` under ``torchrun`` (one process on the CPU) trains to the
+    """``videonsa-train --deepspeed configs/deepspeed_zero3.json`` under ``torchrun`` (one process on the CPU) trains to the
     same losses and the same saved weights as a plain run. The config is the shipped one with the persistence
     threshold at 0, so every weight is partitioned and gathered by ZeRO-3's hooks (the tiny model's weights would
     all stay whole under the default threshold)."""
@@ -436,7 +436,7 @@ def test_cli_deepspeed_zero3_trains_like_a_plain_run(workspace, tmp_path):
     from pathlib import Path
 
     pytest.importorskip("deepspeed")
-    config = json.loads((Path(train.__file__).parent / "configs" / "deepspeed_zero3.json").read_text())
+    config = json.loads((Path(__file__).resolve().parents[1] / "configs" / "deepspeed_zero3.json").read_text())
     config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     (tmp_path / "zero3.json").write_text(json.dumps(config))
     (tmp_path / "two.jsonl").write_text("".join(
@@ -449,7 +449,7 @@ def test_cli_deepspeed_zero3_trains_like_a_plain_run(workspace, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(_free_port()),
-         train.__file__, *common, "--deepspeed", str(tmp_path / "zero3.json"), "--output_dir", str(tmp_path / "zero3")],
+         "-m", "videonsa.train", *common, "--deepspeed", str(tmp_path / "zero3.json"), "--output_dir", str(tmp_path / "zero3")],
         env=env, capture_output=True, text=True, timeout=900,
     )
     assert run.returncode == 0, run.stderr[-3000:]
@@ -505,3 +505,84 @@ def test_training_benchmark_reports_both_rows_and_compares_losses(tmp_path):
     comparison = second["comparison"]["dense"]
     assert comparison["same_initial_weights"] and comparison["steps"] == 2 and comparison["within"], comparison
     assert "Loss against the reference run" in (tmp_path / "batched.md").read_text()
+
+
+# ---------------------------------------------------------------------------------------------------- undecodable videos
+
+
+def cut_video(path):
+    """A video whose header reads (the planning pass accepts it) but whose frames are cut off at the end: an .avi
+    (header first) truncated to half its size."""
+    write_video(path, 8, 4, 64, 64, seed=5)
+    size = path.stat().st_size
+    with open(path, "r+b") as file:
+        file.truncate(size // 2)
+    return path
+
+
+@pytest.fixture()
+def cut_data(workspace, tmp_path):
+    data = tmp_path / "data"
+    (data / "clips").mkdir(parents=True)
+    for name in ("clip0.mp4", "clip1.mp4"):
+        shutil.copyfile(workspace / "data" / "clips" / name, data / "clips" / name)
+    cut_video(data / "clips" / "cut.avi")
+    records = [conversation("What moves?", f"The square {i}.", f"clips/clip{i % 2}.mp4", id=f"s{i}") for i in range(5)]
+    records.insert(1, conversation("What moves?", "Nothing.", "clips/cut.avi", id="cut"))
+    with open(data / "train.jsonl", "w") as file:
+        file.writelines(json.dumps(r) + "\n" for r in records)
+    return data, records
+
+
+def test_a_video_cut_at_the_end_is_skipped_with_a_log_line_or_stops_naming_it(cut_data, processor, model, tmp_path,
+                                                                              caplog):
+    from datasets import Dataset
+
+    data, records = cut_data
+    planned = vt.prepare_dataset(Dataset.from_list(records), processor, video_root=data)
+    assert "cut" in planned["id"]  # its header reads: the planning pass keeps it
+    good, cut = planned[0], planned[planned["id"].index("cut")]
+    failures = tmp_path / "failures.jsonl"
+    skipping = vt.VideoNSADataCollator(processor, on_invalid="skip", failures_path=failures)
+    with caplog.at_level("WARNING"):
+        batch = skipping([good, cut])
+    assert batch["input_ids"].shape[0] == 1 and torch.equal(batch["input_ids"], skipping([good])["input_ids"])
+    lines = [r.getMessage() for r in caplog.records if "id='cut'" in r.getMessage()]
+    assert len(lines) == 1 and "could not be decoded" in lines[0] and "cut.avi" in lines[0], caplog.text
+    [entry] = map(json.loads, failures.read_text().splitlines())
+    assert entry["id"] == "cut" and entry["index"] == cut["index"] and entry["videos"][0].endswith("cut.avi")
+    # a batch left empty trains nothing: one padding token, no label, a zero loss with a gradient of zero
+    empty = vt.VideoNSADataCollator(processor, on_invalid="skip")([cut])
+    assert empty["input_ids"].shape == (1, 1) and bool((empty["labels"] == vt.IGNORE_INDEX).all())
+    keep = vt.supervised_positions(empty["labels"])
+    loss = vt.supervised_causal_lm_loss(model(**{k: v for k, v in empty.items() if k != "labels"},
+                                              logits_to_keep=keep), empty["labels"])
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+    # on_invalid="error": the error names the sample, before any step computes on it
+    stopping = vt.VideoNSADataCollator(processor, failures_path=tmp_path / "stop.jsonl")
+    with pytest.raises(vt.SampleDecodingError, match=r"sample #1 \(id='cut'.*cut\.avi.*--resume_from_checkpoint"):
+        stopping([good, cut])
+    assert read_ids(tmp_path / "stop.jsonl") == ["cut"]
+    # a sample recorded as undecodable is skipped without decoding it again, whatever the policy
+    resumed = vt.VideoNSADataCollator(processor, known_invalid=vt.read_failures(tmp_path / "stop.jsonl"))
+    assert torch.equal(resumed([good, cut])["input_ids"], batch["input_ids"])
+
+
+def read_ids(path):
+    return [json.loads(line)["id"] for line in path.read_text().splitlines()]
+
+
+def test_cli_stops_on_an_undecodable_video_and_a_resumed_run_gets_past_it(workspace, cut_data, tmp_path):
+    data, records = cut_data
+    args = ["--train_file", str(data / "train.jsonl"), "--video_root", str(data), "--max_steps", "3",
+            "--save_strategy", "steps", "--save_steps", "1", "--learning_rate", "1e-3"]
+    with pytest.raises(vt.SampleDecodingError, match="id='cut'"):
+        cli(workspace, tmp_path / "run", *args)
+    assert read_ids(tmp_path / "run" / "undecodable_samples.jsonl") == ["cut"]
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-1"]  # stopped in step 2
+    resumed = cli(workspace, tmp_path / "run", *args, "--resume_from_checkpoint", "auto")
+    assert resumed.state.global_step == 3
+    skipped = cli(workspace, tmp_path / "skip", *args, "--on_invalid", "skip")  # the same data, skipped and logged
+    assert skipped.state.global_step == 3 and read_ids(tmp_path / "skip" / "undecodable_samples.jsonl") == ["cut"]

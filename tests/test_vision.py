@@ -132,9 +132,9 @@ def test_video_features_of_the_model_equal_qwen25vl():
 
 
 def test_video_features_in_pieces_of_temporal_patches_equal_one_call():
-    """videonsa_long_context.video_features cuts videos between temporal patches: exact with windowed layers too
+    """videonsa.long_context.video_features cuts videos between temporal patches: exact with windowed layers too
     (windows, rotary positions and full-attention segments are all per temporal patch)."""
-    from videonsa_long_context import video_features
+    from videonsa.long_context import video_features
 
     model = tiny_vision_model("sdpa")
     pixels, grid = pixels_and_grid(seed=4)

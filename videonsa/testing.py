@@ -1,6 +1,6 @@
 """Tiny random VideoNSA checkpoints, synthetic videos and a tokenizer, built locally (nothing is downloaded).
 
-Used by the demo (``demo.py`` builds a tiny checkpoint when no weights are present) and by the tests. Not part of
+Used by the demo (``videonsa.demo`` builds a tiny checkpoint when no weights are present) and by the tests. Not part of
 the Hub repository.
 
 The tiny text decoder keeps the 7B head layout (28 query heads over 4 kv heads, so the NSA padding is 28 -> 64)

@@ -23,7 +23,7 @@ Peak memory of a pass is roughly: weights + KV cache (``2 * layers * kv_heads * 
 few ``[tokens, hidden]`` buffers + the attention's working set (the NSA branches on the padded 64-head layout)
 + the MLP of one chunk, instead of the MLP of the whole sequence.
 
-    from videonsa_long_context import chunked_prefill, chunked_generate
+    from videonsa.long_context import chunked_prefill, chunked_generate
     logits, cache = chunked_prefill(model, **inputs, chunk_size=8192)   # logits: [batch, vocab] of the last token
     out = chunked_generate(model, **inputs, max_new_tokens=64)          # model.generate with that prefill
 """

@@ -6,8 +6,10 @@ here; its answer is random tokens, but every step is the real one: remote code, 
 processor, the hybrid attention during the video prefill and dense decode steps. With `--model Enxin/VideoNSA`
 the released model is used instead.
 
-    python demo.py                                    # tiny local checkpoint, synthetic video
-    python demo.py --model Enxin/VideoNSA --video clip.mp4 --question "What happens?"
+    videonsa-demo                                     # tiny local checkpoint, synthetic video
+    videonsa-demo --model Enxin/VideoNSA --video clip.mp4 --question "What happens?"
+
+(``bash scripts/demo.sh`` sets up ``.venv`` and runs it; ``python -m videonsa.demo`` is the same command.)
 """
 
 from __future__ import annotations
@@ -67,14 +69,14 @@ def main(argv=None):
     workdir = Path(args.workdir)
     source = args.model
     if source is None:
-        from videonsa.testing import build_tiny_checkpoint
+        from .testing import build_tiny_checkpoint
 
         source = str(workdir / "tiny-videonsa")
         print(f"No --model given: building a tiny random VideoNSA checkpoint in {source}")
         build_tiny_checkpoint(source)  # rebuilt every run (a second), so it always carries this checkout's code
     video = args.video
     if video is None:
-        from videonsa.testing import write_video
+        from .testing import write_video
 
         video = str(workdir / "moving-square.mp4")
         if not Path(video).is_file():
@@ -102,6 +104,11 @@ def main(argv=None):
     print("Attention that ran:")
     print("\n".join(summarise(passes)))
     return answer
+
+
+def console() -> None:
+    """The ``videonsa-demo`` command: :func:`main`, whose return value (the answer) is not an exit status."""
+    main()
 
 
 if __name__ == "__main__":

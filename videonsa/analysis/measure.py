@@ -1,71 +1,27 @@
-"""What VideoNSA's attention does on a given video: gates, attention budget, attention sinks, selected frames.
+"""Measuring what VideoNSA's attention does on one prompt: gates, attention budget, attention sinks, selected frames.
 
-The paper (arXiv 2510.02295) reports that each branch plays a layer-dependent role, that the model attends to a
-small fraction of the dense attention budget, and that the learned gates keep attention sinks rare. This module
-measures those quantities on your own input, from the attention function the model actually runs
-(``nsa_kernels``; see README "What the attention computes"), and draws them.
-
-    python videonsa_analysis.py --model Enxin/VideoNSA --video clip.mp4 --out analysis/
-
-writes ``gates.png``, ``budget.png``, ``selected_frames.png``, ``sinks.png`` and ``summary.json``. From Python:
-
-    from videonsa_analysis import analyze
+    from videonsa.analysis import analyze
     result = analyze(model, inputs, queries=[-1])     # inputs: the processor's output for ONE prompt
     result.gate_means()                               # [layers, heads, 3] mean gate (cmp, slc, swa)
     result.budget_summary()                           # keys attended per query vs dense
     result.sink_ratio()                               # fraction of (query, head) pairs with a sink
     result.selected_frames()                          # blocks picked for the query, as frames and seconds
 
-Definitions (the paper's prose is not precise enough to reproduce its numbers, so these are this package's):
-
-* **Vision queries**: the prompt positions the model types as vision (README: the three M-RoPE ids differ). Every
-  statistic below is over those positions, in the layers where the hybrid attention ran.
-* **Mean gate** of a branch, per layer and head: the mean over vision queries of ``sigmoid(logit / temperature)``
-  (what multiplies that branch's output). Text positions get 0.5 for every gate by construction and are left out.
-* **Attention budget** of a vision query at position ``t``: the number of keys it reads over the three branches,
-
-  - compression: compressed blocks it attends, one key each (the released function attends the query's own and
-    every later block: ``ceil(T / block) - t // block``);
-  - selection: tokens of its selected blocks that are at or before ``t`` (at most ``block_count x block`` tokens),
-    averaged over the kv heads (each kv head selects its own blocks);
-  - window: ``min(window, t + 1)``;
-
-  against ``t + 1`` keys for dense causal attention. A key read by two branches is counted twice (the branches
-  are separate attentions). ``budget_summary`` gives the ratio of the totals over all vision queries
-  (``total_ratio``: attention work vs dense), the mean of the per-query ratios, and the last query's ratio
-  (what one new query pays at the full context). :func:`nominal_budget` gives the same for an all-video pass of
-  any length, assuming the query's own block is always selected.
-* **Attention sink**: the *sink* is the first key of the sequence (``sink="token"``, default) or the first NSA
-  block (``sink="block"``). A query's attention on it, per branch, is the weight of the sink's value in that
-  branch's output (for compression, the weight of the first compressed block times the sink's share of it,
-  ``1/block`` for ``"token"``); the gated weight is ``sum_b g_b w_b / sum_b g_b`` (the sink's share of the
-  gate-mixed NSA output); the two copies of a head in the released 28 -> 64 layout are averaged. A (vision query,
-  head) pair *has a sink* when that weight exceeds ``sink_threshold`` (default 0.3, the threshold Gu et al., "When
-  Attention Sink Emerges in Language Models", use on first-token attention). The **sink ratio** is the fraction of
-  (vision query, head) pairs, over the analysed layers, that have one. ``compare_dense=True`` also measures dense
-  causal attention (the ``nsa_enabled=False`` function) on the same layer inputs, for comparison.
-* **Selected frames**: the blocks the selection branch kept for a query, per layer and kv head, in score order;
-  each block is mapped to the video frames whose tokens it holds (one temporal patch = ``temporal_patch_size``
-  sampled frames, one NSA block at the released resolution) and to their timestamps.
-
-The weights are measured with the model's own NSA implementation (``nsa_backend``): the sink's weight is the
-output of the branch attentions when the values are the indicator of the sink, so no attention matrix is built.
+Every quantity is measured with the attention function the model runs (``nsa_kernels``), the mixed path's inputs
+masked by ``nsa_kernels.reference.mask_mixed_inputs``. The definitions (vision queries, mean gate, budget, sink,
+selected frames) are this package's own; ``docs/analysis.md`` states them and how they relate to the paper's.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from nsa_kernels.reference import next_pow2
-from videonsa_long_context import DEFAULT_CHUNK_SIZE, chunked_prefill
+from ..long_context import DEFAULT_CHUNK_SIZE, chunked_prefill
 
 BRANCHES = ("compression", "selection", "window")
 SINK_COLUMNS = BRANCHES + ("gated",)
@@ -431,9 +387,8 @@ class _Recorder:
         vision = tokens.is_vision[0]
         num_heads, kv_heads = q.shape[1], k.shape[1]
         q_nsa, k_nsa = q.transpose(1, 2), k.transpose(1, 2)
-        if not bool(vision.all()):  # the mixed path: q, k and gate logits multiplied by the vision mask
-            mask = vision[None, :, None, None].to(q.dtype)
-            q_nsa, k_nsa, logits = q_nsa * mask, k_nsa * mask, logits * mask
+        if not bool(vision.all()):  # the mixed path's NSA inputs, masked as the attention masks them
+            q_nsa, k_nsa, _, logits = kernels.reference.mask_mixed_inputs(q_nsa, k_nsa, None, logits, vision, vision)
         gates = torch.sigmoid(logits)
         # the indicator of the sink as values: each branch's output is then its weight on the sink
         indicator = torch.zeros(1, length, kv_heads, attn.head_dim, dtype=q.dtype, device=q.device)
@@ -508,7 +463,7 @@ def analyze(
         sink_threshold: a (query, head) pair has a sink when its weight on the sink exceeds this.
         compare_dense: also measure dense causal attention's weight on the sink on the same layer inputs.
         plans: ``processor.plan_videos(videos)``, for source-frame numbers and exact timestamps.
-        chunk_size: piece size of the prefill (:func:`videonsa_long_context.chunked_prefill`).
+        chunk_size: piece size of the prefill (:func:`videonsa.long_context.chunked_prefill`).
         keep_per_query: keep every vision query's sink weights (``[L, N, H, 4]``; large for long videos).
     """
     if sink not in ("token", "block"):
@@ -588,278 +543,3 @@ def analyze(
         sink_weights=stack("sink_weights"),
         dense_sink_weights=stack("dense_sink_weights"),
     )
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Plots (matplotlib's object API on the Agg canvas: no display, no global backend change)
-# ----------------------------------------------------------------------------------------------------------
-_COLORS = {"compression": "#0072B2", "selection": "#D55E00", "window": "#009E73", "gated": "#000000",
-           "dense": "#CC79A7"}
-
-
-def _figure(width, height):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(width, height), dpi=110, layout="constrained")
-    FigureCanvasAgg(figure)
-    return figure
-
-
-def _integer_ticks(axis, which="x"):
-    from matplotlib.ticker import MaxNLocator
-
-    (axis.xaxis if which == "x" else axis.yaxis).set_major_locator(MaxNLocator(integer=True))
-
-
-def _save(figure, path) -> str:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png")
-    return str(path)
-
-
-def plot_gates(analysis: VideoNSAAnalysis, path, title: str | None = None) -> str:
-    """Mean gate of each branch per layer (lines, with the range over heads) and per layer and head (maps)."""
-    gates = analysis.gates.float().numpy()
-    layers = analysis.layers
-    figure = _figure(12, 7.5)
-    grid = figure.add_gridspec(2, 3, height_ratios=[1, 1.25])
-    top = figure.add_subplot(grid[0, :])
-    for i, name in enumerate(BRANCHES):
-        values = gates[:, :, i]
-        top.plot(layers, values.mean(axis=1), marker="o", color=_COLORS[name], label=f"{name} (mean over heads)")
-        top.fill_between(layers, values.min(axis=1), values.max(axis=1), color=_COLORS[name],
-                         alpha=0.15, linewidth=0)
-    top.set_xlabel("layer")
-    _integer_ticks(top)
-    top.set_ylabel("mean gate over vision queries")
-    top.set_ylim(0, 1)
-    top.grid(alpha=0.3)
-    top.legend(loc="upper left", ncols=3, fontsize=9)
-    top.set_title(title or f"VideoNSA gates per layer ({len(analysis.vision_positions)} vision queries; "
-                           "shaded: range over heads)")
-    image = None
-    for i, name in enumerate(BRANCHES):
-        axis = figure.add_subplot(grid[1, i])
-        image = axis.imshow(gates[:, :, i].T, aspect="auto", origin="lower", vmin=0, vmax=1, cmap="viridis",
-                            extent=(layers[0] - 0.5, layers[-1] + 0.5, -0.5, gates.shape[1] - 0.5))
-        axis.set_title(f"{name} gate")
-        axis.set_xlabel("layer")
-        _integer_ticks(axis)
-        if i == 0:
-            axis.set_ylabel("head")
-    figure.colorbar(image, ax=figure.axes[1:], shrink=0.9, label="mean gate")
-    return _save(figure, path)
-
-
-def plot_budget(analysis: VideoNSAAnalysis | None, path, *, block_size=None, block_count=None, window_size=None,
-                lengths=None) -> str:
-    """Keys read per query as a share of dense attention, vs context length (nominal, all-video pass), with this
-    input's measured values; and, when an analysis is given, the keys each branch reads per query on it."""
-    if analysis is not None:
-        block_size, block_count, window_size = analysis.block_size, analysis.block_count, analysis.window_size
-    block_size, block_count, window_size = block_size or 64, block_count or 32, window_size or 256
-    measured_length = analysis.num_tokens if analysis is not None else PAPER_CONTEXT
-    if lengths is None:
-        low = min(10, max(5, int(math.log2(measured_length))))
-        high = max(int(math.log2(PAPER_CONTEXT)), math.ceil(math.log2(measured_length)))
-        lengths = [1 << p for p in range(low, high + 1)]
-    nominal = [nominal_budget(n, block_size, block_count, window_size) for n in lengths]
-    figure = _figure(12 if analysis is not None else 7, 4.8)
-    axis = figure.add_subplot(1, 2 if analysis is not None else 1, 1)
-    axis.plot(lengths, [100 * n["total_ratio"] for n in nominal], marker="o", color="#0072B2",
-              label="all queries (attention work)")
-    axis.plot(lengths, [100 * n["last_query_ratio"] for n in nominal], marker="s", color="#D55E00",
-              label="last query (one new query)")
-    if analysis is not None:
-        measured = analysis.budget_summary()
-        axis.scatter([analysis.num_tokens], [100 * measured["total_ratio"]], s=90, color="#0072B2",
-                     edgecolor="black", zorder=5, label="this input: all vision queries")
-        axis.scatter([analysis.num_tokens], [100 * measured["last_query_ratio"]], s=90, color="#D55E00",
-                     edgecolor="black", marker="s", zorder=5, label="this input: last vision query")
-    last = nominal[-1]
-    axis.annotate(f"at {lengths[-1]:,} tokens:\nlast query {_percent(last['last_query_ratio'])}\n"
-                  f"all queries {_percent(last['total_ratio'])}",
-                  (lengths[-1], 100 * last["last_query_ratio"]), textcoords="offset points", xytext=(-190, 45),
-                  fontsize=9, bbox=dict(boxstyle="round", fc="white", ec="0.7"),
-                  arrowprops=dict(arrowstyle="->", lw=0.8))
-    axis.set_xscale("log", base=2)
-    axis.set_yscale("log")
-    axis.set_xlabel("context length (video tokens)")
-    axis.set_ylabel("keys read, % of dense causal attention")
-    axis.set_title(f"NSA attention budget (block {block_size}, {block_count} blocks, window {window_size})")
-    axis.grid(alpha=0.3, which="both")
-    axis.legend(fontsize=8)
-    if analysis is not None:
-        budget = analysis.budget()
-        pos = analysis.vision_positions.numpy()
-        right = figure.add_subplot(1, 2, 2)
-        right.stackplot(pos, budget["compression"].numpy(), budget["selection"].numpy(), budget["window"].numpy(),
-                        colors=[_COLORS[b] for b in BRANCHES], alpha=0.75, labels=list(BRANCHES))
-        right.plot(pos, budget["dense"].numpy(), color="black", linestyle="--", label="dense (t + 1)")
-        right.set_xlabel("query position t (vision queries)")
-        right.set_ylabel("keys read by the query")
-        right.set_title("keys read per vision query on this input")
-        right.grid(alpha=0.3)
-        right.legend(fontsize=8, loc="upper left")
-    return _save(figure, path)
-
-
-def _percent(ratio: float) -> str:
-    value = 100 * ratio
-    return f"{value:.2f}%" if value < 10 else f"{value:.1f}%"
-
-
-def _step_labels(analysis: VideoNSAAnalysis, steps) -> list[str]:
-    labels = []
-    for video, step in steps:
-        seconds = analysis.spans[video].step_time(step)
-        prefix = f"v{video} " if len(analysis.spans) > 1 else ""
-        labels.append(f"{prefix}{seconds:.1f}s" if seconds is not None else f"{prefix}#{step}")
-    return labels
-
-
-def plot_selected_frames(analysis: VideoNSAAnalysis, path, query: int | None = None) -> str:
-    """Which moments of the video the selection branch kept: for one query, per layer (share of kv heads keeping
-    each temporal patch), and over all vision queries (share of (query, kv head) pairs, mean over layers)."""
-    if not analysis.spans:
-        raise ValueError("the prompt has no video: no frames to show")
-    steps, share = analysis.step_selection(query)
-    _, frequency = analysis.step_frequency()
-    info = analysis.selected_frames(query)["query"]
-    labels = _step_labels(analysis, steps)
-    figure = _figure(max(8, min(20, 0.18 * len(steps) + 4)), 7)
-    grid = figure.add_gridspec(2, 1, height_ratios=[2.2, 1])
-    top = figure.add_subplot(grid[0])
-    import numpy as np
-    from matplotlib import colormaps
-    from matplotlib.patches import Patch
-
-    values = share.numpy().copy()
-    column = steps.index((info["video"], info["temporal_patch"])) if "temporal_patch" in info else None
-    if column is not None:
-        values[:, column + 1 :] = np.nan  # after the query: selection never looks ahead
-    cmap = colormaps["magma"].with_extremes(bad="0.88")
-    image = top.imshow(values, aspect="auto", origin="lower", vmin=0, vmax=1, cmap=cmap, interpolation="nearest",
-                       extent=(-0.5, len(steps) - 0.5, analysis.layers[0] - 0.5, analysis.layers[-1] + 0.5))
-    figure.colorbar(image, ax=top, label="share of kv heads keeping it")
-    when = f" at {info['time']:.1f}s" if info.get("time") is not None else ""
-    if column is not None:
-        top.axvline(column, color="#56B4E9", linestyle="--", linewidth=1.5, label="the query's own frames")
-        handles = [top.get_legend_handles_labels()[0][0], Patch(color="0.88", label="after the query")]
-        top.legend(handles=handles, loc="upper left", fontsize=8)
-    top.tick_params(labelbottom=False)
-    top.set_title(f"Frames kept by the selection branch for the query at position {info['position']}{when}")
-    top.set_ylabel("layer")
-    _integer_ticks(top, "y")
-    bottom = figure.add_subplot(grid[1], sharex=top)
-    bottom.bar(range(len(steps)), frequency.mean(dim=0).numpy(), color=_COLORS["selection"], width=0.9)
-    bottom.set_ylabel("kept, share of the\n(query, kv head) pairs\nat or after it")
-    bottom.set_xlabel("frames (temporal patch start time)")
-    stride = max(1, len(steps) // 24)
-    bottom.set_xticks(range(0, len(steps), stride), labels[::stride], rotation=60, fontsize=8)
-    bottom.set_title("Over all vision queries (mean over layers)")
-    bottom.grid(alpha=0.3, axis="y")
-    return _save(figure, path)
-
-
-def plot_sinks(analysis: VideoNSAAnalysis, path) -> str:
-    """Sink ratio per layer for each branch and the gated output (and dense attention when measured)."""
-    figure = _figure(10, 4.5)
-    axis = figure.add_subplot(1, 1, 1)
-    names = list(SINK_COLUMNS) + (["dense"] if analysis.dense_sink_count is not None else [])
-    for name in names:
-        values = [100 * v for v in analysis.sink_ratio(name, per_layer=True)]
-        overall = 100 * analysis.sink_ratio(name)
-        axis.plot(analysis.layers, values, marker="o", color=_COLORS[name],
-                  linestyle="-" if name in ("gated", "dense") else ":", label=f"{name}: {overall:.2f}% overall")
-    axis.set_xlabel("layer")
-    _integer_ticks(axis)
-    axis.set_ylim(0, max([1.0] + [100 * v * 1.15 for n in names for v in analysis.sink_ratio(n, per_layer=True)]))
-    axis.set_ylabel("% of (vision query, head) pairs")
-    what = "first token" if analysis.sink == "token" else "first block"
-    axis.set_title(f"Attention sinks: weight on the {what} > {analysis.sink_threshold:g}")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
-    return _save(figure, path)
-
-
-def write_report(analysis: VideoNSAAnalysis, out_dir, extra: dict | None = None) -> dict[str, str]:
-    """Write the four PNGs and ``summary.json`` into ``out_dir``; returns their paths."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = dict(
-        gates=plot_gates(analysis, out_dir / "gates.png"),
-        budget=plot_budget(analysis, out_dir / "budget.png"),
-        sinks=plot_sinks(analysis, out_dir / "sinks.png"),
-    )
-    if analysis.spans:
-        paths["selected_frames"] = plot_selected_frames(analysis, out_dir / "selected_frames.png")
-    summary = analysis.summary()
-    summary.update(extra or {})
-    summary["files"] = {name: Path(p).name for name, p in paths.items()}
-    with open(out_dir / "summary.json", "w") as file:
-        json.dump(summary, file, indent=1)
-    paths["summary"] = str(out_dir / "summary.json")
-    return paths
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------------------
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="folder or Hub repo id of a VideoNSA checkpoint")
-    parser.add_argument("--video", required=True, help="video file")
-    parser.add_argument("--out", required=True, help="folder for the PNGs and summary.json")
-    parser.add_argument("--question", default="Describe what happens in this video.")
-    parser.add_argument("--fps", type=float, default=None, help="sampling rate (default: the processor's, 4)")
-    parser.add_argument("--query-position", type=int, action="append", default=None,
-                        help="prompt position whose selected blocks to show (repeatable; default: last video token)")
-    parser.add_argument("--query-time", type=float, action="append", default=None,
-                        help="seconds into the video: show the last video token of that moment (repeatable)")
-    parser.add_argument("--sink", choices=("token", "block"), default="token")
-    parser.add_argument("--sink-threshold", type=float, default=DEFAULT_SINK_THRESHOLD)
-    parser.add_argument("--compare-dense", action="store_true", help="also measure dense attention's sinks")
-    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
-    parser.add_argument("--dtype", default="auto", help="model dtype (default: the checkpoint's)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return parser.parse_args(argv)
-
-
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    from transformers import AutoModel, AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
-    model = AutoModel.from_pretrained(args.model, trust_remote_code=True, dtype=args.dtype).to(args.device).eval()
-    video_kwargs = {} if args.fps is None else {"fps": args.fps}
-    messages = [{"role": "user", "content": [{"type": "video", "video": args.video},
-                                             {"type": "text", "text": args.question}]}]
-    inputs = processor.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=True,
-                                           return_tensors="pt", **video_kwargs).to(args.device)
-    plans = processor.plan_videos([args.video], **video_kwargs)
-    analysis = analyze(model, inputs, queries=args.query_position, query_times=args.query_time, sink=args.sink,
-                       sink_threshold=args.sink_threshold, compare_dense=args.compare_dense, plans=plans,
-                       chunk_size=args.chunk_size)
-    paths = write_report(analysis, args.out, extra=dict(model=args.model, video=args.video, question=args.question))
-    summary = analysis.summary()
-    budget = summary["budget"]
-    gates = summary["gates"]["mean"]
-    print(f"{summary['num_tokens']} tokens, {summary['num_vision_queries']} vision queries, "
-          f"{len(analysis.layers)} NSA layers")
-    print("mean gates: " + ", ".join(f"{b} {v:.3f}" for b, v in gates.items()))
-    print(f"attention budget vs dense: {100 * budget['total_ratio']:.2f}% of the work over all vision queries, "
-          f"{100 * budget['last_query_ratio']:.2f}% for the last one "
-          f"(nominal at {PAPER_CONTEXT:,} tokens: {100 * budget[f'nominal_{PAPER_CONTEXT}']['last_query_ratio']:.2f}%)")
-    print(f"sink ratio (weight on the first {args.sink} > {args.sink_threshold:g}): "
-          + ", ".join(f"{b} {100 * v:.2f}%" for b, v in summary["sinks"]["ratio"].items()))
-    for path in paths.values():
-        print(f"wrote {path}")
-    return paths
-
-
-if __name__ == "__main__":
-    main()
