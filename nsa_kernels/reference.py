@@ -471,7 +471,8 @@ def hybrid_attention(
     scale = head_dim**-0.5 if scale is None else scale
     padded_heads, _ = nsa_head_layout(num_heads, kv_heads)
     nsa_fn = nsa_attention if nsa_fn is None else nsa_fn
-    if attention_mask is None:
+    padded = attention_mask is not None
+    if not padded:
         attention_mask = torch.ones(batch, num_keys, dtype=torch.bool, device=query.device)
     if dense_fn is None:
         def dense_fn(q):
@@ -482,6 +483,8 @@ def hybrid_attention(
     uses_nsa = query_vision.any(dim=1)  # per sample
     all_vision = (token_is_vision | ~attention_mask).all(dim=1)
     mixed = uses_nsa & ~all_vision
+    # the host's view of every sample's path, read once before any attention work is queued
+    nsa_samples, mixed_samples = torch.stack([uses_nsa, mixed]).tolist()
 
     # Dense part: the whole query for dense-path samples, the text-masked query for mixed samples.
     dense_query_mask = torch.where(mixed[:, None], ~query_vision, torch.ones_like(query_vision))
@@ -490,16 +493,23 @@ def hybrid_attention(
 
     intermediates = [None] * batch
     nsa_rows = []
-    for b in torch.nonzero(uses_nsa).flatten().tolist():
-        keys = torch.nonzero(attention_mask[b]).flatten()
-        rows = torch.nonzero(query_valid[b]).flatten()
-        vision = token_is_vision[b, keys]
-        q_b = query[b][:, rows].transpose(0, 1)[None]  # [1, m, Hq, D]
-        k_b = key[b][:, keys].transpose(0, 1)[None]
-        v_b = value[b][:, keys].transpose(0, 1)[None]
-        logits = gate_logits[b, rows][None]
-        if mixed[b]:
-            q_b, k_b, v_b, logits = mask_mixed_inputs(q_b, k_b, v_b, logits, vision[-len(rows) :], vision)
+    for b in (b for b in range(batch) if nsa_samples[b]):
+        if padded:  # the sample's real tokens, compacted in order
+            keys = torch.nonzero(attention_mask[b]).flatten()
+            rows = torch.nonzero(query_valid[b]).flatten()
+            q_b = query[b][:, rows].transpose(0, 1)[None]  # [1, m, Hq, D]
+            k_b = key[b][:, keys].transpose(0, 1)[None]
+            v_b = value[b][:, keys].transpose(0, 1)[None]
+            logits = gate_logits[b, rows][None]
+            vision = token_is_vision[b, keys]
+        else:  # every token real: views, no copies
+            rows = slice(None)
+            q_b = query[b : b + 1].transpose(1, 2)
+            k_b, v_b = key[b : b + 1].transpose(1, 2), value[b : b + 1].transpose(1, 2)
+            logits = gate_logits[b : b + 1]
+            vision = token_is_vision[b]
+        if mixed_samples[b]:
+            q_b, k_b, v_b, logits = mask_mixed_inputs(q_b, k_b, v_b, logits, vision[-q_b.shape[1] :], vision)
         gates = pad_heads(torch.sigmoid(logits), padded_heads)
         result = nsa_fn(
             pad_heads(q_b, padded_heads), k_b, v_b, gates,
@@ -510,12 +520,16 @@ def hybrid_attention(
         nsa_rows.append((b, rows, fold_heads(nsa_out, num_heads)[0]))
         if return_intermediates:
             extra["gates64"] = gates
-            if mixed[b]:
+            if mixed_samples[b]:
                 extra["dense_output"] = dense_out[b : b + 1, rows]
             intermediates[b] = extra
-    if nsa_rows:  # out-of-place so that autograd sees every sample's rows
+    if batch == 1 and nsa_rows and not padded:
+        out = nsa_rows[0][2][None].to(out.dtype) + out
+    elif nsa_rows:  # out-of-place so that autograd sees every sample's rows
         nsa_full = torch.zeros_like(out)
         for b, rows, rows_out in nsa_rows:
+            if isinstance(rows, slice):
+                rows = torch.arange(num_q, device=out.device)
             nsa_full = nsa_full.index_put((torch.tensor(b, device=out.device), rows), rows_out.to(out.dtype))
         out = nsa_full + out
     return (out, intermediates) if return_intermediates else out

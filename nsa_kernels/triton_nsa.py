@@ -131,9 +131,16 @@ def dense_attention(q, k, v, scale, key_padding_mask=None):
         key_padding_mask[:, Tk - Tq:]
     attend = row_real & ~zero_rows
     means_needed = row_real & zero_rows
-    out = torch.zeros(B, Tq, Hq, D, device=dev, dtype=q.dtype)
-    n_att = int(attend.sum(dim=1).max()) if Tq else 0
-    if n_att:
+    # one host sync for both sizes, before any attention work of this call is queued
+    n_att, any_means, all_attend = (torch.stack([attend.sum(dim=1).max(), means_needed.any(), attend.all()]).tolist()
+                                    if Tq else (0, False, True))
+    if n_att == Tq:  # some sample attends with every row: run all rows in place of a gather
+        out = band_attention(q_t, k_t, v_t, scale, None, None, key_padding_mask)
+        if not all_attend:
+            out = out * attend[:, :, None, None]
+    else:
+        out = torch.zeros(B, Tq, Hq, D, device=dev, dtype=q.dtype)
+    if 0 < n_att < Tq:
         # gather the attending rows of every sample, in order, padded with empty rows (position -1)
         order = torch.argsort((~attend).to(torch.int8), dim=1, stable=True)[:, :n_att]  # [B, n]
         took = torch.gather(attend, 1, order)
@@ -142,7 +149,7 @@ def dense_attention(q, k, v, scale, key_padding_mask=None):
         o_g = band_attention(q_g, k_t, v_t, scale, None, positions, key_padding_mask)
         o_g = o_g * took[:, :, None, None]
         out = out.scatter_add(1, order[:, :, None, None].expand(B, n_att, Hq, D), o_g.to(out.dtype))
-    if bool(means_needed.any()):
+    if any_means:
         means = _prefix_mean(v_t, key_padding_mask, group, pos_all)
         out = out + means * means_needed[:, :, None, None].to(means.dtype)
     return out

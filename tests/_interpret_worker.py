@@ -14,8 +14,7 @@ import time
 import traceback
 
 os.environ["TRITON_INTERPRET"] = "1"
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # on PYTHONPATH (the parent test sets it)
 
 import torch  # noqa: E402
 

@@ -33,7 +33,9 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 
 @pytest.fixture(scope="module")
 def results():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    root = os.path.dirname(HERE)
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", PYTHONPATH=path)
     procs = [subprocess.Popen([sys.executable, WORKER, "0", "1", ",".join(shard)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=env) for shard in SHARDS]
     out = {}
