@@ -54,7 +54,7 @@ ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:  # the package modules beside this file, however the script is started
     sys.path.insert(0, str(ROOT))
 
-CODE_FILES = ("configuration_videonsa.py", "modeling_videonsa.py", "processing_videonsa.py")
+CODE_FILES = ("configuration_videonsa.py", "modeling_videonsa.py", "processing_videonsa.py", "video_processing_videonsa.py")
 KERNELS_DIR = "nsa_kernels"
 MODEL_CARD = ROOT / "model_card.md"
 # Images the card shows, shipped at the repository's top level under their own names (the card links them so).
