@@ -548,7 +548,11 @@ class VideoNSAVideoProcessor(Qwen2VLVideoProcessor):
             min_frames = self._resolved(kwargs, "min_frames") or 1
             if min_frames > max_frames:
                 raise InvalidVideoArgumentError(f"`min_frames` ({min_frames}) is above `max_frames` ({max_frames}).")
-        if kwargs.get("num_frames") is not None and kwargs.get("fps") is None:
+        if kwargs.get("num_frames") is not None and kwargs.get("fps") is not None:
+            raise InvalidVideoArgumentError(
+                f"`num_frames` ({kwargs['num_frames']}) and `fps` ({kwargs['fps']}) are mutually exclusive: pass one."
+            )
+        if kwargs.get("num_frames") is not None:
             kwargs["fps"] = None  # `fps` has a default (4.0): a call that asks for `num_frames` only means "no fps"
         size = kwargs.get("size")
         given = [kwargs.pop(name, None) is not None for name in ("min_pixels", "max_pixels")]
