@@ -246,8 +246,9 @@ class VideoNSAProcessor(Qwen2_5_VLProcessor):
             return super().__call__(images=images, text=text, videos=videos, audio=audio, **kwargs)
         kwargs = convert_per_video_fps(videos, kwargs)
         with local_copies(flatten_videos(videos)) as local:
-            fps = self.fit_to_context(local, images=images, text=text, max_context_tokens=limit,
-                                      reduce_fps_to_fit=reduce_fps, **kwargs)
+            fps = self.fit_to_context(
+                local, images=images, text=text, max_context_tokens=limit, reduce_fps_to_fit=reduce_fps, **kwargs
+            )
             if fps is not None:
                 nested = kwargs.get("videos_kwargs")
                 if isinstance(nested, dict) and "fps" in nested:
@@ -289,7 +290,8 @@ class VideoNSAProcessor(Qwen2_5_VLProcessor):
         if worst(plans)[0] > limit:
             fps_fit = self._highest_fitting_fps(plans_at, worst, videos_kwargs, limit)
             if not (reduce_fps_to_fit and fps_fit is not None):
-                raise ContextBudgetExceededError(self._budget_message(worst(plans), plans, videos_kwargs, limit, fps_fit))
+                message = self._budget_message(worst(plans), plans, videos_kwargs, limit, fps_fit)
+                raise ContextBudgetExceededError(message)
             requested = videos_kwargs.get("fps") if videos_kwargs.get("fps") is not None else vp.fps
             new_plans = plans_at(fps_fit)
             effective = ", ".join(

@@ -635,31 +635,32 @@ class VideoNSAVideoProcessor(Qwen2VLVideoProcessor):
                 for i, (video, local_video, md) in enumerate(zip(flat, local, metadata))
             ]
 
-    def _source_frames(self, video, md, kwargs: dict, backend: str, index: int):
-        """(metadata of the frames to take, sampled indices, whether sampled, height, width) for one video."""
-        do_sample = self._resolved(kwargs, "do_sample_frames")
+    def select_frames(self, video, md, kwargs: dict, backend: str):
+        """The frames taken from one (local) video: `(metadata, source indices, sampled)`. Files are sampled from their
+        probed metadata; frames are sampled when their metadata describes exactly them, else taken as they are."""
+        do_sample = bool(self._resolved(kwargs, "do_sample_frames"))
+        sampling = self._sampling(kwargs)
         if isinstance(video, str):
-            md = probe_video(video, backend) if not _is_youtube(video) else None
-            if md is None:
-                raise VideoDecodingError(f"Video {display_name(video)} cannot be planned: YouTube is read on decode.")
-            indices = self.sample_frames(md, **self._sampling(kwargs)) if do_sample else np.arange(md.total_num_frames)
-            return md, np.asarray(indices, dtype=np.int64), bool(do_sample), md.height, md.width
-        if isinstance(video, list):  # frame paths or URLs: already sampled
-            first = self.process_image(self.fetch_images([video[0]])[0])
-            height, width = int(first.shape[-2]), int(first.shape[-1])
-            count = len(video)
-        else:
-            height, width = frame_size(video, kwargs.get("input_data_format"))
-            count = len(video)
-        if _is_full_video(count, md) and do_sample and not isinstance(video, list):
-            return md, np.asarray(self.sample_frames(md, **self._sampling(kwargs)), dtype=np.int64), True, height, width
-        fps = self._sampling(kwargs)["fps"]
-        md = presampled_metadata(count, md, fps if fps is not None else self.fps)
-        return md, np.asarray(md.frames_indices, dtype=np.int64), False, height, width
+            md = probe_video(video, backend)
+            indices = self.sample_frames(md, **sampling) if do_sample else np.arange(md.total_num_frames)
+            return md, np.asarray(indices, dtype=np.int64), do_sample
+        if not isinstance(video, list) and _is_full_video(len(video), md) and do_sample:
+            return md, np.asarray(self.sample_frames(md, **sampling), dtype=np.int64), True
+        md = presampled_metadata(len(video), md, sampling["fps"] if sampling["fps"] is not None else self.fps)
+        return md, np.asarray(md.frames_indices, dtype=np.int64), False
 
     def _plan_one(self, video, local_video, md, kwargs: dict, backend: str, index: int) -> VideoPlan:
         source = display_name(video, index)
-        md, indices, sampled, height, width = self._source_frames(local_video, md, kwargs, backend, index)
+        if isinstance(local_video, str) and _is_youtube(local_video):
+            raise VideoDecodingError(f"Video {source} cannot be planned: YouTube videos are only read when decoded.")
+        md, indices, sampled = self.select_frames(local_video, md, kwargs, backend)
+        if isinstance(local_video, str):
+            height, width = md.height, md.width
+        elif isinstance(local_video, list):  # frame paths or URLs
+            first = self.process_image(self.fetch_images([local_video[0]])[0])
+            height, width = int(first.shape[-2]), int(first.shape[-1])
+        else:
+            height, width = frame_size(local_video, kwargs.get("input_data_format"))
         patch_size = self._resolved(kwargs, "patch_size")
         merge_size = self._resolved(kwargs, "merge_size")
         temporal_patch_size = self._resolved(kwargs, "temporal_patch_size")
@@ -745,29 +746,28 @@ class VideoNSAVideoProcessor(Qwen2VLVideoProcessor):
 
     def preprocess(self, videos, **kwargs):
         kwargs = self.call_kwargs(videos, kwargs)
-        backend = kwargs.pop("video_backend", None)
+        backend = resolve_backend(kwargs.pop("video_backend", None) or self.video_backend)
         show_progress = kwargs.pop("show_progress", None)
-        do_sample = self._resolved(kwargs, "do_sample_frames")
-        kwargs.pop("do_sample_frames", None)
         flat = flatten_videos(videos)
         metadata = metadata_per_video(flat, kwargs.pop("video_metadata", None))
-        sampling = self._sampling(kwargs)
-        sampler = functools.partial(self.sample_frames, **sampling) if do_sample else None
         frames, out_metadata = [], []
         with local_copies(flat) as local:
             for i, (video, md) in enumerate(zip(local, metadata)):
-                if isinstance(video, str):
-                    video, md = self.fetch_videos(video, sampler, backend, show_progress)
-                elif isinstance(video, list):  # frames given as image paths/URLs: already sampled
-                    video = torch.stack([self.process_image(image) for image in self.fetch_images(video)], dim=0)
-                    md = presampled_metadata(len(video), md, sampling["fps"] or self.fps)
-                elif _is_full_video(len(video), md) and sampler is not None:
-                    indices = np.asarray(sampler(metadata=md), dtype=np.int64)
-                    video, md.frames_indices = video[indices], indices.tolist()
+                if isinstance(video, str) and _is_youtube(video):
+                    sampler = functools.partial(self.sample_frames, **self._sampling(kwargs))
+                    do_sample = self._resolved(kwargs, "do_sample_frames")
+                    video, md = self.fetch_videos(video, sampler if do_sample else None, backend, show_progress)
                 else:
-                    md = presampled_metadata(len(video), md, sampling["fps"] or self.fps)
+                    md, indices, sampled = self.select_frames(video, md, kwargs, backend)
+                    if isinstance(video, str):
+                        video, md = self.fetch_videos(video, lambda metadata: indices, backend, show_progress)
+                    elif isinstance(video, list):  # frames given as image paths/URLs: already sampled
+                        video = torch.stack([self.process_image(image) for image in self.fetch_images(video)], dim=0)
+                    elif sampled:
+                        video, md.frames_indices = video[indices], indices.tolist()
                 frames.append(self._checked_frames(video, flat[i], i, kwargs))
                 out_metadata.append(md)
+        kwargs.pop("do_sample_frames", None)
         return super().preprocess(frames, video_metadata=out_metadata, do_sample_frames=False, **kwargs)
 
     def _checked_frames(self, video, original, index: int, kwargs: dict) -> torch.Tensor:
