@@ -390,7 +390,9 @@ def decode_pyav(path: str, indices, on_frame: Callable[[], None] | None = None):
             for frame in container.decode(stream):
                 positions = wanted.get(decoded)
                 if positions is not None:
-                    array = reformatter.reformat(frame, format="rgb24").to_ndarray()
+                    # a thread pool only pays off on large frames (3x slower on tiny ones: docs/processor.md)
+                    threads = 1 if frame.width * frame.height <= 512 * 512 else 0
+                    array = reformatter.reformat(frame, format="rgb24", threads=threads).to_ndarray()
                     for position in positions:
                         frames[position] = array
                 decoded += 1
