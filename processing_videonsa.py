@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import warnings
 
 from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor
@@ -24,66 +25,19 @@ from transformers.models.qwen2_vl.video_processing_qwen2_vl import smart_resize
 from transformers.utils import is_decord_available, is_torchcodec_available  # noqa: F401 - re-exported for tests
 from transformers.utils.hub import cached_file
 
+# The video processor's public names are this module's too (where they lived before the split).
 try:  # imported by transformers' remote-code loader, as part of a package ...
-    from .video_processing_videonsa import (
-        DEFAULT_FPS,
-        DEFAULT_NSA_BLOCK_SIZE,
-        DEFAULT_VIDEO_MAX_PIXELS,
-        MERGE_SIZE,
-        PATCH_SIZE,
-        QWEN2_5_VL_MAX_PIXELS,
-        QWEN2_5_VL_MIN_PIXELS,
-        TEMPORAL_PATCH_SIZE,
-        InvalidVideoArgumentError,
-        InvalidVideoError,
-        VideoDecodingError,
-        VideoNSAVideoMetadata,
-        VideoNSAVideoProcessor,
-        VideoPlan,
-        convert_per_video_fps,
-        flatten_videos,
-        local_copies,
-    )
+    from .video_processing_videonsa import *  # noqa: F403
 except ImportError:  # ... or from a source checkout on sys.path
-    from video_processing_videonsa import (
-        DEFAULT_FPS,
-        DEFAULT_NSA_BLOCK_SIZE,
-        DEFAULT_VIDEO_MAX_PIXELS,
-        MERGE_SIZE,
-        PATCH_SIZE,
-        QWEN2_5_VL_MAX_PIXELS,
-        QWEN2_5_VL_MIN_PIXELS,
-        TEMPORAL_PATCH_SIZE,
-        InvalidVideoArgumentError,
-        InvalidVideoError,
-        VideoDecodingError,
-        VideoNSAVideoMetadata,
-        VideoNSAVideoProcessor,
-        VideoPlan,
-        convert_per_video_fps,
-        flatten_videos,
-        local_copies,
-    )
-
+    from video_processing_videonsa import *  # noqa: F403
 
 __all__ = [
     "VideoNSAProcessor",
-    "VideoNSAVideoProcessor",
-    "VideoNSAVideoMetadata",
-    "VideoPlan",
-    "VideoDecodingError",
-    "InvalidVideoError",
-    "InvalidVideoArgumentError",
     "ContextBudgetExceededError",
     "NSABlockAlignmentWarning",
     "FpsReducedWarning",
-    "DEFAULT_FPS",
     "DEFAULT_MAX_CONTEXT_TOKENS",
-    "DEFAULT_NSA_BLOCK_SIZE",
-    "DEFAULT_VIDEO_MAX_PIXELS",
-    "MERGE_SIZE",
-    "PATCH_SIZE",
-    "TEMPORAL_PATCH_SIZE",
+    *sys.modules[VideoNSAVideoProcessor.__module__].__all__,  # noqa: F405
 ]
 
 DEFAULT_MAX_CONTEXT_TOKENS = 131072  # 128K

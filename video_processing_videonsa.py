@@ -47,6 +47,16 @@ __all__ = [
     "VideoDecodingError",
     "InvalidVideoError",
     "InvalidVideoArgumentError",
+    "convert_per_video_fps",
+    "decode_pyav",
+    "flatten_videos",
+    "local_copies",
+    "probe_video",
+    "DEFAULT_FPS",
+    "DEFAULT_NSA_BLOCK_SIZE",
+    "DEFAULT_VIDEO_MAX_PIXELS",
+    "QWEN2_5_VL_MAX_PIXELS",
+    "QWEN2_5_VL_MIN_PIXELS",
 ]
 
 DEFAULT_NSA_BLOCK_SIZE = 64
