@@ -366,9 +366,9 @@ class VideoNSAProcessor(Qwen2_5_VLProcessor):
     def _check_alignment(self, plans: list[VideoPlan], videos_kwargs: dict):
         vp = self.video_processor
         block = self.nsa_block_size
-        patch_size = vp._resolved(videos_kwargs, "patch_size")
-        merge_size = vp._resolved(videos_kwargs, "merge_size")
-        temporal_patch_size = vp._resolved(videos_kwargs, "temporal_patch_size")
+        patch_size = vp.setting(videos_kwargs, "patch_size")
+        merge_size = vp.setting(videos_kwargs, "merge_size")
+        temporal_patch_size = vp.setting(videos_kwargs, "temporal_patch_size")
         aligned_pixels = block * (patch_size * merge_size) ** 2
         bounds = vp.pixel_bounds(videos_kwargs)
         max_pixels = bounds[1]

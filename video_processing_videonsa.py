@@ -517,7 +517,8 @@ class VideoNSAVideoProcessor(Qwen2VLVideoProcessor):
 
     # ------------------------------------------------------------------ knobs
 
-    def _resolved(self, kwargs: dict, key: str):
+    def setting(self, kwargs: dict, key: str):
+        """A knob's value for a call: the call's own, else this processor's."""
         value = kwargs.get(key)
         return value if value is not None else getattr(self, key, None)
 
@@ -538,9 +539,9 @@ class VideoNSAVideoProcessor(Qwen2VLVideoProcessor):
         `min_pixels`/`max_pixels` and partial `size` dicts become a full `size`, and every knob is validated."""
         kwargs = convert_per_video_fps(videos, kwargs)
         min_pixels, max_pixels = self.pixel_bounds(kwargs)
-        factor = self._resolved(kwargs, "patch_size") * self._resolved(kwargs, "merge_size")
+        factor = self.setting(kwargs, "patch_size") * self.setting(kwargs, "merge_size")
         for name in ("patch_size", "merge_size", "temporal_patch_size"):
-            _check_number(name, self._resolved(kwargs, name), 1, integer=True)
+            _check_number(name, self.setting(kwargs, name), 1, integer=True)
         _check_number("min_pixels", min_pixels, 1, integer=True)
         hint = f" One merged patch is {factor}x{factor} = {factor**2} pixels."
         _check_number("max_pixels", max_pixels, factor**2, integer=True, hint=hint)
@@ -552,12 +553,12 @@ class VideoNSAVideoProcessor(Qwen2VLVideoProcessor):
         if fps is not None:
             _check_number("fps", fps, 0, integer=False, exclusive=True)
         for name in ("num_frames", "min_frames"):
-            if self._resolved(kwargs, name) is not None:
-                _check_number(name, self._resolved(kwargs, name), 1, integer=True)
-        max_frames = self._resolved(kwargs, "max_frames")
+            if self.setting(kwargs, name) is not None:
+                _check_number(name, self.setting(kwargs, name), 1, integer=True)
+        max_frames = self.setting(kwargs, "max_frames")
         if max_frames is not None:
             _check_number("max_frames", max_frames, 1, integer=True)
-            min_frames = self._resolved(kwargs, "min_frames") or 1
+            min_frames = self.setting(kwargs, "min_frames") or 1
             if min_frames > max_frames:
                 raise InvalidVideoArgumentError(f"`min_frames` ({min_frames}) is above `max_frames` ({max_frames}).")
         if kwargs.get("num_frames") is not None and kwargs.get("fps") is not None:
@@ -576,10 +577,10 @@ class VideoNSAVideoProcessor(Qwen2VLVideoProcessor):
     def _sampling(self, kwargs: dict) -> dict:
         fps = kwargs["fps"] if "fps" in kwargs else self.fps
         return {
-            "temporal_patch_size": self._resolved(kwargs, "temporal_patch_size"),
-            "min_frames": self._resolved(kwargs, "min_frames"),
+            "temporal_patch_size": self.setting(kwargs, "temporal_patch_size"),
+            "min_frames": self.setting(kwargs, "min_frames"),
             "max_frames": kwargs.get("max_frames"),
-            "num_frames": self._resolved(kwargs, "num_frames"),
+            "num_frames": self.setting(kwargs, "num_frames"),
             "fps": fps,
         }
 
@@ -650,7 +651,7 @@ class VideoNSAVideoProcessor(Qwen2VLVideoProcessor):
     def select_frames(self, video, md, kwargs: dict, backend: str):
         """The frames taken from one (local) video: `(metadata, source indices, sampled)`. Files are sampled from their
         probed metadata; frames are sampled when their metadata describes exactly them, else taken as they are."""
-        do_sample = bool(self._resolved(kwargs, "do_sample_frames"))
+        do_sample = bool(self.setting(kwargs, "do_sample_frames"))
         sampling = self._sampling(kwargs)
         if isinstance(video, str):
             md = probe_video(video, backend)
@@ -673,9 +674,9 @@ class VideoNSAVideoProcessor(Qwen2VLVideoProcessor):
             height, width = int(first.shape[-2]), int(first.shape[-1])
         else:
             height, width = frame_size(local_video, kwargs.get("input_data_format"))
-        patch_size = self._resolved(kwargs, "patch_size")
-        merge_size = self._resolved(kwargs, "merge_size")
-        temporal_patch_size = self._resolved(kwargs, "temporal_patch_size")
+        patch_size = self.setting(kwargs, "patch_size")
+        merge_size = self.setting(kwargs, "merge_size")
+        temporal_patch_size = self.setting(kwargs, "temporal_patch_size")
         resized_height, resized_width = self.resized_size(height, width, len(indices), kwargs, source)
         grid_t = -(-len(indices) // temporal_patch_size)
         grid_h, grid_w = resized_height // patch_size, resized_width // patch_size
@@ -702,13 +703,13 @@ class VideoNSAVideoProcessor(Qwen2VLVideoProcessor):
 
     def resized_size(self, height: int, width: int, num_frames: int, kwargs: dict, source: str) -> tuple[int, int]:
         """The frame size the vision tower sees (Qwen2-VL's `smart_resize` within the pixel bounds)."""
-        if not self._resolved(kwargs, "do_resize"):
+        if not self.setting(kwargs, "do_resize"):
             return height, width
-        factor = self._resolved(kwargs, "patch_size") * self._resolved(kwargs, "merge_size")
+        factor = self.setting(kwargs, "patch_size") * self.setting(kwargs, "merge_size")
         min_pixels, max_pixels = self.pixel_bounds(kwargs)
-        if self._resolved(kwargs, "cap_pixels_per_frame"):
-            budget = int(self._resolved(kwargs, "max_video_tokens") * factor * factor * 0.9)
-            temporal = self._resolved(kwargs, "temporal_patch_size")
+        if self.setting(kwargs, "cap_pixels_per_frame"):
+            budget = int(self.setting(kwargs, "max_video_tokens") * factor * factor * 0.9)
+            temporal = self.setting(kwargs, "temporal_patch_size")
             max_pixels = max(min(max_pixels, budget * temporal // max(num_frames, 1)), int(min_pixels * 1.05))
         try:
             return smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
@@ -767,7 +768,7 @@ class VideoNSAVideoProcessor(Qwen2VLVideoProcessor):
             for i, (video, md) in enumerate(zip(local, metadata)):
                 if isinstance(video, str) and _is_youtube(video):
                     sampler = functools.partial(self.sample_frames, **self._sampling(kwargs))
-                    do_sample = self._resolved(kwargs, "do_sample_frames")
+                    do_sample = self.setting(kwargs, "do_sample_frames")
                     video, md = self.fetch_videos(video, sampler if do_sample else None, backend, show_progress)
                 else:
                     md, indices, sampled = self.select_frames(video, md, kwargs, backend)
@@ -797,7 +798,7 @@ class VideoNSAVideoProcessor(Qwen2VLVideoProcessor):
                     f"Video {source} has {bad} non-finite pixel values (NaN or Inf) in {tensor.shape[0]} frames; they "
                     "would make every logit NaN. Fix or drop those frames."
                 )
-            if self._resolved(kwargs, "do_rescale") and tensor.numel() and 0 <= tensor.min() and tensor.max() <= 1:
+            if self.setting(kwargs, "do_rescale") and tensor.numel() and 0 <= tensor.min() and tensor.max() <= 1:
                 tensor = tensor * 255.0
         return tensor
 
