@@ -197,22 +197,23 @@ def flatten_videos(videos) -> list:
     return [np.stack([np.asarray(f) for f in v]) if isinstance(v, list) and _is_frame(v[0]) else v for v in flat]
 
 
-def channel_format(video) -> ChannelDimension:
-    """Where a video's channels are. Ambiguous shapes (e.g. 1 x 1 or 3 x 3 frames) follow the container's
-    convention: numpy arrays (decoders, PIL) are channels-last, torch tensors channels-first."""
-    first, last = video.shape[1] in (1, 3, 4), video.shape[-1] in (1, 3, 4)
+def channel_format(video, source: str | None = None) -> ChannelDimension:
+    """Where a video's channels are, as transformers infers it, except for ambiguous shapes (1 or 3 both first and
+    last, e.g. 1 x 1 frames): numpy arrays (what decoders and PIL give) are channels-last there, tensors
+    channels-first."""
+    first, last = video.shape[1] in (1, 3), video.shape[-1] in (1, 3)
     if first and last:
         return ChannelDimension.FIRST if isinstance(video, torch.Tensor) else ChannelDimension.LAST
     if first or last:
         return ChannelDimension.FIRST if first else ChannelDimension.LAST
     raise InvalidVideoError(
-        f"Cannot tell the channel axis of a video of shape {tuple(video.shape)}: expected 1, 3 or 4 channels first "
-        "or last."
+        f"Cannot tell the channel axis of {source or f'a video of shape {tuple(video.shape)}'}: expected 1 or 3 "
+        "channels first or last."
     )
 
 
-def frame_size(video, data_format: ChannelDimension | None = None) -> tuple[int, int]:
-    layout = data_format or channel_format(video)
+def frame_size(video, data_format: ChannelDimension | None = None, source: str | None = None) -> tuple[int, int]:
+    layout = data_format or channel_format(video, source)
     return (int(video.shape[2]), int(video.shape[3])) if layout == ChannelDimension.FIRST else tuple(video.shape[1:3])
 
 
@@ -673,7 +674,7 @@ class VideoNSAVideoProcessor(Qwen2VLVideoProcessor):
             first = self.process_image(self.fetch_images([local_video[0]])[0])
             height, width = int(first.shape[-2]), int(first.shape[-1])
         else:
-            height, width = frame_size(local_video, kwargs.get("input_data_format"))
+            height, width = frame_size(local_video, kwargs.get("input_data_format"), source)
         patch_size = self.setting(kwargs, "patch_size")
         merge_size = self.setting(kwargs, "merge_size")
         temporal_patch_size = self.setting(kwargs, "temporal_patch_size")
@@ -787,7 +788,7 @@ class VideoNSAVideoProcessor(Qwen2VLVideoProcessor):
         """One video as a channels-first tensor after the checks every input gets: finite pixel values, and float
         frames already in [0, 1] brought back to [0, 255] so that the usual rescale does not divide twice."""
         source = display_name(original, index)
-        layout = kwargs.get("input_data_format") or channel_format(video)
+        layout = kwargs.get("input_data_format") or channel_format(video, source)
         tensor = torch.from_numpy(np.ascontiguousarray(video)) if isinstance(video, np.ndarray) else video
         if layout == ChannelDimension.LAST:
             tensor = tensor.permute(0, 3, 1, 2).contiguous()

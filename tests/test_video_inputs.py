@@ -231,10 +231,12 @@ def test_saved_settings_are_validated_too():
 # ---------------------------------------------------------------------------------------------------- item 11
 
 
-@pytest.mark.parametrize("container", ["numpy", "file"])
+@pytest.mark.parametrize("container", ["numpy", "torch", "file"])
 def test_one_pixel_video_plan_matches_processing(tmp_path, processor, container):
-    if container == "numpy":
+    if container == "numpy":  # (frames, height, width, channels), as decoders and PIL give
         video = np.full((4, 1, 1, 3), 128, np.uint8)
+    elif container == "torch":  # (frames, channels, height, width), torch's convention
+        video = torch.full((4, 3, 1, 1), 128, dtype=torch.uint8)
     else:
         video = write_video(tmp_path / "dot.mp4", 4, 4, 1, 1)  # yuv444p, 1 x 1
     plan = processor.plan_videos(video)[0]
@@ -258,9 +260,10 @@ def test_one_pixel_video_plan_matches_processing(tmp_path, processor, container)
         (7, r"videos is int"),
         ([synthetic_frames(4, 32, 32), None], r"videos\[1\] is NoneType"),
         ([], r"videos is an empty list"),
+        ([np.zeros((4, 32, 32, 5), np.uint8)], r"channel axis of video 0 <frames ndarray \(4, 32, 32, 5\)>"),
     ],
 )
-def test_bad_video_inputs_name_the_entry(processor, videos, pattern):
+def test_bad_video_inputs_raise_naming_the_entry(processor, videos, pattern):
     with pytest.raises(InvalidVideoError, match=pattern):
         processor(text="<|video_pad|>", videos=videos)
     with pytest.raises(InvalidVideoError, match=pattern):
