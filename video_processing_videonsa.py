@@ -137,10 +137,10 @@ class VideoPlan:
 
 
 def display_name(video, index: int | None = None) -> str:
-    """How errors and warnings name a video: its path or URL, or its position and shape for frames."""
+    """How messages name a video after the word "video": its path or URL, or its position and shape for frames."""
     if isinstance(video, str):
         return repr(video if len(video) <= 120 else "..." + video[-117:])
-    where = f"video {index} " if index is not None else ""
+    where = f"{index} " if index is not None else ""
     shape = tuple(getattr(video, "shape", ())) or f"{len(video)} frames"
     return f"{where}<frames {type(video).__name__} {shape}>"
 
@@ -207,7 +207,7 @@ def channel_format(video, source: str | None = None) -> ChannelDimension:
     if first or last:
         return ChannelDimension.FIRST if first else ChannelDimension.LAST
     raise InvalidVideoError(
-        f"Cannot tell the channel axis of {source or f'a video of shape {tuple(video.shape)}'}: expected 1 or 3 "
+        f"Cannot tell the channel axis of video {source or tuple(video.shape)}: expected 1 or 3 "
         "channels first or last."
     )
 
@@ -686,7 +686,7 @@ class VideoNSAVideoProcessor(Qwen2VLVideoProcessor):
         plan_md = copy.copy(md)
         plan_md.frames_indices = indices.tolist()
         return VideoPlan(
-            source=source,
+            source=display_name(video),
             total_num_frames=int(md.total_num_frames),
             source_fps=float(fps) if fps else None,
             duration=float(md.total_num_frames) / fps if fps else None,

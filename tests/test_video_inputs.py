@@ -134,7 +134,7 @@ def test_non_finite_pixels_raise_naming_the_video(processor, bad):
     frames = synthetic_frames(4, 56, 56).astype(np.float32)
     frames[2, 10, 10, 1] = bad
     good = synthetic_frames(4, 56, 56)
-    with pytest.raises(InvalidVideoError, match=r"video 1 .*1 non-finite pixel value"):
+    with pytest.raises(InvalidVideoError, match=r"Video 1 <frames ndarray \(4, 56, 56, 3\)> has 1 non-finite pixel value"):
         processor(text="<|video_pad|><|video_pad|>", videos=[good, frames])
     with pytest.raises(InvalidVideoError, match="non-finite"):
         processor.video_processor(torch.from_numpy(frames))
@@ -293,7 +293,7 @@ def test_unreachable_url_is_named(processor):
 
 def test_extreme_aspect_ratio_names_the_video(tmp_path, processor):
     wide = np.zeros((4, 16, 4000, 3), np.uint8)
-    with pytest.raises(InvalidVideoError, match=r"video 0 .*\(16x4000 px\) cannot be resized.*aspect ratio"):
+    with pytest.raises(InvalidVideoError, match=r"Video 0 <frames ndarray \(4, 16, 4000, 3\)> \(16x4000 px\) cannot be resized.*aspect ratio"):
         processor(text="<|video_pad|>", videos=[wide])
     path = write_video(tmp_path / "strip.mp4", 2, 4, 4000, 16)
     with pytest.raises(InvalidVideoError, match=r"strip.mp4.*\(16x4000 px\)"):
