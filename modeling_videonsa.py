@@ -57,7 +57,7 @@ except ImportError:  # ... or from a source checkout on sys.path
 
 logger = logging.get_logger(__name__)
 
-_CODE_FILES = ("configuration_videonsa.py", "modeling_videonsa.py", "processing_videonsa.py")
+_CODE_FILES = ("configuration_videonsa.py", "modeling_videonsa.py", "processing_videonsa.py", "video_processing_videonsa.py")
 _KERNELS = None
 
 

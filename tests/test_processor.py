@@ -556,9 +556,10 @@ def test_save_pretrained_and_auto_processor_round_trip(tokenizer, clips, tmp_pat
     processor.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "processor_config.json").read_text())
     assert saved["auto_map"]["AutoProcessor"] == "processing_videonsa.VideoNSAProcessor"
-    assert saved["video_processor"]["auto_map"]["AutoVideoProcessor"] == "processing_videonsa.VideoNSAVideoProcessor"
+    assert saved["video_processor"]["auto_map"]["AutoVideoProcessor"] == "video_processing_videonsa.VideoNSAVideoProcessor"
     assert saved["max_context_tokens"] == 65536 and saved["reduce_fps_to_fit"] is True
     assert (tmp_path / "processing_videonsa.py").is_file() and (tmp_path / "chat_template.jinja").is_file()
+    assert (tmp_path / "video_processing_videonsa.py").is_file()
 
     loaded = AutoProcessor.from_pretrained(tmp_path, trust_remote_code=True)
     assert type(loaded).__name__ == "VideoNSAProcessor"

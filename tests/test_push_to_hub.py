@@ -163,7 +163,7 @@ def test_dry_run_writes_exactly_the_hub_files(pushed, layout):
     kernels = sorted(f"nsa_kernels/{p.name}" for p in (REPO_ROOT / "nsa_kernels").glob("*.py"))
     shards = [f for f in files if f.endswith(".safetensors")]
     fixed = {"README.md", "benchmarks_h100.png", "config.json", "generation_config.json", "configuration_videonsa.py", "modeling_videonsa.py",
-             "processing_videonsa.py", "processor_config.json", "chat_template.jinja", "tokenizer.json",
+             "processing_videonsa.py", "video_processing_videonsa.py", "processor_config.json", "chat_template.jinja", "tokenizer.json",
              "tokenizer_config.json"}
     index = ["model.safetensors.index.json"] if len(shards) > 1 else []
     assert shards == ["model.safetensors"] or all(re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", f) for f in shards)
