@@ -38,8 +38,6 @@ from transformers import AutoModel, AutoProcessor
 from videonsa.eval.model import VideoNSA, VideoNSASimple
 from videonsa.testing import build_tiny_checkpoint, write_video
 
-pytestmark = pytest.mark.slow
-
 TASKS_DIR = Path(lmms_eval.__file__).parent / "tasks"
 MC_POST_PROMPT = "\nAnswer with the option's letter from the given choices directly."
 
@@ -242,6 +240,7 @@ def test_entry_point_is_installed_and_resolves():
     assert get_model("videonsa", force_simple=True) is VideoNSASimple and VideoNSASimple.is_simple is True
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_answers_equal_generate_and_failures_are_recorded(workdir, checkpoint, tiny_tasks, reference):
     out, failure_log = workdir / "out-tiny", workdir / "failures.jsonl"
     tasks = ["videonsa_tiny_mc", "videonsa_tiny_open"]
@@ -325,21 +324,26 @@ def test_video_knobs_reach_the_processor(checkpoint, videos):
     assert make_lm(checkpoint, "max_pixels=3136").encode([hf])["video_grid_thw"].tolist() == [[6, 4, 4]]
 
 
-def test_bad_arguments_give_clear_errors(checkpoint):
-    with pytest.raises(ValueError, match=r"Unknown videonsa model argument\(s\): 'nsa_windw_size' \(did you mean 'nsa_window_size'\?\)"):
-        make_lm(checkpoint, "nsa_windw_size=128")
-    with pytest.raises(ValueError, match="nsa_block_count"):
-        make_lm(checkpoint, "nsa_block_count=0")
-    with pytest.raises(ValueError, match="nsa_block_size must be a power of two"):
-        make_lm(checkpoint, "nsa_block_size=48")
-    with pytest.raises(ValueError, match="nsa_backend must be one of"):
-        make_lm(checkpoint, "nsa_backend=cuda")
-    with pytest.raises(ValueError, match="fps must be a number > 0"):
-        make_lm(checkpoint, "fps=0")
-    with pytest.raises(ValueError, match="reduce_fps_to_fit must be true or false"):
-        make_lm(checkpoint, "reduce_fps_to_fit=maybe")
-    with pytest.raises(ValueError, match="dtype must be one of"):
-        make_lm(checkpoint, "dtype=int8")
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ("nsa_windw_size=128", r"Unknown videonsa model argument\(s\): 'nsa_windw_size' \(did you mean 'nsa_window_size'\?\)"),
+        ("nsa_block_count=0", "nsa_block_count must be an integer >= 1"),
+        ("nsa_block_count=128", "nsa_block_count rounded up to a power of two must be <= nsa_block_size"),  # the config's check
+        ("nsa_block_size=48", "nsa_block_size must be a power of two"),
+        ("nsa_backend=cuda", "nsa_backend must be one of"),
+        ("fps=0", "fps must be a number > 0"),
+        ("reduce_fps_to_fit=maybe", "reduce_fps_to_fit must be true or false"),
+        ("max_context_tokens=-5", "max_context_tokens must be an integer >= 1"),
+        ("dtype=int8", "dtype must be one of"),
+    ],
+)
+def test_bad_arguments_give_clear_errors(checkpoint, args, message):
+    with pytest.raises(ValueError, match=message):
+        make_lm(checkpoint, args)
+
+
+def test_batch_size_auto_is_refused(checkpoint):
     with pytest.raises(ValueError, match="batch_size auto"):
         get_model("videonsa").create_from_arg_string(f"pretrained={checkpoint}", {"batch_size": "auto"})
 
@@ -385,6 +389,16 @@ def test_simple_mode_gives_the_chat_answer(checkpoint, videos, reference):
     )
     (answer,) = lm.generate_until([request])
     assert answer.text == reference(videos["a"], "What moves?", 5)
+
+
+def test_in_tree_classes_when_asked(checkpoint, videos, reference):
+    lm = make_lm(checkpoint, "in_tree=True")
+    assert type(lm.model).__module__ == "modeling_videonsa" and type(lm.processor).__module__ == "processing_videonsa"
+    lm.task_dict = {"t": {"test": [{"video": videos["b"], "text": "What moves?"}]}}
+    (answer,) = lm.generate_until([chat_request(0, "What moves?", videos["b"], {"max_new_tokens": 5})])
+    assert answer.text == reference(videos["b"], "What moves?", 5)
+    remote = make_lm(checkpoint)
+    assert type(remote.model).__module__.startswith("transformers_modules.")  # the checkpoint's own code
 
 
 def test_system_prompt_and_loglikelihood(checkpoint, videos):
@@ -460,6 +474,7 @@ def _video_folder(name: str, utils) -> Path:
     return Path(utils.base_cache_dir) / utils.cache_name
 
 
+@pytest.mark.slow
 def test_the_six_benchmark_tasks_on_stub_records(workdir, checkpoint, videos, reference, monkeypatch):
     hf_home = workdir / "hf-benchmarks"
     monkeypatch.setenv("HF_HOME", str(hf_home))

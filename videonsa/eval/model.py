@@ -31,13 +31,10 @@ from lmms_eval.api.task import ConfigurableMessagesTask
 from lmms_eval.models.model_utils.progress import make_progress
 from lmms_eval.protocol import ChatMessages
 
-# The settings the released checkpoint was trained with (processing_videonsa's defaults); restated here so that
-# the harness's own record of the run (its `model_args`) is complete even when a user passes none.
-PAPER_FPS = 4.0
-PAPER_MAX_PIXELS = 50176
-PAPER_MAX_CONTEXT_TOKENS = 131072
+# The settings the released checkpoint was trained with; passed on every call, so that a checkpoint whose processor
+# files say otherwise is still evaluated at the paper's settings unless the user asks for others.
+from processing_videonsa import DEFAULT_FPS, DEFAULT_MAX_CONTEXT_TOKENS, DEFAULT_VIDEO_MAX_PIXELS
 
-NSA_ARGUMENTS = ("nsa_enabled", "nsa_block_size", "nsa_block_count", "nsa_window_size", "nsa_backend")
 # Keys of a task's `generation_kwargs` that reach `generate`; `until` is applied to the decoded text.
 GENERATION_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "num_beams", "do_sample", "repetition_penalty")
 DTYPES = {
@@ -141,11 +138,11 @@ class VideoNSA(lmms):
         device: str | None = None,
         trust_remote_code: bool = True,
         in_tree: bool = False,
-        fps: float = PAPER_FPS,
-        max_pixels: int = PAPER_MAX_PIXELS,
+        fps: float = DEFAULT_FPS,
+        max_pixels: int = DEFAULT_VIDEO_MAX_PIXELS,
         min_pixels: int | None = None,
         max_frames: int | None = None,
-        max_context_tokens: int = PAPER_MAX_CONTEXT_TOKENS,
+        max_context_tokens: int = DEFAULT_MAX_CONTEXT_TOKENS,
         reduce_fps_to_fit: bool = False,
         video_backend: str | None = None,
         nsa_enabled: bool | None = None,
