@@ -348,12 +348,27 @@ def test_batch_size_auto_is_refused(checkpoint):
         get_model("videonsa").create_from_arg_string(f"pretrained={checkpoint}", {"batch_size": "auto"})
 
 
-def test_reduce_fps_to_fit_answers_the_long_video(checkpoint, videos, reference):
-    lm = make_lm(checkpoint, "max_context_tokens=400,reduce_fps_to_fit=True")
-    lm.task_dict = {"t": {"test": [{"video": videos["long"], "text": "How long?"}]}}
-    (answer,) = lm.generate_until([chat_request(0, "How long?", videos["long"], {"max_new_tokens": 5})])
-    assert answer.token_counts is not None and answer.token_counts.input_tokens <= 400
-    assert answer.text == reference(videos["long"], "How long?", 5, max_context_tokens=400, reduce_fps_to_fit=True)
+def test_reduce_fps_to_fit_answers_the_long_video_and_spares_its_batch_neighbour(checkpoint, videos, reference):
+    lm = get_model("videonsa").create_from_arg_string(
+        f"pretrained={checkpoint},dtype=float32,max_context_tokens=400,reduce_fps_to_fit=True",
+        {"batch_size": 2, "device": "cpu"},
+    )
+    lm.task_dict = {"t": {"test": [{"video": videos["long"], "text": "How long?"}, {"video": videos["a"], "text": "What moves?"}]}}
+    answers = lm.generate_until(
+        [
+            chat_request(0, "How long?", videos["long"], {"max_new_tokens": 5}),
+            chat_request(1, "What moves?", videos["a"], {"max_new_tokens": 5}),
+        ]
+    )
+    assert answers[0].token_counts is not None and answers[0].token_counts.input_tokens <= 400
+    assert answers[0].text == reference(videos["long"], "How long?", 5, max_context_tokens=400, reduce_fps_to_fit=True)
+    # the short clip keeps 4 fps: the long one's lower rate does not spread to the rest of its batch
+    alone = reference.processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "video", "video": videos["a"]}, {"type": "text", "text": "What moves?"}]}],
+        add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
+    )
+    assert answers[1].token_counts.input_tokens == alone["input_ids"].shape[1]
+    assert answers[1].text == reference(videos["a"], "What moves?", 5)
     assert lm.failures == []
 
 

@@ -115,7 +115,8 @@ class VideoNSA(lmms):
         fps (`float`, defaults to 4), max_pixels (`int`, defaults to 50,176: 64 tokens per frame pair),
         min_pixels (`int`, *optional*), max_frames (`int`, *optional*, no cap), max_context_tokens (`int`, defaults
         to 131,072), reduce_fps_to_fit (`bool`, defaults to `False`: a prompt over the budget is a failed sample;
-        `True` lowers the fps of that prompt until it fits), video_backend (`str`, *optional*).
+        `True` lowers the fps of that prompt until it fits, and samples are then encoded one at a time),
+        video_backend (`str`, *optional*).
     Attention (set on the loaded model's config, which validates them; unset keeps the checkpoint's values):
         nsa_enabled (`bool`: `False` runs dense attention with the same weights), nsa_block_count, nsa_window_size,
         nsa_block_size, nsa_backend.
@@ -438,6 +439,9 @@ class VideoNSA(lmms):
         return self._encode_usable(samples)
 
     def _answer(self, samples: list[_Sample]) -> list[GenerationResult]:
+        if self.reduce_fps_to_fit and len(samples) > 1:
+            # the processor lowers the fps of a whole call: batched, one long video would lower its neighbours' too
+            return [result for sample in samples for result in self._answer([sample])]
         inputs, encoded = self._encode_usable(samples)
         texts = {}
         if encoded:
