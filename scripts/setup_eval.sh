@@ -25,7 +25,8 @@ echo "$base_site" > "$eval_site/_videonsa_base_env.pth"
 
 stamp="$EVAL_VENV/.videonsa-eval-stamp"
 # what the resolution depends on: the project's metadata, this script, and what .venv holds
-want="$( { cat pyproject.toml scripts/setup_eval.sh; "$BASE_VENV/bin/python" -m pip freeze --disable-pip-version-check 2>/dev/null; } | sha256sum | cut -d' ' -f1) $(pwd)"
+inputs() { cat pyproject.toml scripts/setup_eval.sh; "$BASE_VENV/bin/python" -m pip freeze --disable-pip-version-check 2>/dev/null; }
+want="$(inputs | sha256sum | cut -d' ' -f1) $(pwd)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$EVAL_VENV/bin/python" -c "import lmms_eval" 2>/dev/null; then
   echo "eval set-up ok (unchanged): $EVAL_VENV"
   exit 0

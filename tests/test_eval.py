@@ -134,9 +134,7 @@ def run_lmms_eval(workdir: Path, args: list[str], hf_home: Path | None = None) -
         WANDB_MODE="disabled",
         TOKENIZERS_PARALLELISM="false",
     )
-    return subprocess.run(
-        [str(executable), *args], cwd=workdir, env=env, capture_output=True, text=True, timeout=900
-    )
+    return subprocess.run([str(executable), *args], cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
 
 
 def read_run(out_dir: Path, process: subprocess.CompletedProcess, tasks: list[str]):
@@ -153,7 +151,7 @@ def read_run(out_dir: Path, process: subprocess.CompletedProcess, tasks: list[st
     return json.loads(Path(results[0]).read_text()), samples, log
 
 
-TINY_UTILS = '''
+TINY_UTILS = """
 def doc_to_visual(doc):
     return [doc["video"]]
 
@@ -170,7 +168,7 @@ def process_mc(doc, results):
 
 def process_open(doc, results):
     return {"answered": float(bool(results[0].strip()))}
-'''
+"""
 
 
 def tiny_task_yaml(name: str, data: Path, process: str, metric: str, max_new_tokens: int, post_prompt: str) -> str:
@@ -249,13 +247,20 @@ def test_cli_end_to_end_answers_equal_generate_and_failures_are_recorded(workdir
     process = run_lmms_eval(
         workdir,
         [
-            "--model", "videonsa",
-            "--model_args", f"pretrained={checkpoint},dtype=float32,max_context_tokens=400,failure_log={failure_log}",
-            "--tasks", ",".join(tasks),
-            "--include_path", str(tiny_tasks["folder"]),
-            "--batch_size", "2",
-            "--device", "cpu",
-            "--output_path", str(out),
+            "--model",
+            "videonsa",
+            "--model_args",
+            f"pretrained={checkpoint},dtype=float32,max_context_tokens=400,failure_log={failure_log}",
+            "--tasks",
+            ",".join(tasks),
+            "--include_path",
+            str(tiny_tasks["folder"]),
+            "--batch_size",
+            "2",
+            "--device",
+            "cpu",
+            "--output_path",
+            str(out),
             "--log_samples",
         ],
     )
@@ -295,16 +300,23 @@ def test_nsa_knobs_reach_the_model_config_and_the_forward(checkpoint, videos):
     lm = make_lm(checkpoint, "nsa_enabled=False,nsa_block_count=4,nsa_window_size=64,nsa_block_size=32")
     config = lm.model.config
     assert (config.nsa_enabled, config.nsa_block_count, config.nsa_window_size, config.nsa_block_size) == (
-        False, 4, 64, 32,
+        False,
+        4,
+        64,
+        32,
     )
     attention = lm.model.model.language_model.layers[0].self_attn
     assert (attention.config.nsa_enabled, attention.config.nsa_block_count, attention.config.nsa_window_size) == (
-        False, 4, 64,
+        False,
+        4,
+        64,
     )
     assert lm.processor.nsa_block_size == 32  # the processor's alignment check follows the model
 
     # the dense switch changes what the forward computes on a video prompt (NSA on the same weights differs)
-    messages = lm._hf_messages([{"role": "user", "content": [{"type": "video", "url": videos["a"]}, {"type": "text", "text": "Hi"}]}])
+    messages = lm._hf_messages(
+        [{"role": "user", "content": [{"type": "video", "url": videos["a"]}, {"type": "text", "text": "Hi"}]}]
+    )
     inputs = lm.encode([messages])
     with torch.no_grad():
         dense = lm.model(**inputs).logits
@@ -327,9 +339,15 @@ def test_video_knobs_reach_the_processor(checkpoint, videos):
 @pytest.mark.parametrize(
     "args, message",
     [
-        ("nsa_windw_size=128", r"Unknown videonsa model argument\(s\): 'nsa_windw_size' \(did you mean 'nsa_window_size'\?\)"),
+        (
+            "nsa_windw_size=128",
+            r"Unknown videonsa model argument\(s\): 'nsa_windw_size' \(did you mean 'nsa_window_size'\?\)",
+        ),
         ("nsa_block_count=0", "nsa_block_count must be an integer >= 1"),
-        ("nsa_block_count=128", "nsa_block_count rounded up to a power of two must be <= nsa_block_size"),  # the config's check
+        (
+            "nsa_block_count=128",
+            "nsa_block_count rounded up to a power of two must be <= nsa_block_size",
+        ),  # the config's check
         ("nsa_block_size=48", "nsa_block_size must be a power of two"),
         ("nsa_backend=cuda", "nsa_backend must be one of"),
         ("fps=0", "fps must be a number > 0"),
@@ -353,7 +371,9 @@ def test_reduce_fps_to_fit_answers_the_long_video_and_spares_its_batch_neighbour
         f"pretrained={checkpoint},dtype=float32,max_context_tokens=400,reduce_fps_to_fit=True",
         {"batch_size": 2, "device": "cpu"},
     )
-    lm.task_dict = {"t": {"test": [{"video": videos["long"], "text": "How long?"}, {"video": videos["a"], "text": "What moves?"}]}}
+    lm.task_dict = {
+        "t": {"test": [{"video": videos["long"], "text": "How long?"}, {"video": videos["a"], "text": "What moves?"}]}
+    }
     answers = lm.generate_until(
         [
             chat_request(0, "How long?", videos["long"], {"max_new_tokens": 5}),
@@ -364,8 +384,16 @@ def test_reduce_fps_to_fit_answers_the_long_video_and_spares_its_batch_neighbour
     assert answers[0].text == reference(videos["long"], "How long?", 5, max_context_tokens=400, reduce_fps_to_fit=True)
     # the short clip keeps 4 fps: the long one's lower rate does not spread to the rest of its batch
     alone = reference.processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "video", "video": videos["a"]}, {"type": "text", "text": "What moves?"}]}],
-        add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
+        [
+            {
+                "role": "user",
+                "content": [{"type": "video", "video": videos["a"]}, {"type": "text", "text": "What moves?"}],
+            }
+        ],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
     )
     assert answers[1].token_counts.input_tokens == alone["input_ids"].shape[1]
     assert answers[1].text == reference(videos["a"], "What moves?", 5)
@@ -418,7 +446,9 @@ def test_in_tree_classes_when_asked(checkpoint, videos, reference):
 
 def test_system_prompt_and_loglikelihood(checkpoint, videos):
     lm = make_lm(checkpoint, "system_prompt=Be brief.")
-    messages = lm._hf_messages([{"role": "user", "content": [{"type": "video", "url": videos["a"]}, {"type": "text", "text": "Hi"}]}])
+    messages = lm._hf_messages(
+        [{"role": "user", "content": [{"type": "video", "url": videos["a"]}, {"type": "text", "text": "Hi"}]}]
+    )
     text = lm.processor.batch_decode(lm.encode([messages])["input_ids"])[0]
     assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>")
     request = Instance(
@@ -431,7 +461,7 @@ def test_system_prompt_and_loglikelihood(checkpoint, videos):
         lm.loglikelihood([request])
 
 
-# ---------------------------------------------------------------------------------------------------- the six benchmarks
+# ------------------------------------------------------------------------------------------------- the six benchmarks
 
 # The paper's six benchmarks as lmms-eval 0.7 names them. Their datasets come from the Hub, so each runs here on one
 # stub record: a task YAML that includes the real one (its prompt functions, generation settings and post-prompts)
@@ -458,23 +488,50 @@ def _task_utils(name: str):
 def _stub(name: str) -> tuple[dict, str]:
     """(record, video path relative to the folder the task's code reads videos from)"""
     if name == "longvideobench_val_v":
-        doc = {"id": "lvb-0", "video_path": "lvb.mp4", "question": "What does the square do?", "correct_choice": 1,
-               "duration_group": 15, "question_category": "TOS"}
+        doc = {
+            "id": "lvb-0",
+            "video_path": "lvb.mp4",
+            "question": "What does the square do?",
+            "correct_choice": 1,
+            "duration_group": 15,
+            "question_category": "TOS",
+        }
         doc.update({f"option{i}": option for i, option in enumerate(["stays", "moves", "N/A", "N/A", "N/A"])})
         return doc, "lvb.mp4"
     if name == "mlvu_test":
-        return {"video_name": "mlvu.mp4", "question": "What moves?\n(A) a square\n(B) a circle", "answer": "A",
-                "task_type": "count"}, "mlvu.mp4"
+        return {
+            "video_name": "mlvu.mp4",
+            "question": "What moves?\n(A) a square\n(B) a circle",
+            "answer": "A",
+            "task_type": "count",
+        }, "mlvu.mp4"
     if name in ("timescope", "longtimescope"):
-        return {"id": f"{name}-0", "video": f"{name}.mp4", "input": "Which shape moves?\nA. square\nB. circle",
-                "answer": "A", "type": "motion", "length": 3}, f"{name}.mp4"
+        return {
+            "id": f"{name}-0",
+            "video": f"{name}.mp4",
+            "input": "Which shape moves?\nA. square\nB. circle",
+            "answer": "A",
+            "type": "motion",
+            "length": 3,
+        }, f"{name}.mp4"
     if name == "tomato":
-        return {"id": "tomato-0", "video_path": "tomato.mp4", "question": "Which way does the square move?",
-                "options": ["left", "right"], "answer": 1, "reason_type": "direction",
-                "demonstration_type": "object"}, "tomato.mp4"
-    return {"dataset": "arkitscenes", "scene_name": "scene0", "question": "Which object appears first?",
-            "question_type": "obj_appearance_order", "options": ["A. square", "B. circle"],
-            "ground_truth": "A"}, "arkitscenes/scene0.mp4"
+        return {
+            "id": "tomato-0",
+            "video_path": "tomato.mp4",
+            "question": "Which way does the square move?",
+            "options": ["left", "right"],
+            "answer": 1,
+            "reason_type": "direction",
+            "demonstration_type": "object",
+        }, "tomato.mp4"
+    return {
+        "dataset": "arkitscenes",
+        "scene_name": "scene0",
+        "question": "Which object appears first?",
+        "question_type": "obj_appearance_order",
+        "options": ["A. square", "B. circle"],
+        "ground_truth": "A",
+    }, "arkitscenes/scene0.mp4"
 
 
 def _video_folder(name: str, utils) -> Path:
@@ -519,13 +576,19 @@ def test_the_six_benchmark_tasks_on_stub_records(workdir, checkpoint, videos, re
     process = run_lmms_eval(
         workdir,
         [
-            "--model", "videonsa",
+            "--model",
+            "videonsa",
             # tomato asks for 1,024 new tokens: the override keeps the random model's answers short
-            "--model_args", f"pretrained={checkpoint},dtype=float32,max_new_tokens=8",
-            "--tasks", ",".join(tasks),
-            "--include_path", str(folder),
-            "--device", "cpu",
-            "--output_path", str(out),
+            "--model_args",
+            f"pretrained={checkpoint},dtype=float32,max_new_tokens=8",
+            "--tasks",
+            ",".join(tasks),
+            "--include_path",
+            str(folder),
+            "--device",
+            "cpu",
+            "--output_path",
+            str(out),
             "--log_samples",
             "--predict_only",
         ],
@@ -540,7 +603,9 @@ def test_the_six_benchmark_tasks_on_stub_records(workdir, checkpoint, videos, re
         assert question in prompt, (name, prompt)
         assert row["filtered_resps"] == reference(expected_video[name], prompt, 8), name
     # the tasks' own prompt formats reached the model
-    assert samples["stub_longvideobench_val_v"][0]["input"].endswith("Answer with the option's letter from the given choices directly.\n")
+    assert samples["stub_longvideobench_val_v"][0]["input"].endswith(
+        "Answer with the option's letter from the given choices directly.\n"
+    )
     assert "A. stays\nB. moves" in samples["stub_longvideobench_val_v"][0]["input"]
     assert "<options>" in samples["stub_tomato"][0]["input"]
     assert samples["stub_vsibench"][0]["input"].startswith("These are frames of a video.")

@@ -167,7 +167,9 @@ class VideoNSA(lmms):
     ) -> None:
         super().__init__()
         if unknown:
-            accepted = [name for name in inspect.signature(VideoNSA.__init__).parameters if name not in ("self", "unknown")]
+            accepted = [
+                name for name in inspect.signature(VideoNSA.__init__).parameters if name not in ("self", "unknown")
+            ]
             hints = []
             for key in sorted(unknown):
                 close = difflib.get_close_matches(key, accepted, n=1)
@@ -233,7 +235,9 @@ class VideoNSA(lmms):
 
             remote = _as_bool("trust_remote_code", trust_remote_code)
             self._model = AutoModel.from_pretrained(pretrained, trust_remote_code=remote, **load)
-            self.processor = AutoProcessor.from_pretrained(pretrained, trust_remote_code=remote, revision=load["revision"])
+            self.processor = AutoProcessor.from_pretrained(
+                pretrained, trust_remote_code=remote, revision=load["revision"]
+            )
         if not hasattr(self._model, "generate"):
             raise ValueError(f"{pretrained!r} loaded as {type(self._model).__name__}, which cannot generate.")
         self._model.eval()
@@ -389,7 +393,9 @@ class VideoNSA(lmms):
             for item in message["content"]:
                 if item["type"] == "audio":
                     raise UnsupportedSampleError("VideoNSA takes no audio input.")
-                if item["type"] == "video" and ("video_start" in item or "video_end" in item or isinstance(item["video"], dict)):
+                if item["type"] == "video" and (
+                    "video_start" in item or "video_end" in item or isinstance(item["video"], dict)
+                ):
                     raise UnsupportedSampleError(
                         f"The task asks for a clip ({item.get('video_start')} - {item.get('video_end')} s) of "
                         f"{item['video']!r}; VideoNSA's processor samples whole videos. Cut the clip beforehand."
@@ -450,7 +456,9 @@ class VideoNSA(lmms):
             with torch.inference_mode():
                 output = self._model.generate(**inputs, **gen_kwargs)
             new_tokens = output[:, inputs["input_ids"].shape[1] :]
-            decoded = self.processor.batch_decode(new_tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+            decoded = self.processor.batch_decode(
+                new_tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False
+            )
             pad = self.tokenizer.pad_token_id
             for index, (sample, row, text) in enumerate(zip(encoded, new_tokens, decoded)):
                 until = sample.gen_kwargs.get("until") or []
@@ -491,7 +499,9 @@ class VideoNSA(lmms):
             "pad_token_id": self.tokenizer.pad_token_id,
         }
         if kwargs["do_sample"]:
-            kwargs.update({key: merged[key] for key in ("temperature", "top_p", "top_k") if merged.get(key) is not None})
+            kwargs.update(
+                {key: merged[key] for key in ("temperature", "top_p", "top_k") if merged.get(key) is not None}
+            )
         if merged.get("repetition_penalty") is not None:
             kwargs["repetition_penalty"] = float(merged["repetition_penalty"])
         return kwargs
@@ -505,7 +515,14 @@ class VideoNSA(lmms):
             "message": str(sample.error),
         }
         self.failures.append(record)
-        eval_logger.warning("videonsa: sample {}/{}/{} failed: {}: {}", sample.task, sample.split, sample.doc_id, record["error"], record["message"])
+        eval_logger.warning(
+            "videonsa: sample {}/{}/{} failed: {}: {}",
+            sample.task,
+            sample.split,
+            sample.doc_id,
+            record["error"],
+            record["message"],
+        )
         if self.failure_log:
             with open(self.failure_log, "a", encoding="utf-8") as file:
                 file.write(json.dumps(record, default=str) + "\n")
