@@ -34,7 +34,7 @@ for source in job["sources"]:
     other = AutoModelForImageTextToText.from_pretrained(source, trust_remote_code=True)
     has_processor = not Path(source).is_dir() or (Path(source) / "processor_config.json").is_file()
     processor = AutoProcessor.from_pretrained(source, trust_remote_code=True) if has_processor else None
-    kernels = sys.modules[type(model).__module__].load_nsa_kernels()
+    kernels = sys.modules[type(model).__module__].load_nsa_kernels(model.config)
     with torch.no_grad():
         logits[source] = [model(**sample).logits for sample in inputs]
     if job["resave"]:
@@ -88,3 +88,8 @@ def populate_hub_cache(cache: Path, folder: Path, repo_id: str = REPO_ID, commit
     shutil.copytree(folder, snapshot, ignore=shutil.ignore_patterns("__pycache__"))
     (repo / "refs").mkdir(parents=True, exist_ok=True)
     (repo / "refs" / "main").write_text(commit)
+
+
+def kernel_files(folder: Path) -> dict[str, bytes]:
+    """``{name: bytes}`` of the ``.py`` files of a kernels folder (what a kernels package consists of)."""
+    return {path.name: path.read_bytes() for path in sorted(Path(folder).glob("*.py"))}
