@@ -665,6 +665,9 @@ class VideoNSAForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         # renaming, used or not, and reverting its unused legacy ones writes `model.model.*` keys that no loader
         # maps back (transformers 5.23): the text decoder would load as random weights. Ours are the whole story.
         self._weight_conversions = _released_layout()
+        for name in _CODE_FILES:  # transformers copies code files onto these paths and would write through a link
+            if Path(save_directory, name).is_symlink():
+                Path(save_directory, name).unlink()
         super().save_pretrained(save_directory, *args, **kwargs)
         here = Path(__file__).resolve().parent
         save_directory = Path(save_directory)
