@@ -12,8 +12,10 @@ How ``nsa_kernels/`` is found when the model is loaded with ``trust_remote_code`
 file and its single-level relative imports into its dynamic-module cache, so a package folder is never fetched
 (transformers issue 29714). :func:`load_nsa_kernels` therefore resolves the folder from where the model was loaded
 (the local directory, or the Hub snapshot of the very commit this file came from, through ``huggingface_hub``'s
-cache, which also works offline) and places it beside this file in the dynamic-module cache, where it is
-imported as a subpackage. ``save_pretrained`` writes the code files and ``nsa_kernels/`` next to the weights.
+cache, which also works offline), reads its regular ``.py`` files only, and installs them beside this file in the
+dynamic-module cache as ``nsa_kernels_<hash of the files>``, imported as a subpackage: checkpoints that share this
+module (same folder name, same code files) still get their own kernels. ``save_pretrained`` writes the code files
+and ``nsa_kernels/`` next to the weights.
 """
 
 from __future__ import annotations
