@@ -185,7 +185,7 @@ def _bundled_kernels_module(config) -> str:
     here = Path(__file__).resolve().parent
     name_or_path = getattr(config, "name_or_path", "") or ""
     source = _checkpoint_source(name_or_path, here.name)
-    if source is None or not (source / _KERNELS_DIR).exists():
+    if source is None or not ((source / _KERNELS_DIR).exists() or (source / _KERNELS_DIR).is_symlink()):
         raise ImportError(
             f"VideoNSA's attention kernels (nsa_kernels/) were not found in the model's directory or Hub repository "
             f"({name_or_path or 'config.name_or_path is empty'}). Load the model with from_pretrained from a folder "
@@ -683,7 +683,7 @@ class VideoNSAForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
                     break
         kernels_dir = Path(load_nsa_kernels(self.config).__file__).parent
         target = save_directory / _KERNELS_DIR
-        if target.resolve() != kernels_dir.resolve():  # saving into the source checkout itself changes nothing
+        if target.is_symlink() or target.resolve() != kernels_dir.resolve():  # not the kernels folder itself
             files = read_kernel_files(kernels_dir, kernels_dir.parent)
             if kernels_dir.name != _KERNELS_DIR and kernels_dir.name != f"{_KERNELS_DIR}_{kernels_digest(files)}":
                 raise RuntimeError(f"{kernels_dir} was changed after it was imported; load the model again")

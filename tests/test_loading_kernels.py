@@ -176,6 +176,15 @@ def test_save_pretrained_writes_exactly_the_kernels_and_never_through_links(chec
     assert kernel_files(target / "nsa_kernels") == kernel_files(REPO_ROOT / "nsa_kernels")
     assert not any(path.is_symlink() for path in target.rglob("*"))
     assert (target / "modeling_videonsa.py").read_bytes() == (REPO_ROOT / "modeling_videonsa.py").read_bytes()
+    # a kernels folder that is a link becomes a real folder; what the link pointed to is left alone
+    linked, elsewhere = tmp_path / "linked", tmp_path / "elsewhere"
+    linked.mkdir()
+    shutil.copytree(REPO_ROOT / "nsa_kernels", elsewhere, ignore=shutil.ignore_patterns("__pycache__"))
+    (elsewhere / "old.py").write_text("OLD = True\n")
+    (linked / "nsa_kernels").symlink_to(elsewhere, target_is_directory=True)
+    model.save_pretrained(linked)
+    assert not (linked / "nsa_kernels").is_symlink() and (elsewhere / "old.py").is_file()
+    assert kernel_files(linked / "nsa_kernels") == kernel_files(REPO_ROOT / "nsa_kernels")
 
 
 def test_save_pretrained_refuses_a_linked_code_file_of_the_origin(checkpoint, tmp_path, monkeypatch):
