@@ -624,6 +624,23 @@ def released_key(key: str) -> str:
     return _rename(key, _MODEL_TO_RELEASED)
 
 
+def is_gate_key(key: str) -> bool:
+    """Whether a checkpoint or state-dict key belongs to a gate MLP (``g_proj_1`` / ``g_proj_2``)."""
+    return re.search(r"(^|\.)g_proj_[12]\.", key) is not None
+
+
+def checkpoint_layout(config_dict: dict, tensor_names) -> str:
+    """What a checkpoint holds, from its ``config.json`` dict and its tensor names: ``"videonsa"`` (saved by this
+    code), ``"release"`` (the authors' release: Qwen2.5-VL with gate MLPs) or ``"qwen2_5_vl"`` (plain Qwen2.5-VL,
+    no gates). Each loads with ``VideoNSAForConditionalGeneration.from_pretrained``; another model type raises."""
+    model_type = config_dict.get("model_type")
+    if model_type == VideoNSAConfig.model_type:
+        return "videonsa"
+    if model_type != "qwen2_5_vl":
+        raise ValueError(f"model_type {model_type!r}: not a VideoNSA or Qwen2.5-VL checkpoint")
+    return "release" if any(is_gate_key(name) for name in tensor_names) else "qwen2_5_vl"
+
+
 def _write_file(path: Path, data: bytes) -> None:
     """Write ``path`` as a new regular file (a link or file already there is replaced, never written through)."""
     staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -698,7 +715,7 @@ class VideoNSAForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         0.5), as the authors started training; a warning says so."""
         output_loading_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
-        gates = sorted(key for key in info["missing_keys"] if re.search(r"\.g_proj_[12]\.", key))
+        gates = sorted(key for key in info["missing_keys"] if is_gate_key(key))
         if gates:
             logger.warning(
                 f"{pretrained_model_name_or_path} has no NSA gate MLPs for {len(gates)} tensors (e.g. {gates[0]}): they "

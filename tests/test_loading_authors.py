@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hub_utils import REPO_ID, REPO_ROOT, populate_hub_cache, run_in_fresh_process, write_authors_checkpoint
-from modeling_videonsa import VideoNSAForConditionalGeneration, model_key, released_key
+from modeling_videonsa import VideoNSAForConditionalGeneration, checkpoint_layout, model_key, released_key
 from videonsa.loading import load_videonsa
 from videonsa.testing import build_tiny_checkpoint, video_prompt
 
@@ -121,3 +121,14 @@ def test_key_renaming_both_ways():
     for released, model in pairs.items():
         assert model_key(released) == model and released_key(model) == released
         assert model_key(model) == model  # the 5.x layout is the model's already
+
+
+def test_checkpoint_layout(release):
+    authors = json.loads((release["authors"] / "config.json").read_text())
+    ours = json.loads((release["videonsa"] / "config.json").read_text())
+    names = list(load_file(release["authors"] / "model.safetensors"))
+    assert checkpoint_layout(authors, names) == "release"
+    assert checkpoint_layout(authors, [n for n in names if "g_proj" not in n]) == "qwen2_5_vl"
+    assert checkpoint_layout(ours, names) == "videonsa"
+    with pytest.raises(ValueError, match="model_type 'llava': not a VideoNSA or Qwen2.5-VL checkpoint"):
+        checkpoint_layout({"model_type": "llava"}, names)
