@@ -218,7 +218,7 @@ def videonsa_config_dict(config_dict: dict) -> dict:
         for holder in (values, target):
             holder.pop(old, None)
         if len(found) > 1 or (found and new in target and target[new] not in found):
-            raise ValueError(f"the config gives {old} = {sorted(found)} and {new} = {target.get(new)}: which one holds?")
+            raise ValueError(f"the config gives {old} = {sorted(found)} and {new} = {target.get(new)}; keep one")
         if found:
             target[new] = found.pop()
     return dict(values, model_type=VideoNSAConfig.model_type, architectures=["VideoNSAForConditionalGeneration"],

@@ -213,12 +213,14 @@ def load_nsa_kernels(config=None):
 
     A config is bound to its kernels when its model is built (:func:`bind_nsa_kernels`), which makes this a lookup.
     Run from a source checkout the sibling folder is used, and ``config`` may be omitted."""
-    name = getattr(config, KERNELS_BINDING, None) if config is not None else None
-    if name is None:
-        if config is None and (__package__ or "").startswith("transformers_modules"):
+    if config is None:
+        if (__package__ or "").startswith("transformers_modules"):
             raise ValueError("load_nsa_kernels needs the model's config when the model came from remote code: "
                              "checkpoints loaded in one process can carry different kernels")
-        return bind_nsa_kernels(config) if config is not None else importlib.import_module(_bundled_kernels_module(None))
+        return importlib.import_module(_bundled_kernels_module(None))
+    name = getattr(config, KERNELS_BINDING, None)
+    if name is None:
+        return bind_nsa_kernels(config)
     module = sys.modules.get(name)
     return module if module is not None else importlib.import_module(name)
 
@@ -718,8 +720,8 @@ class VideoNSAForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         gates = sorted(key for key in info["missing_keys"] if is_gate_key(key))
         if gates:
             logger.warning(
-                f"{pretrained_model_name_or_path} has no NSA gate MLPs for {len(gates)} tensors (e.g. {gates[0]}): they "
-                "are initialised, untrained. That is the start of fine-tuning from Qwen2.5-VL, not the released "
+                f"{pretrained_model_name_or_path} has no NSA gate MLPs for {len(gates)} tensors (e.g. {gates[0]}): "
+                "they are initialised, untrained. That is the start of fine-tuning from Qwen2.5-VL, not the released "
                 "VideoNSA; load Enxin/VideoNSA or a checkpoint saved by this model for the trained gates."
             )
         return (model, info) if output_loading_info else model
