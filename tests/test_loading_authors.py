@@ -65,6 +65,10 @@ def test_from_pretrained_reads_the_release_as_videonsa(release, caplog):
     assert all(torch.equal(tensor, reference[name]) for name, tensor in model.state_dict().items())
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(**release["inputs"]).logits, release["expected"])
+        generated = model.generate(**release["inputs"], max_new_tokens=2, do_sample=False)
+    prompt = release["inputs"]["input_ids"].shape[1]
+    assert generated.shape[1] > prompt and generated.shape[0] == 1
+    assert generated[0, prompt].item() == release["expected"][0, -1].argmax().item()  # greedy: the prefill's argmax
 
 
 def test_release_resaves_as_a_videonsa_checkpoint(release, tmp_path):
