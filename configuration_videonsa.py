@@ -1,11 +1,16 @@
 """Configuration of VideoNSA: Qwen2.5-VL whose text layers run Native Sparse Attention on video tokens."""
 
+import copy
+
 from huggingface_hub.dataclasses import strict
 from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import (
     Qwen2_5_VLConfig,
     Qwen2_5_VLTextConfig,
     Qwen2_5_VLVisionConfig,
 )
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 NSA_BACKENDS = ("auto", "triton", "torch")
 NSA_KEYS = (
@@ -23,6 +28,13 @@ AUTO_MAP = {
     "AutoModelForVision2Seq": "modeling_videonsa.VideoNSAForConditionalGeneration",
     "AutoProcessor": "processing_videonsa.VideoNSAProcessor",
 }
+# The authors' release is a Qwen2.5-VL checkpoint (`model_type` "qwen2_5_vl", no `auto_map`) whose text config holds
+# two NSA settings under their code's names; its block size (64) and gate temperature (0.3) were constants of that
+# code, the defaults here.
+RELEASE_NSA_KEYS = {"block_counts": "nsa_block_count", "window_size": "nsa_window_size"}
+# Name of the attribute through which modeling_videonsa binds a config to the kernels package its model imported
+# (the module's name); never serialised.
+KERNELS_BINDING = "_videonsa_kernels"
 
 
 @strict
@@ -60,6 +72,27 @@ class VideoNSATextConfig(Qwen2_5_VLTextConfig):
     def __post_init__(self, **kwargs):
         validate_nsa_settings(self)
         super().__post_init__(**kwargs)
+
+    def __setattr__(self, name, value):
+        # The one validation path for NSA keys set after construction, wherever they are set from
+        # (`text_config.nsa_x = ...`, the top-level config's properties, `from_pretrained(..., nsa_x=...)`): the
+        # combination is checked and a rejected value is not kept. The first assignment of each field, while the
+        # dataclass is being built, is left to `__post_init__`, which sees all keys at once.
+        if name not in NSA_KEYS or name not in self.__dict__:
+            super().__setattr__(name, value)
+            return
+        previous = self.__dict__[name]
+        super().__setattr__(name, value)
+        try:
+            validate_nsa_settings(self)
+        except ValueError:
+            super().__setattr__(name, previous)
+            raise
+
+    def to_dict(self):
+        output = super().to_dict()
+        output.pop(KERNELS_BINDING, None)
+        return output
 
 
 def validate_nsa_settings(config) -> None:
@@ -111,6 +144,22 @@ class VideoNSAConfig(Qwen2_5_VLConfig):
     sub_configs_defaults = {"vision_config": Qwen2_5_VLVisionConfig, "text_config": VideoNSATextConfig}
     sub_configs = {"vision_config": Qwen2_5_VLVisionConfig, "text_config": VideoNSATextConfig}
 
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        """As transformers reads it, with a Qwen2.5-VL `config.json` (the authors' release) converted by
+        [`videonsa_config_dict`], so that `from_pretrained` builds VideoNSA from it."""
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        if config_dict.get("model_type") == "qwen2_5_vl":
+            logger.info(f"{pretrained_model_name_or_path} holds a Qwen2.5-VL config (the authors' release layout): "
+                        "read as a VideoNSA config")
+            config_dict = videonsa_config_dict(config_dict)
+        return config_dict, kwargs
+
+    def to_dict(self):
+        output = super().to_dict()
+        output.pop(KERNELS_BINDING, None)
+        return output
+
     def __post_init__(self, **kwargs):
         # A text config given as a dict (or flat keys) must become a VideoNSATextConfig, whatever the version.
         if isinstance(self.text_config, Qwen2_5_VLTextConfig) and not isinstance(
@@ -127,13 +176,7 @@ def _delegate_to_text_config(name):
         return getattr(self.text_config, name)
 
     def setter(self, value):
-        previous = getattr(self.text_config, name)
-        setattr(self.text_config, name, value)
-        try:
-            validate_nsa_settings(self.text_config)
-        except ValueError:
-            setattr(self.text_config, name, previous)
-            raise
+        setattr(self.text_config, name, value)  # validated (and rolled back) by VideoNSATextConfig.__setattr__
 
     return property(getter, setter, doc=f"`text_config.{name}`")
 
@@ -141,4 +184,44 @@ def _delegate_to_text_config(name):
 for _key in NSA_KEYS:
     setattr(VideoNSAConfig, _key, _delegate_to_text_config(_key))
 
-__all__ = ["VideoNSAConfig", "VideoNSATextConfig"]
+
+def videonsa_config_dict(config_dict: dict) -> dict:
+    """A Qwen2.5-VL `config.json` dict as the `config.json` dict of VideoNSA (a new dict; the input is not changed).
+
+    For the authors' release and for plain Qwen2.5-VL, in the transformers 4.x layout (text keys at the top level) or
+    the 5.x one (nested `text_config`): the release's NSA keys (`block_counts`, `window_size` of the text config) become
+    `nsa_block_count` and `nsa_window_size`, the other NSA keys keep their defaults (the release's constants), and
+    `model_type`, `architectures` and `auto_map` become VideoNSA's. A VideoNSA dict is returned as a copy.
+
+    ```python
+    >>> videonsa_config_dict({"model_type": "qwen2_5_vl", "hidden_size": 3584, "block_counts": 16})["nsa_block_count"]
+    16
+    ```
+    """
+    model_type = config_dict.get("model_type")
+    if model_type == VideoNSAConfig.model_type:
+        return copy.deepcopy(config_dict)
+    if model_type != Qwen2_5_VLConfig.model_type:
+        raise ValueError(
+            f"model_type {model_type!r} is neither 'videonsa' nor 'qwen2_5_vl' (the authors' release of VideoNSA): "
+            "this is not a VideoNSA or Qwen2.5-VL checkpoint"
+        )
+    values = copy.deepcopy(config_dict)
+    for key in ("model_type", "architectures", "auto_map", "_name_or_path"):
+        values.pop(key, None)
+    text = values.get("text_config")
+    if isinstance(text, dict):
+        text.pop("model_type", None)  # "qwen2_5_vl_text": the text config becomes VideoNSATextConfig
+    target = text if isinstance(text, dict) else values  # where the text keys live in this layout
+    for old, new in RELEASE_NSA_KEYS.items():
+        found = {holder[old] for holder in (values, target) if old in holder}
+        for holder in (values, target):
+            holder.pop(old, None)
+        if len(found) > 1 or (found and new in target and target[new] not in found):
+            raise ValueError(f"the config gives {old} = {sorted(found)} and {new} = {target.get(new)}; keep one")
+        if found:
+            target[new] = found.pop()
+    return dict(values, model_type=VideoNSAConfig.model_type, architectures=["VideoNSAForConditionalGeneration"],
+                auto_map=dict(AUTO_MAP))
+
+__all__ = ["VideoNSAConfig", "VideoNSATextConfig", "videonsa_config_dict"]

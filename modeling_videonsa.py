@@ -12,17 +12,21 @@ How ``nsa_kernels/`` is found when the model is loaded with ``trust_remote_code`
 file and its single-level relative imports into its dynamic-module cache, so a package folder is never fetched
 (transformers issue 29714). :func:`load_nsa_kernels` therefore resolves the folder from where the model was loaded
 (the local directory, or the Hub snapshot of the very commit this file came from, through ``huggingface_hub``'s
-cache, which also works offline) and places it beside this file in the dynamic-module cache, where it is
-imported as a subpackage. ``save_pretrained`` writes the code files and ``nsa_kernels/`` next to the weights.
+cache, which also works offline), reads its regular ``.py`` files only, and installs them beside this file in the
+dynamic-module cache as ``nsa_kernels_<hash of the files>``, imported as a subpackage: checkpoints that share this
+module (same folder name, same code files) still get their own kernels. ``save_pretrained`` writes the code files
+and ``nsa_kernels/`` next to the weights.
 """
 
 from __future__ import annotations
 
-import filecmp
+import hashlib
 import importlib
 import os
 import re
 import shutil
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,14 +55,14 @@ from transformers.utils import logging
 from transformers.utils.generic import is_flash_attention_requested
 
 try:  # imported by transformers' remote-code loader, as part of a package ...
-    from .configuration_videonsa import VideoNSAConfig, VideoNSATextConfig
+    from .configuration_videonsa import KERNELS_BINDING, VideoNSAConfig, VideoNSATextConfig
 except ImportError:  # ... or from a source checkout on sys.path
-    from configuration_videonsa import VideoNSAConfig, VideoNSATextConfig
+    from configuration_videonsa import KERNELS_BINDING, VideoNSAConfig, VideoNSATextConfig
 
 logger = logging.get_logger(__name__)
 
 _CODE_FILES = ("configuration_videonsa.py", "modeling_videonsa.py", "processing_videonsa.py", "video_processing_videonsa.py")
-_KERNELS = None
+_KERNELS_DIR = "nsa_kernels"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -82,39 +86,143 @@ def _checkpoint_source(name_or_path: str, revision: str) -> Path | None:
         return None
 
 
-def load_nsa_kernels(config=None):
-    """Import the ``nsa_kernels`` package that ships with this model's code.
+def _hub_blobs(checkpoint: Path) -> Path | None:
+    """The blob store of a huggingface_hub cache snapshot (``models--o--n/snapshots/<commit>``), whose files are
+    symbolic links into it; None for any other folder."""
+    if checkpoint.parent.name == "snapshots" and (checkpoint.parent.parent / "blobs").is_dir():
+        return (checkpoint.parent.parent / "blobs").resolve()
+    return None
 
-    Run from a source checkout, the sibling folder is used as it is. Run as a dynamic module of transformers'
-    remote-code loader, the folder is first synchronised from the model's directory or Hub snapshot into the
-    dynamic-module cache beside this file (changed files are replaced, as transformers does for code files).
-    """
-    global _KERNELS
-    if _KERNELS is not None:
-        return _KERNELS
-    here = Path(__file__).resolve().parent
-    target = here / "nsa_kernels"
-    if __package__ and __package__.startswith("transformers_modules"):
-        source = _checkpoint_source(getattr(config, "name_or_path", "") or "", here.name)
-        if source is not None and (source / "nsa_kernels").is_dir():
-            _sync_python_files(source / "nsa_kernels", target)
-    if not (target / "__init__.py").is_file():
-        raise ImportError(
-            f"VideoNSA's attention kernels (nsa_kernels/) were not found beside {__file__} nor in the model's "
-            "directory or Hub repository. Load the model with from_pretrained from a folder or repo that contains "
-            "nsa_kernels/ (save_pretrained and push_to_hub.py write it)."
+
+def read_checkpoint_file(path: Path, checkpoint: Path) -> bytes:
+    """The bytes of a code file of the checkpoint folder ``checkpoint``, which must be a regular file.
+
+    Symbolic links are refused (they could pull any file of the machine into the module cache and into a saved,
+    pushed checkpoint), except the links of a huggingface_hub cache snapshot into its own blob store. Directories,
+    FIFOs and other non-files are refused too (a FIFO would block the read)."""
+    if path.is_symlink():
+        blobs = _hub_blobs(checkpoint)
+        target = path.resolve()
+        if blobs is None or not target.is_relative_to(blobs) or not target.is_file():
+            raise ValueError(
+                f"{path} is a symbolic link (to {os.readlink(path)}); VideoNSA loads and saves only regular files of "
+                "a checkpoint folder. Replace the link with a copy of the file."
+            )
+        return target.read_bytes()
+    if not path.is_file():
+        what = "a directory" if path.is_dir() else "missing" if not path.exists() else "not a regular file"
+        raise ValueError(f"{path} is {what}; VideoNSA expects a regular Python file there. Remove or replace it.")
+    return path.read_bytes()
+
+
+def read_kernel_files(folder: Path, checkpoint: Path) -> dict[str, bytes]:
+    """``{file name: bytes}`` of the ``*.py`` files of a kernels folder (``checkpoint/nsa_kernels``), each checked by
+    :func:`read_checkpoint_file`; other entries (``__pycache__``, notes) are not part of the kernels."""
+    if folder.is_symlink() or not folder.is_dir():
+        raise ValueError(
+            f"{folder} is {'a symbolic link' if folder.is_symlink() else 'not a directory'}; VideoNSA's kernels must "
+            "be a real folder of .py files in the checkpoint (save_pretrained and push_to_hub.py write one)."
         )
-    _KERNELS = importlib.import_module(f"{__package__}.nsa_kernels" if __package__ else "nsa_kernels")
-    return _KERNELS
+    files = {entry.name: read_checkpoint_file(entry, checkpoint)
+             for entry in sorted(folder.iterdir()) if entry.name.endswith(".py")}
+    if "__init__.py" not in files:
+        raise ImportError(f"{folder} has no __init__.py: it is not VideoNSA's kernels package")
+    return files
 
 
-def _sync_python_files(source: Path, target: Path) -> None:
-    target.mkdir(parents=True, exist_ok=True)
-    for file in sorted(source.glob("*.py")):
-        destination = target / file.name
-        if not destination.exists() or not filecmp.cmp(file, destination, shallow=False):
-            shutil.copyfile(file, destination)
+def kernels_digest(files: dict[str, bytes]) -> str:
+    """The content key of a kernels package: a hash of its file names and bytes (16 hex digits)."""
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        digest.update(f"{name}\0{len(files[name])}\0".encode())
+        digest.update(files[name])
+    return digest.hexdigest()[:16]
+
+
+def _holds_exactly(folder: Path, files: dict[str, bytes]) -> bool:
+    """Whether ``folder`` is a real folder whose ``.py`` entries are exactly ``files``, as regular files."""
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    entries = {entry.name: entry for entry in folder.iterdir() if entry.name.endswith(".py")}
+    return entries.keys() == files.keys() and all(
+        not entry.is_symlink() and entry.is_file() and entry.read_bytes() == files[name]
+        for name, entry in entries.items()
+    )
+
+
+def write_kernel_files(files: dict[str, bytes], target: Path) -> None:
+    """Make ``target`` a folder holding exactly ``files`` as regular files: it is written beside and swapped in, so
+    no file of an earlier content stays and no link in the way is written through."""
+    if _holds_exactly(target, files):
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        for name, data in files.items():
+            (staging / name).write_bytes(data)
+        if target.is_symlink() or target.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}-old-", dir=target.parent))
+            os.replace(target, retired / target.name)
+            shutil.rmtree(retired, ignore_errors=True)
+        os.rename(staging, target)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not _holds_exactly(target, files):  # not merely another process that wrote the same content first
+            raise
     importlib.invalidate_caches()
+
+
+def _bundled_kernels_module(config) -> str:
+    """Resolve, install and name the kernels package of ``config``'s checkpoint.
+
+    From a source checkout it is the sibling ``nsa_kernels``. As a dynamic module of transformers' remote-code
+    loader, the checkpoint's ``nsa_kernels/`` (its folder, or the Hub snapshot of this module's commit) is read,
+    checked and installed beside this file as ``nsa_kernels_<hash of its files>``: the folder is keyed by the content,
+    so checkpoints whose code files are equal (which share this module's folder) still get their own kernels, and
+    it holds exactly their files."""
+    if not (__package__ or "").startswith("transformers_modules"):
+        return f"{__package__}.{_KERNELS_DIR}" if __package__ else _KERNELS_DIR
+    here = Path(__file__).resolve().parent
+    name_or_path = getattr(config, "name_or_path", "") or ""
+    source = _checkpoint_source(name_or_path, here.name)
+    if source is None or not ((source / _KERNELS_DIR).exists() or (source / _KERNELS_DIR).is_symlink()):
+        raise ImportError(
+            f"VideoNSA's attention kernels (nsa_kernels/) were not found in the model's directory or Hub repository "
+            f"({name_or_path or 'config.name_or_path is empty'}). Load the model with from_pretrained from a folder "
+            "or repo that contains nsa_kernels/ (save_pretrained and push_to_hub.py write it)."
+        )
+    files = read_kernel_files(source / _KERNELS_DIR, source)
+    package = f"{_KERNELS_DIR}_{kernels_digest(files)}"
+    write_kernel_files(files, here / package)
+    return f"{__package__}.{package}"
+
+
+def bind_nsa_kernels(config):
+    """Resolve the kernels package of ``config``'s checkpoint, import it and bind ``config`` (and its text config)
+    to it; returns the module. Run when a model is built, so that a config reused for another checkpoint follows."""
+    name = _bundled_kernels_module(config)
+    module = importlib.import_module(name)
+    for owner in (config, getattr(config, "text_config", None)):
+        if owner is not None:
+            setattr(owner, KERNELS_BINDING, name)
+    return module
+
+
+def load_nsa_kernels(config=None):
+    """The ``nsa_kernels`` module of the model that ``config`` (its config or text config) belongs to.
+
+    A config is bound to its kernels when its model is built (:func:`bind_nsa_kernels`), which makes this a lookup.
+    Run from a source checkout the sibling folder is used, and ``config`` may be omitted."""
+    if config is None:
+        if (__package__ or "").startswith("transformers_modules"):
+            raise ValueError("load_nsa_kernels needs the model's config when the model came from remote code: "
+                             "checkpoints loaded in one process can carry different kernels")
+        return importlib.import_module(_bundled_kernels_module(None))
+    name = getattr(config, KERNELS_BINDING, None)
+    if name is None:
+        return bind_nsa_kernels(config)
+    module = sys.modules.get(name)
+    return module if module is not None else importlib.import_module(name)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -485,16 +593,61 @@ class VideoNSAModel(Qwen2_5_VLModel):
         self.post_init()
 
 
+# The released checkpoint's key layout (transformers 4.x, the authors' release, what save_pretrained writes) against
+# the model's: (pattern in the checkpoint, prefix in the model) and back.
+_RELEASED_TO_MODEL = ((r"^visual", "model.visual"), (r"^model(?!\.(language_model|visual))", "model.language_model"))
+_MODEL_TO_RELEASED = ((r"^model\.visual", "visual"), (r"^model\.language_model", "model"))
+
+
 def _released_layout() -> list[WeightRenaming]:
     """The renamings from the released checkpoint's key layout to the model's: checkpoints saved by transformers 4.x
     (and the authors' release) keep the text decoder at ``model.layers.N...``, the vision tower at ``visual.*`` and
     ``lm_head`` at the top. Loading applies them; saving reverts them, so saved folders have the released layout."""
-    return [
-        WeightRenaming(source_patterns=r"^visual", target_patterns="model.visual"),
-        WeightRenaming(
-            source_patterns=r"^model(?!\.(language_model|visual))", target_patterns="model.language_model"
-        ),
-    ]
+    return [WeightRenaming(source_patterns=source, target_patterns=target) for source, target in _RELEASED_TO_MODEL]
+
+
+def _rename(key: str, rules) -> str:
+    for pattern, replacement in rules:
+        renamed, count = re.subn(pattern, replacement, key, count=1)
+        if count:
+            return renamed
+    return key
+
+
+def model_key(checkpoint_key: str) -> str:
+    """A checkpoint key in either layout (4.x / release, or 5.x) -> the model's state-dict key, as loading maps it:
+    ``model.layers.0.self_attn.g_proj_1.weight`` -> ``model.language_model.layers.0.self_attn.g_proj_1.weight``."""
+    return _rename(checkpoint_key, _RELEASED_TO_MODEL)
+
+
+def released_key(key: str) -> str:
+    """A state-dict key -> the key of the released layout, as save_pretrained writes it (the inverse of
+    :func:`model_key`): ``model.visual.merger.mlp.0.weight`` -> ``visual.merger.mlp.0.weight``."""
+    return _rename(key, _MODEL_TO_RELEASED)
+
+
+def is_gate_key(key: str) -> bool:
+    """Whether a checkpoint or state-dict key belongs to a gate MLP (``g_proj_1`` / ``g_proj_2``)."""
+    return re.search(r"(^|\.)g_proj_[12]\.", key) is not None
+
+
+def checkpoint_layout(config_dict: dict, tensor_names) -> str:
+    """What a checkpoint holds, from its ``config.json`` dict and its tensor names: ``"videonsa"`` (saved by this
+    code), ``"release"`` (the authors' release: Qwen2.5-VL with gate MLPs) or ``"qwen2_5_vl"`` (plain Qwen2.5-VL,
+    no gates). Each loads with ``VideoNSAForConditionalGeneration.from_pretrained``; another model type raises."""
+    model_type = config_dict.get("model_type")
+    if model_type == VideoNSAConfig.model_type:
+        return "videonsa"
+    if model_type != "qwen2_5_vl":
+        raise ValueError(f"model_type {model_type!r}: not a VideoNSA or Qwen2.5-VL checkpoint")
+    return "release" if any(is_gate_key(name) for name in tensor_names) else "qwen2_5_vl"
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    """Write ``path`` as a new regular file (a link or file already there is replaced, never written through)."""
+    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    staging.write_bytes(data)
+    os.replace(staging, path)
 
 
 class VideoNSAForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
@@ -519,7 +672,7 @@ class VideoNSAForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
     _no_split_modules = ["VideoNSADecoderLayer", "Qwen2_5_VLVisionBlock"]
 
     def __init__(self, config: VideoNSAConfig):
-        load_nsa_kernels(config)
+        bind_nsa_kernels(config)  # this checkpoint's kernels, resolved anew: a reused config follows the new model
         # as in Qwen2_5_VLForConditionalGeneration.__init__, without building a Qwen2.5-VL model to replace
         Qwen2_5_VLPreTrainedModel.__init__(self, config)
         self.model = VideoNSAModel(config)
@@ -533,19 +686,45 @@ class VideoNSAForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         # renaming, used or not, and reverting its unused legacy ones writes `model.model.*` keys that no loader
         # maps back (transformers 5.23): the text decoder would load as random weights. Ours are the whole story.
         self._weight_conversions = _released_layout()
+        for name in _CODE_FILES:  # transformers copies code files onto these paths and would write through a link
+            if Path(save_directory, name).is_symlink():
+                Path(save_directory, name).unlink()
         super().save_pretrained(save_directory, *args, **kwargs)
         here = Path(__file__).resolve().parent
         save_directory = Path(save_directory)
         # transformers' dynamic-module cache keeps each code file in a folder of its own hash, so files other than
-        # this one are looked up where the model came from.
+        # this one are looked up where the model came from; only regular files are copied (read_checkpoint_file).
         origin = _checkpoint_source(self.config.name_or_path or "", here.name)
         for name in _CODE_FILES:
             for folder in (here, origin):
-                if folder is not None and (folder / name).is_file():
-                    shutil.copyfile(folder / name, save_directory / name)
+                if folder is not None and ((folder / name).exists() or (folder / name).is_symlink()):
+                    _write_file(save_directory / name, read_checkpoint_file(folder / name, folder))
                     break
         kernels_dir = Path(load_nsa_kernels(self.config).__file__).parent
-        _sync_python_files(kernels_dir, save_directory / "nsa_kernels")
+        target = save_directory / _KERNELS_DIR
+        if target.is_symlink() or target.resolve() != kernels_dir.resolve():  # not the kernels folder itself
+            files = read_kernel_files(kernels_dir, kernels_dir.parent)
+            if kernels_dir.name != _KERNELS_DIR and kernels_dir.name != f"{_KERNELS_DIR}_{kernels_digest(files)}":
+                raise RuntimeError(f"{kernels_dir} was changed after it was imported; load the model again")
+            write_kernel_files(files, target)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' ``from_pretrained``, which also reads the authors' release: a Qwen2.5-VL ``config.json``
+        (``model_type`` "qwen2_5_vl") is converted by ``videonsa_config_dict`` and the weights' 4.x key layout is
+        mapped, so the gate MLPs and NSA settings load. A Qwen2.5-VL checkpoint without gate MLPs loads with the
+        gates initialised as transformers initialises linear layers (normal weights, zero biases: every gate near
+        0.5), as the authors started training; a warning says so."""
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        gates = sorted(key for key in info["missing_keys"] if is_gate_key(key))
+        if gates:
+            logger.warning(
+                f"{pretrained_model_name_or_path} has no NSA gate MLPs for {len(gates)} tensors (e.g. {gates[0]}): "
+                "they are initialised, untrained. That is the start of fine-tuning from Qwen2.5-VL, not the released "
+                "VideoNSA; load Enxin/VideoNSA or a checkpoint saved by this model for the trained gates."
+            )
+        return (model, info) if output_loading_info else model
 
 
 register_checkpoint_conversion_mapping("VideoNSAForConditionalGeneration", _released_layout(), overwrite=True)

@@ -34,7 +34,7 @@ for source in job["sources"]:
     other = AutoModelForImageTextToText.from_pretrained(source, trust_remote_code=True)
     has_processor = not Path(source).is_dir() or (Path(source) / "processor_config.json").is_file()
     processor = AutoProcessor.from_pretrained(source, trust_remote_code=True) if has_processor else None
-    kernels = sys.modules[type(model).__module__].load_nsa_kernels()
+    kernels = sys.modules[type(model).__module__].load_nsa_kernels(model.config)
     with torch.no_grad():
         logits[source] = [model(**sample).logits for sample in inputs]
     if job["resave"]:
@@ -88,3 +88,79 @@ def populate_hub_cache(cache: Path, folder: Path, repo_id: str = REPO_ID, commit
     shutil.copytree(folder, snapshot, ignore=shutil.ignore_patterns("__pycache__"))
     (repo / "refs").mkdir(parents=True, exist_ok=True)
     (repo / "refs" / "main").write_text(commit)
+
+
+def kernel_files(folder: Path) -> dict[str, bytes]:
+    """``{name: bytes}`` of the ``.py`` files of a kernels folder (what a kernels package consists of)."""
+    return {path.name: path.read_bytes() for path in sorted(Path(folder).glob("*.py"))}
+
+
+# The authors' release of VideoNSA: a transformers 4.x Qwen2.5-VL checkpoint (flat text keys, `rope_scaling`,
+# `torch_dtype`, no `auto_map`, no code files) whose text config carries `block_counts` and `window_size` and whose
+# weights, in the 4.x key layout, hold the gate MLPs; with Qwen2.5-VL's tokenizer and preprocessor files.
+AUTHORS_PREPROCESSOR = {
+    "min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
+}
+
+
+def write_authors_checkpoint(videonsa: Path, target: Path, block_counts: int, window_size: int) -> Path:
+    """Rewrite the VideoNSA folder ``videonsa`` (saved by save_pretrained) in the authors' release layout."""
+    videonsa, target = Path(videonsa), Path(target)
+    target.mkdir(parents=True)
+    config = json.loads((videonsa / "config.json").read_text())
+    text = config.pop("text_config")
+    for key in ("model_type", "layer_types", "dtype", "nsa_block_size", "nsa_block_count", "nsa_window_size",
+                "nsa_gate_temperature", "nsa_enabled", "nsa_backend"):
+        text.pop(key, None)
+    rope = text.pop("rope_parameters")
+    text.update(rope_scaling={"type": "mrope", "mrope_section": rope["mrope_section"]}, rope_theta=rope["rope_theta"],
+                block_counts=block_counts, window_size=window_size)
+    config.pop("auto_map")
+    config["vision_config"].pop("rope_parameters", None)
+    config["vision_config"]["model_type"] = "qwen2_5_vl"  # as old Qwen2.5-VL configs have it
+    config.update(text, model_type="qwen2_5_vl", architectures=["Qwen2_5_VLForConditionalGeneration"],
+                  torch_dtype=config.pop("dtype"), transformers_version="4.51.3")
+    (target / "config.json").write_text(json.dumps(config, indent=2))
+    shutil.copyfile(videonsa / "model.safetensors", target / "model.safetensors")  # already the 4.x key layout
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copyfile(videonsa / name, target / name)
+    (target / "preprocessor_config.json").write_text(json.dumps(AUTHORS_PREPROCESSOR))
+    return target
+
+
+def populate_hub_cache_with_blobs(cache: Path, folder: Path, repo_id: str = REPO_ID, commit: str = COMMIT) -> Path:
+    """As :func:`populate_hub_cache`, with the real cache's storage: every file is a blob named by its hash and the
+    snapshot holds relative symbolic links to the blobs. Returns the snapshot folder."""
+    import hashlib
+
+    repo = Path(cache) / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True)
+    for path in sorted(Path(folder).rglob("*")):
+        if not path.is_file() or "__pycache__" in path.parts:
+            continue
+        data = path.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        link = snapshot / path.relative_to(folder)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+def run_in_fresh_process(workdir, script: str, job: dict, env_extra: dict | None = None) -> dict:
+    """Run ``script`` (Python source that reads the JSON file ``sys.argv[1]`` and prints one JSON line last) in a
+    fresh process (see :func:`fresh_process_env`); returns that line, parsed."""
+    workdir = Path(workdir)
+    (workdir / "job.json").write_text(json.dumps(job))
+    (workdir / "script.py").write_text(script)
+    result = subprocess.run(
+        [sys.executable, str(workdir / "script.py"), str(workdir / "job.json")],
+        cwd=workdir, env=fresh_process_env(workdir, env_extra), capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])

@@ -5,15 +5,15 @@ config and its ``nsa_kernels/`` can only come from the checkpoint folder or the 
 """
 
 import json
-import os
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from hub_utils import COMMIT, REPO_ID, load_in_fresh_process, populate_hub_cache
+from hub_utils import COMMIT, REPO_ID, kernel_files, load_in_fresh_process, populate_hub_cache
 from modeling_videonsa import VideoNSAForConditionalGeneration
 from videonsa.testing import build_tiny_checkpoint, tiny_model, video_prompt
 
@@ -72,7 +72,10 @@ def test_repo_id_loads_from_an_offline_hub_cache(saved, tmp_path):
         tmp_path, REPO_ID, inputs, env_extra=dict(HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1")
     )
     assert info["model"] == "VideoNSAForConditionalGeneration" and info["processor"] == "VideoNSAProcessor"
-    assert f"{os.sep}{COMMIT}{os.sep}nsa_kernels{os.sep}" in info["kernels"]
+    # the snapshot's kernels, in a folder of the commit's module keyed by their content and holding exactly them
+    kernels_dir = Path(info["kernels"]).parent
+    assert kernels_dir.parent.name == COMMIT and kernels_dir.name.startswith("nsa_kernels_")
+    assert kernel_files(kernels_dir) == kernel_files(folder / "nsa_kernels")
     torch.testing.assert_close(logits, expected)
 
 

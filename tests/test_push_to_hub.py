@@ -251,7 +251,7 @@ def test_pushed_folders_load_by_directory_and_by_repo_id(sources, pushed, tmp_pa
             assert record["model"] == record["other"] == "VideoNSAForConditionalGeneration", layout
             assert record["processor"] == "VideoNSAProcessor" and record["block_size"] == 64, layout
             assert record["module"].startswith("transformers_modules") and record["kernels"].startswith(modules)
-        assert f"{COMMIT}/nsa_kernels/" in repo_info["kernels"]  # the kernels of the very commit, from the cache
+        assert f"{COMMIT}/nsa_kernels_" in repo_info["kernels"]  # the kernels of the very commit (keyed by content)
         torch.testing.assert_close(repo_video, video, rtol=0, atol=0)
         torch.testing.assert_close(repo_text, text, rtol=0, atol=0)
         if layout == "qwen":  # text-only prompts are Qwen2.5-VL's dense attention; video runs the initial gates
