@@ -78,3 +78,42 @@ def test_tile_unions_rejects_bad_tile_rows():
 
     with pytest.raises(ValueError, match="rows_per_tile must be 1, 2, 4 or 8"):
         tile_unions(torch.zeros(1, 4, 1, 2, dtype=torch.int32), 3)  # checked before any launch
+
+
+def test_float32_dots_follow_allow_tf32_and_warn_once_when_exact(monkeypatch):
+    """float32 kernels use exact dots unless PyTorch's TF32 switch is on, and say once that exact is slow."""
+    import warnings
+
+    import torch
+
+    from nsa_kernels import _triton_utils as U
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    U._warn_exact_float32.cache_clear()
+    matmul = torch.backends.cuda.matmul
+    before = matmul.allow_tf32  # (a cuBLAS settings object: monkeypatch cannot set it, so it is restored by hand)
+    try:
+        matmul.allow_tf32 = True
+        assert U.dot_precision(torch.float32) == "tf32"
+        assert U.dot_precision(torch.bfloat16) == "tf32"
+        matmul.allow_tf32 = False
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert U.dot_precision(torch.float32) == "ieee"
+            assert U.dot_precision(torch.float32) == "ieee"
+    finally:
+        matmul.allow_tf32 = before
+    messages = [str(w.message) for w in caught if "exact float32" in str(w.message)]
+    assert len(messages) == 1 and "allow_tf32" in messages[0]
+
+
+def test_backend_objects_say_their_name():
+    import torch
+
+    from nsa_kernels import reference, resolve_backend
+
+    backend = resolve_backend("torch", torch.device("cpu"))
+    assert backend.name == "torch" and backend.takes_dense_fn and backend.hybrid_attention is reference.hybrid_attention
+    assert resolve_backend("auto", torch.device("cpu")).name == "torch"  # Triton runs on CUDA only
+    with pytest.raises(RuntimeError, match="nsa_backend='triton' was requested"):
+        resolve_backend("triton", torch.device("cpu"))

@@ -53,7 +53,7 @@ def test_model_forward_triton_equals_torch_path_fp32():
         with torch.no_grad():
             logits[backend] = model(**inputs).logits
         assert model.model.language_model.layers[0].self_attn.last_path.startswith(
-            "hybrid (triton_nsa" if backend == "triton" else "hybrid (reference"
+            "hybrid (triton NSA" if backend == "triton" else "hybrid (torch NSA"
         )
     torch.testing.assert_close(logits["triton"], logits["torch"], rtol=1e-4, atol=1e-4)
 
