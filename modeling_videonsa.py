@@ -624,26 +624,36 @@ class VideoNSAModel(Qwen2_5_VLModel):
         )
 
     def _check_placeholders_have_pixels(self, input_ids, cache, pixel_values, pixel_values_videos, kwargs) -> None:
-        """Reject a prompt pass whose image or video placeholders come without pixels or encoded features.
+        """Reject a prompt pass whose image or video placeholders come without pixels (or encoded features) and
+        would therefore be typed text and attended densely.
 
-        Decode steps (a non-empty cache) are not checked: a sampled token may be a placeholder id, and it is text.
+        Not checked: decode steps (a non-empty cache: a sampled token may be a placeholder id, and it is text), and
+        placeholders that the given position ids lay out as vision (generate's assistant model gets the prompt's
+        positions without its pixels, as Qwen2.5-VL's does).
         """
         if cache is not None and int(cache.get_seq_length()) > 0:
             return
         encoded = kwargs.get("mm_encoder_outputs") or {}
+        rows = _mrope_rows(kwargs.get("position_ids"))
         for kind, token_id, pixels, names in (
             ("image", self.config.image_token_id, pixel_values, "pixel_values and image_grid_thw"),
             ("video", self.config.video_token_id, pixel_values_videos, "pixel_values_videos and video_grid_thw"),
         ):
             if pixels is not None or encoded.get(kind) is not None or token_id is None:
                 continue
-            count = int((input_ids == token_id).sum())
-            if count:
-                raise ValueError(
-                    f"input_ids hold {count} {kind} placeholder tokens (id {token_id}) but no {kind} was passed: "
-                    f"they would be embedded as text and attended densely. Pass the processor's {names} with the "
-                    f"input_ids (processor(text=..., {kind}s=...)), or remove the placeholders."
-                )
+            placeholders = input_ids == token_id
+            count = int(placeholders.sum())
+            if not count:
+                continue
+            if rows is not None:
+                typed = load_nsa_kernels(self.config).token_is_vision(rows.to(input_ids.device))
+                if bool((typed & placeholders).any()):
+                    continue
+            raise ValueError(
+                f"input_ids hold {count} {kind} placeholder tokens (id {token_id}) but no {kind} was passed: they "
+                f"would be embedded and attended as text. Pass the processor's {names} with the input_ids "
+                f"(processor(text=..., {kind}s=...)), or remove the placeholders."
+            )
 
 
 def _released_layout() -> list[WeightRenaming]:
