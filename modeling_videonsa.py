@@ -359,7 +359,7 @@ class VideoNSAAttention(Qwen2_5_VLAttention):
                 return output
 
             dense_kwargs["dense_fn"] = dense_fn
-        elif kwargs.get("output_attentions") or self.config.output_attentions:
+        elif kwargs.get("output_attentions") or getattr(self.config, "output_attentions", False):
             raise ValueError(
                 "output_attentions was requested on a pass with video, but the Triton backend computes the dense part "
                 "of the hybrid attention in its own kernel and returns no weights. Set nsa_backend='torch' and "
