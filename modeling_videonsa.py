@@ -609,7 +609,7 @@ class VideoNSAModel(Qwen2_5_VLModel):
         self.rope_deltas = None
         self.post_init()
 
-    def forward(self, input_ids=None, cache=None, pixel_values=None, pixel_values_videos=None, **kwargs):
+    def forward(self, input_ids=None, *, cache=None, pixel_values=None, pixel_values_videos=None, **kwargs):
         """Qwen2.5-VL's forward; the KV cache comes as ``cache`` or ``past_key_values``, and image or video
         placeholder tokens without their pixels are an error (Qwen2.5-VL would embed them as text)."""
         cache = resolve_cache(cache, kwargs)

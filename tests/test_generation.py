@@ -245,6 +245,11 @@ def test_compiled_decode_steps_trace_in_one_graph_and_match_eager(model, inputs)
     assert static.videonsa_token_is_vision[0, :length].sum() == 23 and not static.videonsa_token_is_vision[0, length:].any()
     with pytest.raises(RuntimeError, match="compiled VideoNSA pass got vision tokens"), torch.no_grad():
         compiled(inputs_embeds=embeds, position_ids=positions, use_cache=False)
+    text = video_prompt([12])  # a text-only prefill is dense, so it compiles too
+    text_positions = torch.arange(12)[None, None].expand(3, 1, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(input_ids=text["input_ids"], position_ids=text_positions).logits,
+                                   model(input_ids=text["input_ids"], position_ids=text_positions).logits)
     torch._dynamo.reset()
 
 
