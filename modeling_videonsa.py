@@ -14,6 +14,10 @@ file and its single-level relative imports into its dynamic-module cache, so a p
 (the local directory, or the Hub snapshot of the very commit this file came from, through ``huggingface_hub``'s
 cache, which also works offline) and places it beside this file in the dynamic-module cache, where it is
 imported as a subpackage. ``save_pretrained`` writes the code files and ``nsa_kernels/`` next to the weights.
+
+Supported transformers releases: 5.17 to the newest 5.x (importing with another is an error). The KV cache is taken
+as ``cache`` (its name from 5.24 on) or ``past_key_values``; dynamic and static caches work, and decode steps can be
+compiled with ``torch.compile(fullgraph=True)`` (a pass with vision tokens cannot: it runs eagerly).
 """
 
 from __future__ import annotations
