@@ -16,12 +16,17 @@ cache, which also works offline), reads its regular ``.py`` files only, and inst
 dynamic-module cache as ``nsa_kernels_<hash of the files>``, imported as a subpackage: checkpoints that share this
 module (same folder name, same code files) still get their own kernels. ``save_pretrained`` writes the code files
 and ``nsa_kernels/`` next to the weights.
+
+Supported transformers releases: 5.17 to the newest 5.x (importing with another is an error). The KV cache is taken
+as ``cache`` (its name from 5.24 on) or ``past_key_values``; dynamic and static caches work, and decode steps can be
+compiled with ``torch.compile(fullgraph=True)`` (a pass with vision tokens cannot: it runs eagerly).
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib
+import inspect
 import os
 import re
 import shutil
@@ -32,12 +37,34 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import transformers
+from packaging.version import Version
 from torch import nn
-from transformers.cache_utils import DynamicCache
-from transformers.conversion_mapping import register_checkpoint_conversion_mapping
-from transformers.core_model_loading import WeightRenaming
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+
+# The transformers releases this file is tested with: 5.17 (the GPU machine's) up to the newest 5.x. Checked before
+# the imports below, which would otherwise fail (or worse, run) with a less helpful message on other releases.
+SUPPORTED_TRANSFORMERS = (Version("5.17.0"), Version("6.0.0"))  # [oldest supported, first unsupported)
+
+
+def check_transformers_version(version: str) -> None:
+    """Raise ImportError unless ``version`` (a transformers release, dev builds included) is in the supported range."""
+    oldest, first_unsupported = SUPPORTED_TRANSFORMERS
+    if not oldest <= Version(Version(version).base_version) < first_unsupported:
+        raise ImportError(
+            f"VideoNSA's modeling code supports transformers >={oldest},<{first_unsupported}, but transformers "
+            f"{version} is installed. Install a supported release: pip install 'transformers>={oldest},"
+            f"<{first_unsupported}'."
+        )
+
+
+check_transformers_version(transformers.__version__)
+
+from transformers.cache_utils import DynamicCache, StaticLayer  # noqa: E402 (after the version check)
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping  # noqa: E402
+from transformers.core_model_loading import WeightRenaming  # noqa: E402
+from transformers.generation import GenerationMixin  # noqa: E402
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # noqa: E402
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (  # noqa: E402
     Qwen2_5_VisionTransformerPretrainedModel,
     Qwen2_5_VLAttention,
     Qwen2_5_VLDecoderLayer,
@@ -51,8 +78,8 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     apply_rotary_pos_emb_vision,
     eager_attention_forward,
 )
-from transformers.utils import logging
-from transformers.utils.generic import is_flash_attention_requested
+from transformers.utils import logging  # noqa: E402
+from transformers.utils.generic import is_flash_attention_requested  # noqa: E402
 
 try:  # imported by transformers' remote-code loader, as part of a package ...
     from .configuration_videonsa import KERNELS_BINDING, VideoNSAConfig, VideoNSATextConfig
@@ -226,21 +253,48 @@ def load_nsa_kernels(config=None):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The KV cache across transformers releases
+# ----------------------------------------------------------------------------------------------------------
+# transformers 5.24 renamed the forwards' KV-cache argument (and the outputs' field) `past_key_values` -> `cache`,
+# keeping the old name as a deprecated alias. The forwards VideoNSA overrides take either name and pass the cache on
+# under the installed release's name, CACHE_ARG.
+CACHE_ARG = "cache" if "cache" in inspect.signature(Qwen2_5_VLTextModel.forward).parameters else "past_key_values"
+
+
+def resolve_cache(cache, kwargs: dict):
+    """The KV cache given as ``cache`` or as ``past_key_values`` (which is removed from ``kwargs``), or None."""
+    legacy = kwargs.pop("past_key_values", None)
+    if cache is not None and legacy is not None and legacy is not cache:
+        raise ValueError(
+            "Two different KV caches were passed, as `cache` and as `past_key_values` (its name before transformers "
+            "5.24); pass one of them."
+        )
+    return cache if cache is not None else legacy
+
+
+def _static_capacity(cache) -> int | None:
+    """The positions each layer of a static cache holds (its keys have that length however many are filled), or
+    None for a cache whose keys are exactly the tokens seen so far (DynamicCache)."""
+    layers = getattr(cache, "layers", None)
+    if layers and all(isinstance(layer, StaticLayer) and not layer.is_sliding for layer in layers):
+        return layers[0].max_cache_len
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Token typing, computed once per forward and handed to every layer
 # ----------------------------------------------------------------------------------------------------------
 @dataclass
 class VideoNSATokens:
-    """What every layer needs to know about the tokens of a pass.
+    """What the layers of a hybrid pass (one with a real vision query) need to know about its tokens.
 
     Attributes:
         is_vision: bool ``[B, Tk]`` for every key position (cached ones first), from the M-RoPE ids.
         key_padding_mask: bool ``[B, Tk]``, True for real tokens, or None when nothing is padded.
-        has_vision_query: whether any real token of this pass is vision; if not, every layer is dense.
     """
 
     is_vision: torch.Tensor
     key_padding_mask: torch.Tensor | None
-    has_vision_query: bool
 
 
 def _mrope_rows(position_ids: torch.Tensor | None) -> torch.Tensor | None:
@@ -251,9 +305,10 @@ def _mrope_rows(position_ids: torch.Tensor | None) -> torch.Tensor | None:
     return position_ids[1:] if position_ids.shape[0] == 4 else position_ids
 
 
-def _key_padding_mask(attention_mask, batch: int, num_keys: int) -> torch.Tensor | None:
+def _key_padding_mask(attention_mask, batch: int, num_keys: int, capacity: int | None = None) -> torch.Tensor | None:
     """A bool ``[B, Tk]`` padding mask from a 2-D mask, or from a prepared 4-D causal mask (its last query row sees
-    every real key)."""
+    every real key). With a static cache (``capacity`` positions), masks sized to the capacity are accepted: generate
+    builds them so, and the positions past the ``num_keys`` filled ones are dropped."""
     if isinstance(attention_mask, dict):
         attention_mask = attention_mask.get("full_attention")
     if attention_mask is None:
@@ -265,12 +320,45 @@ def _key_padding_mask(attention_mask, batch: int, num_keys: int) -> torch.Tensor
         mask = last_row if last_row.dtype == torch.bool else last_row == 0
     else:
         raise ValueError(f"attention_mask must be 2-D [batch, seq_len] or 4-D, got {tuple(attention_mask.shape)}")
+    if capacity is not None and mask.shape == (batch, capacity) and capacity >= num_keys:
+        mask = mask[:, :num_keys]
     if mask.shape != (batch, num_keys):
+        sizes = f"{num_keys}" + ("" if capacity is None else f" (or the static cache's {capacity})")
         raise ValueError(
             f"attention_mask covers {tuple(mask.shape)} positions but the pass has batch {batch} and "
-            f"{num_keys} key positions (cache + new tokens); pass a mask over the whole sequence"
+            f"{sizes} key positions (cache + new tokens); pass a mask over the whole sequence"
         )
     return mask if not mask.all() else None
+
+
+def _remember_token_types(cache, new: torch.Tensor) -> None:
+    """Record the vision flags ``new`` (bool ``[B, T]``) of the tokens this pass adds to ``cache``.
+
+    They go to ``cache.videonsa_token_is_vision`` (bool ``[B, positions]``), where later passes read the types of
+    the cached keys; it is None when the cache holds tokens VideoNSA did not type (filled by another model). A static
+    cache keeps flags for its whole capacity, written in place at the positions its keys go to, without a host sync
+    (so a compiled decode step records them too); their first write must be eager.
+    """
+    flags = getattr(cache, "videonsa_token_is_vision", None)
+    past = cache.get_seq_length()  # an int, or a 0-d tensor for static layers
+    capacity = _static_capacity(cache)
+    if capacity is None:
+        if past == 0:
+            flags = new
+        elif flags is not None and flags.shape[0] == new.shape[0] and flags.shape[1] >= past:
+            flags = torch.cat([flags[:, :past], new.to(flags.device)], dim=1)  # (longer after a crop)
+        else:
+            flags = None
+        cache.videonsa_token_is_vision = flags
+        return
+    if flags is None or flags.shape != (new.shape[0], capacity):
+        if torch.compiler.is_compiling() or int(past) > 0:
+            cache.videonsa_token_is_vision = None
+            return
+        flags = torch.zeros(new.shape[0], capacity, dtype=torch.bool, device=new.device)
+        cache.videonsa_token_is_vision = flags
+    positions = torch.arange(new.shape[1], device=flags.device) + past
+    flags.index_copy_(1, positions, new.to(flags.device))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -282,6 +370,13 @@ class VideoNSAAttention(Qwen2_5_VLAttention):
     ``g_proj_1``: hidden -> hidden (bias), ``g_proj_2``: hidden -> 3 * num_heads (bias); the logits, divided by
     ``nsa_gate_temperature`` and viewed ``[B, T, num_heads, 3]``, gate (compression, selection, window). Passes
     without a vision query (text-only prompts, decode steps) are Qwen2.5-VL's dense attention unchanged.
+
+    Attention weights (``output_attentions``): a dense pass returns Qwen2.5-VL's. A hybrid pass mixes three NSA
+    branches per vision query, which have no single weight matrix; it returns the weights of its dense part
+    (``[B, heads, Tq, Tk]``: text queries over every key, the zeroed vision queries spread evenly over their causal
+    keys), as the model's attention implementation computes them (eager gives them, SDPA gives None, as for
+    Qwen2.5-VL). The Triton backend computes that part in its own kernel and has no weights to return: requesting
+    them there is an error.
     """
 
     def __init__(self, config: VideoNSATextConfig, layer_idx: int):
@@ -314,33 +409,44 @@ class VideoNSAAttention(Qwen2_5_VLAttention):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
+        cache=None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         videonsa_tokens: VideoNSATokens | None = None,
         **kwargs,
     ):
-        if videonsa_tokens is None or not videonsa_tokens.has_vision_query or not self.config.nsa_enabled:
+        """``hidden_states`` ``[B, T, hidden]`` -> (``[B, T, hidden]``, attention weights or None). The KV cache comes
+        as ``cache`` or ``past_key_values``; ``videonsa_tokens`` is None for a dense pass."""
+        cache = resolve_cache(cache, kwargs)
+        if videonsa_tokens is None or not self.config.nsa_enabled:
             self.last_path = "dense"
             return super().forward(
                 hidden_states,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
                 position_embeddings=position_embeddings,
+                **{CACHE_ARG: cache},
                 **kwargs,
             )
         batch, length, _ = hidden_states.shape
         query, key, value = self.project_qkv(hidden_states, position_embeddings)
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
-        if key.shape[2] != videonsa_tokens.is_vision.shape[1]:
-            raise ValueError(
-                f"The cache holds {key.shape[2]} key positions but {videonsa_tokens.is_vision.shape[1]} tokens were "
-                "typed; VideoNSA's hybrid attention needs a cache that grows with the sequence (DynamicCache)."
-            )
+        num_keys = videonsa_tokens.is_vision.shape[1]
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
+            if key.shape[2] != num_keys:
+                if _static_capacity(cache) != key.shape[2] or key.shape[2] < num_keys:
+                    raise ValueError(
+                        f"The {type(cache).__name__} returned {key.shape[2]} key positions for a sequence of "
+                        f"{num_keys} tokens; VideoNSA's hybrid attention needs the keys of every position (a "
+                        "DynamicCache, or a StaticCache without sliding-window layers)."
+                    )
+                # a static cache returns its whole buffer: the filled positions come first
+                key, value = key[:, :, :num_keys], value[:, :, :num_keys]
+                if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
+                    attention_mask = attention_mask[..., :num_keys]
         ops = load_nsa_kernels(self.config).resolve_backend(self.config.nsa_backend, query.device)
         backend = ops.__name__.rsplit(".", 1)[-1]
         dense_kwargs = {}
+        weights = {}
         if backend == "reference":
             # The dense part goes through the model's attn_implementation (sdpa / eager / flash_attention_2).
             # The Triton backend runs it in its own kernel instead: text rows only, and the zero-query vision
@@ -350,7 +456,7 @@ class VideoNSAAttention(Qwen2_5_VLAttention):
             )
 
             def dense_fn(dense_query):
-                return dense_interface(
+                output, weights["dense"] = dense_interface(
                     self,
                     dense_query,
                     key,
@@ -361,9 +467,16 @@ class VideoNSAAttention(Qwen2_5_VLAttention):
                     sliding_window=self.sliding_window,
                     position_ids=position_ids,
                     **kwargs,
-                )[0]
+                )
+                return output
 
             dense_kwargs["dense_fn"] = dense_fn
+        elif kwargs.get("output_attentions") or getattr(self.config, "output_attentions", False):
+            raise ValueError(
+                "output_attentions was requested on a pass with video, but the Triton backend computes the dense part "
+                "of the hybrid attention in its own kernel and returns no weights. Set nsa_backend='torch' and "
+                "attn_implementation='eager' to get the dense part's weights."
+            )
         dense_name = self.config._attn_implementation if backend == "reference" else backend
         self.last_path = f"hybrid ({backend} NSA + {dense_name} dense)"
         output = ops.hybrid_attention(
@@ -379,7 +492,7 @@ class VideoNSAAttention(Qwen2_5_VLAttention):
             scale=self.scaling,
             **dense_kwargs,
         )
-        return self.o_proj(output.reshape(batch, length, -1)), None
+        return self.o_proj(output.reshape(batch, length, -1)), weights.get("dense")
 
 
 class VideoNSADecoderLayer(Qwen2_5_VLDecoderLayer):
@@ -406,54 +519,70 @@ class VideoNSATextModel(Qwen2_5_VLTextModel):
         input_ids=None,
         attention_mask=None,
         position_ids=None,
-        past_key_values=None,
+        cache=None,
         inputs_embeds=None,
         use_cache=None,
         **kwargs,
     ):
+        """Qwen2.5-VL's text decoder forward; the KV cache comes as ``cache`` or ``past_key_values``."""
+        cache = resolve_cache(cache, kwargs)
         reference_tensor = inputs_embeds if inputs_embeds is not None else input_ids
         if reference_tensor is None:
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         batch, length = reference_tensor.shape[:2]
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None and not torch.jit.is_tracing():
-            past_key_values = DynamicCache(config=self.config)
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
-        tokens = self._type_tokens(position_ids, attention_mask, past_key_values, past, batch, length)
+        if use_cache and cache is None and not torch.jit.is_tracing():
+            cache = DynamicCache(config=self.config)
+        tokens = self._type_tokens(position_ids, attention_mask, cache, batch, length)
         return super().forward(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             videonsa_tokens=tokens,
+            **{CACHE_ARG: cache},
             **kwargs,
         )
 
-    def _type_tokens(self, position_ids, attention_mask, cache, past, batch, length) -> VideoNSATokens:
-        """Vision flags of the cached and new tokens; the cache remembers them for later passes."""
+    def _type_tokens(self, position_ids, attention_mask, cache, batch, length) -> VideoNSATokens | None:
+        """Type the pass's ``length`` new tokens, remember their types in ``cache``, and return what the hybrid path
+        needs, or None when the pass is dense (no real vision token among the new ones).
+
+        Traced by torch.compile, the pass is dense with no host sync: the hybrid attention cannot be traced (it
+        compacts each sample's real tokens, a data-dependent shape), so a compiled pass must hold no vision query,
+        which is checked on the device. Compile the decode steps (``generate`` runs the prefill eagerly).
+        """
         device = self.embed_tokens.weight.device
         rows = _mrope_rows(position_ids)
-        kernels = load_nsa_kernels(self.config)
-        if rows is None:
-            new = torch.zeros(batch, length, dtype=torch.bool, device=device)
-        else:
-            new = kernels.token_is_vision(rows.to(device))
-        cached = getattr(cache, "videonsa_token_is_vision", None) if cache is not None else None
-        if past and (cached is None or cached.shape[1] < past):
-            if new.any():
-                raise ValueError(
-                    "This pass adds vision tokens to a cache whose earlier tokens VideoNSA did not type (the cache "
-                    "was not filled by this model). Prefill the whole prompt with this model."
-                )
-            cached = torch.zeros(batch, past, dtype=torch.bool, device=device)
-        is_vision = new if not past else torch.cat([cached[:, :past].to(device), new], dim=1)
+        new = None if rows is None else load_nsa_kernels(self.config).token_is_vision(rows.to(device))
         if cache is not None:
-            cache.videonsa_token_is_vision = is_vision
-        padding = _key_padding_mask(attention_mask, batch, past + length)
+            _remember_token_types(
+                cache, new if new is not None else torch.zeros(batch, length, dtype=torch.bool, device=device)
+            )
+        if new is None or not self.config.nsa_enabled:
+            return None
+        if torch.compiler.is_compiling():
+            torch._assert_async(
+                ~new.any(),
+                "A compiled VideoNSA pass got vision tokens: their hybrid attention cannot run in a traced graph. "
+                "Run passes with images or videos (the prefill) eagerly and compile only the decode steps.",
+            )
+            return None
+        past = int(cache.get_seq_length()) if cache is not None else 0
+        padding = _key_padding_mask(attention_mask, batch, past + length, _static_capacity(cache))
         real_new = new if padding is None else new & padding[:, past:]
-        return VideoNSATokens(is_vision, padding, bool(real_new.any()))
+        if not bool(real_new.any()):
+            return None
+        if cache is None:
+            return VideoNSATokens(new, padding)
+        flags = cache.videonsa_token_is_vision
+        if flags is None:
+            raise ValueError(
+                "This pass adds vision tokens to a cache whose earlier tokens VideoNSA did not type (the cache "
+                "was not filled by this model). Prefill the whole prompt with this model."
+            )
+        return VideoNSATokens(flags[:, : past + length], padding)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -592,6 +721,52 @@ class VideoNSAModel(Qwen2_5_VLModel):
         self.rope_deltas = None
         self.post_init()
 
+    def forward(self, input_ids=None, *, cache=None, pixel_values=None, pixel_values_videos=None, **kwargs):
+        """Qwen2.5-VL's forward; the KV cache comes as ``cache`` or ``past_key_values``, and image or video
+        placeholder tokens without their pixels are an error (Qwen2.5-VL would embed them as text)."""
+        cache = resolve_cache(cache, kwargs)
+        if input_ids is not None and not torch.compiler.is_compiling():
+            self._check_placeholders_have_pixels(input_ids, cache, pixel_values, pixel_values_videos, kwargs)
+        return super().forward(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            pixel_values_videos=pixel_values_videos,
+            **{CACHE_ARG: cache},
+            **kwargs,
+        )
+
+    def _check_placeholders_have_pixels(self, input_ids, cache, pixel_values, pixel_values_videos, kwargs) -> None:
+        """Reject a prompt pass whose image or video placeholders come without pixels (or encoded features) and
+        would therefore be typed text and attended densely.
+
+        Not checked: decode steps (a non-empty cache: a sampled token may be a placeholder id, and it is text), and
+        placeholders that the given position ids lay out as vision (generate's assistant model gets the prompt's
+        positions without its pixels, as Qwen2.5-VL's does).
+        """
+        if cache is not None and int(cache.get_seq_length()) > 0:
+            return
+        encoded = kwargs.get("mm_encoder_outputs") or {}
+        rows = _mrope_rows(kwargs.get("position_ids"))
+        for kind, token_id, pixels, names in (
+            ("image", self.config.image_token_id, pixel_values, "pixel_values and image_grid_thw"),
+            ("video", self.config.video_token_id, pixel_values_videos, "pixel_values_videos and video_grid_thw"),
+        ):
+            if pixels is not None or encoded.get(kind) is not None or token_id is None:
+                continue
+            placeholders = input_ids == token_id
+            count = int(placeholders.sum())
+            if not count:
+                continue
+            if rows is not None:
+                typed = load_nsa_kernels(self.config).token_is_vision(rows.to(input_ids.device))
+                if bool((typed & placeholders).any()):
+                    continue
+            raise ValueError(
+                f"input_ids hold {count} {kind} placeholder tokens (id {token_id}) but no {kind} was passed: they "
+                f"would be embedded and attended as text. Pass the processor's {names} with the input_ids "
+                f"(processor(text=..., {kind}s=...)), or remove the placeholders."
+            )
+
 
 # The released checkpoint's key layout (transformers 4.x, the authors' release, what save_pretrained writes) against
 # the model's: (pattern in the checkpoint, prefix in the model) and back.
@@ -650,7 +825,7 @@ def _write_file(path: Path, data: bytes) -> None:
     os.replace(staging, path)
 
 
-class VideoNSAForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
+class VideoNSAForConditionalGeneration(Qwen2_5_VLForConditionalGeneration, GenerationMixin):
     """VideoNSA for video/image + text to text generation; ``generate`` and training work as for Qwen2.5-VL.
 
     Example:
@@ -733,6 +908,7 @@ VideoNSAConfig.register_for_auto_class()
 VideoNSAForConditionalGeneration.register_for_auto_class("AutoModel")
 
 __all__ = [
+    "CACHE_ARG",
     "VideoNSAAttention",
     "VideoNSADecoderLayer",
     "VideoNSAForConditionalGeneration",

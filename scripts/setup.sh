@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Creates ./.venv with the pinned stack. Safe to re-run: satisfied requirements are skipped.
+# Creates ./.venv with the pinned stack (newest transformers), and ./.venv-tf517 with the oldest supported
+# transformers for a second test run. Safe to re-run: satisfied requirements are skipped.
 #
 # torch: PyPI's default (CUDA-enabled) build of 2.13.0, which runs on CPU-only machines too. It is chosen over a
 # CPU-only wheel because transformers' video processors need torchvision, and PyPI's torchvision 0.28.0 imports
@@ -7,6 +8,8 @@
 # `+cpu` wheel, which would otherwise win). Download ~4.8 GB the first time.
 # triton: the CPU tests run the bundled kernels in Triton's interpreter, pinned to the GPU machine's 3.6.0
 # (Triton's API changes between releases); torch 2.13 asks for 3.7.1, hence the --no-deps override.
+# transformers: its pin declares a dependency the package index lacks (see requirements-dev.txt), so it is installed
+# without dependencies after everything else; `pip check` then confirms that nothing but that one is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
@@ -16,8 +19,27 @@ pip() { .venv/bin/python -m pip --disable-pip-version-check "$@" 2> >(grep -v "i
 if ! .venv/bin/python -c "import torch, torchvision, sys; sys.exit(not (torch.__version__.startswith('2.13.0') and torchvision.__version__.startswith('0.28.0')))" 2>/dev/null; then
   pip install --isolated -q torch==2.13.0 torchvision==0.28.0
 fi
-pip install -q -r requirements-dev.txt
+transformers_pin=$(grep -E '^transformers==' requirements-dev.txt | cut -d' ' -f1)
+requirements=$(mktemp)
+trap 'rm -f "$requirements"' EXIT
+grep -hvE '^[[:space:]]*(-r[[:space:]]|transformers[^-_a-z])' requirements.txt requirements-dev.txt > "$requirements"
+pip install -q -r "$requirements"
+pip install -q --no-deps "$transformers_pin"
 pip install -q --no-deps triton==3.6.0
 # the project itself, editable: the Hub modules at the root and the videonsa tools package (console scripts)
 pip install -q --no-deps --no-build-isolation -e .
+missing=$(.venv/bin/python -m pip check 2>&1 | grep -vE "^(transformers [0-9.]+ requires kernels|torch [0-9.]+ has requirement triton|No broken)" || true)
+if [ -n "$missing" ]; then
+  echo "set-up: unmet dependencies:" >&2
+  echo "$missing" >&2
+  exit 1
+fi
+
+# The oldest supported transformers, in a folder of its own (its versions shadow .venv's on PYTHONPATH).
+oldest=$(grep -E '^transformers==' requirements-tf517.txt | cut -d= -f3 | cut -d' ' -f1)
+if ! PYTHONPATH=.venv-tf517 .venv/bin/python -c "import transformers, sys; sys.exit(transformers.__version__ != '$oldest')" 2>/dev/null; then
+  rm -rf .venv-tf517
+  pip install -q --no-deps --target .venv-tf517 -r requirements-tf517.txt
+fi
+PYTHONPATH=.venv-tf517 .venv/bin/python -c "from transformers import Qwen2_5_VLForConditionalGeneration; import transformers, huggingface_hub; print(f'set-up ok (oldest): transformers {transformers.__version__}, huggingface_hub {huggingface_hub.__version__}')"
 .venv/bin/python -c "import torch, torchvision, transformers, triton; print(f'set-up ok: torch {torch.__version__}, torchvision {torchvision.__version__}, transformers {transformers.__version__}, triton {triton.__version__}')"

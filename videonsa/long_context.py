@@ -30,6 +30,8 @@ few ``[tokens, hidden]`` buffers + the attention's working set (the NSA branches
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
@@ -49,9 +51,15 @@ _ACCEPTED_INPUTS = {
     "second_per_grid_ts",
     "mm_token_type_ids",
     "use_cache",
-    "past_key_values",
+    "cache",  # the KV cache's name from transformers 5.24 on ...
+    "past_key_values",  # ... and before
     "mm_encoder_outputs",  # vision features generate computes before its prefill (transformers >= 5.18)
 }
+
+
+def _modeling(model):
+    """The modeling module that defined ``model`` (a source checkout or transformers' remote-code copy)."""
+    return sys.modules[type(model).__module__]
 
 
 def _row_chunks(length: int, chunk_size: int):
@@ -137,7 +145,7 @@ def _position_ids(model, inputs: dict, embeds: torch.Tensor):
             video_grid_thw=inputs.get("video_grid_thw"),
             inputs_embeds=embeds,
             attention_mask=inputs.get("attention_mask"),
-            past_key_values=None,
+            **{_modeling(model).CACHE_ARG: None},
             second_per_grid_ts=inputs.get("second_per_grid_ts"),
             mm_token_type_ids=inputs.get("mm_token_type_ids"),
         )
@@ -169,7 +177,8 @@ def chunked_prefill(model, *, chunk_size: int = DEFAULT_CHUNK_SIZE, vision_chunk
         raise TypeError(
             f"chunked_prefill got unexpected inputs {sorted(unknown)}; accepted: {sorted(_ACCEPTED_INPUTS)}"
         )
-    cache = inputs.get("past_key_values")
+    modeling = _modeling(model)
+    cache = modeling.resolve_cache(inputs.get("cache"), dict(inputs))
     if cache is not None and cache.get_seq_length() > 0:
         raise ValueError(
             "chunked_prefill starts a sequence and fills a new cache; it does not continue one (the released "
@@ -193,7 +202,7 @@ def chunked_prefill(model, *, chunk_size: int = DEFAULT_CHUNK_SIZE, vision_chunk
     if cache is None:
         cache = DynamicCache(config=text.config)
     # Token typing (and the cache's memory of it) exactly as VideoNSATextModel.forward does it.
-    tokens = text._type_tokens(position_ids, attention_mask, cache, 0, batch, length)
+    tokens = text._type_tokens(position_ids, attention_mask, cache, batch, length)
 
     # From here on, Qwen2_5_VLTextModel.forward, with the token-wise parts of each layer run in chunks.
     if position_ids is None:
@@ -208,8 +217,8 @@ def chunked_prefill(model, *, chunk_size: int = DEFAULT_CHUNK_SIZE, vision_chunk
         config=text.config,
         inputs_embeds=embeds,
         attention_mask=attention_mask,
-        past_key_values=cache,
         position_ids=text_position_ids,
+        **{modeling.CACHE_ARG: cache},
     )
     masks = {"full_attention": create_causal_mask(**mask_kwargs)}
     if "sliding_attention" in text.config.layer_types:
@@ -226,7 +235,7 @@ def chunked_prefill(model, *, chunk_size: int = DEFAULT_CHUNK_SIZE, vision_chunk
             hidden_states=normed,
             attention_mask=masks[text.config.layer_types[index]],
             position_ids=text_position_ids,
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
             position_embeddings=position_embeddings,
             videonsa_tokens=tokens,
@@ -257,7 +266,7 @@ def chunked_generate(
     original = model._prefill  # GenerationMixin's prefill step (transformers 5.x)
 
     def prefill(input_ids, generation_config, model_kwargs, *args, **kwargs):
-        cache = model_kwargs.get("past_key_values")
+        cache = model_kwargs.get(_modeling(model).CACHE_ARG)
         if cache is not None and cache.get_seq_length() > 0:  # generate continues a cache: nothing to prefill here
             return original(input_ids, generation_config, model_kwargs, *args, **kwargs)
         if model_kwargs.get("use_cache") is False:
@@ -267,7 +276,7 @@ def chunked_generate(
         if "inputs_embeds" not in inputs:
             inputs["input_ids"] = input_ids
         logits, cache = chunked_prefill(model, chunk_size=chunk_size, vision_chunk_size=vision_chunk_size, **inputs)
-        return CausalLMOutputWithPast(logits=logits[:, None], past_key_values=cache)
+        return CausalLMOutputWithPast(logits=logits[:, None], **{_modeling(model).CACHE_ARG: cache})
 
     model._prefill = prefill
     try:
