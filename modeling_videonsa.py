@@ -443,11 +443,10 @@ class VideoNSAAttention(Qwen2_5_VLAttention):
                 key, value = key[:, :, :num_keys], value[:, :, :num_keys]
                 if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
                     attention_mask = attention_mask[..., :num_keys]
-        ops = load_nsa_kernels(self.config).resolve_backend(self.config.nsa_backend, query.device)
-        backend = ops.__name__.rsplit(".", 1)[-1]
+        backend = load_nsa_kernels(self.config).resolve_backend(self.config.nsa_backend, query.device)
         dense_kwargs = {}
         weights = {}
-        if backend == "reference":
+        if backend.takes_dense_fn:
             # The dense part goes through the model's attn_implementation (sdpa / eager / flash_attention_2).
             # The Triton backend runs it in its own kernel instead: text rows only, and the zero-query vision
             # rows as running means of the values, which is what attention with a zero query returns.
@@ -477,9 +476,9 @@ class VideoNSAAttention(Qwen2_5_VLAttention):
                 "of the hybrid attention in its own kernel and returns no weights. Set nsa_backend='torch' and "
                 "attn_implementation='eager' to get the dense part's weights."
             )
-        dense_name = self.config._attn_implementation if backend == "reference" else backend
-        self.last_path = f"hybrid ({backend} NSA + {dense_name} dense)"
-        output = ops.hybrid_attention(
+        dense_name = self.config._attn_implementation if backend.takes_dense_fn else backend.name
+        self.last_path = f"hybrid ({backend.name} NSA + {dense_name} dense)"
+        output = backend.hybrid_attention(
             query,
             key,
             value,

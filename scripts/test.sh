@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up ./.venv and ./.venv-tf517 (scripts/setup.sh) and runs the CPU test suite under the newest pinned
-# transformers, then the model and generation tests again under the oldest supported one (5.17). Extra arguments go
-# to pytest; with arguments, only the first run happens.
+# transformers, then the model and generation tests again under the oldest supported one (5.17), then the lmms-eval
+# tests in their own environment (scripts/test_eval.sh: lmms-eval pins packages the main set-up cannot take).
+# Extra arguments go to pytest; with arguments, only the first run happens.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -18,9 +19,11 @@ run() {
   return "$status"
 }
 status=0
-run .venv/bin/python -m pytest -q "$@" || status=$?
+run .venv/bin/python -m pytest -q --ignore=tests/test_eval.py "$@" || status=$?
 if [ "$#" -eq 0 ]; then
   echo "== the model and generation tests under the oldest supported transformers (.venv-tf517)"
   run env PYTHONPATH="$PWD/.venv-tf517" .venv/bin/python -m pytest -q tests/test_model.py tests/test_generation.py || status=$?
+  echo "== the lmms-eval tests (.venv-eval)"
+  bash scripts/test_eval.sh || status=$?
 fi
 exit "$status"

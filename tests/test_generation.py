@@ -270,7 +270,7 @@ def test_eager_and_sdpa_generate_the_same_tokens(inputs, greedy):
     model.set_attn_implementation("eager")
     with record_paths(model) as paths:
         eager = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
-    assert paths[0] == "hybrid (reference NSA + eager dense)"
+    assert paths[0] == "hybrid (torch NSA + eager dense)"
     assert torch.equal(eager, greedy)
 
 
