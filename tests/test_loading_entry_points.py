@@ -85,3 +85,17 @@ def test_analysis_runs_the_release_as_videonsa(folders, loaded, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["nsa"] == dict(block_size=64, block_count=BLOCK_COUNTS, window_size=WINDOW_SIZE)
     assert summary["videos"][0]["num_tokens"] == 320
+
+
+def test_training_loads_the_release_as_videonsa(folders, tmp_path):
+    """videonsa-train's loader (VideoNSAConfig / VideoNSAForConditionalGeneration.from_pretrained) reads the release
+    as VideoNSA already; this keeps it so."""
+    from transformers import TrainingArguments
+
+    from videonsa.training.arguments import ModelArguments
+    from videonsa.training.model import load_model_and_processor
+
+    model, processor = load_model_and_processor(ModelArguments(model_name_or_path=str(folders["authors"])),
+                                                TrainingArguments(output_dir=str(tmp_path)), init_device="cpu")
+    assert_is_the_release(model, folders["authors"])
+    assert type(processor).__name__ == "VideoNSAProcessor"
