@@ -768,9 +768,8 @@ class VideoNSAModel(Qwen2_5_VLModel):
 
 
 # The released checkpoint's key layout (transformers 4.x, the authors' release, what save_pretrained writes) against
-# the model's: (pattern in the checkpoint, prefix in the model) and back.
+# the model's: (pattern in the checkpoint, prefix in the model), as transformers maps Qwen2.5-VL checkpoints.
 _RELEASED_TO_MODEL = ((r"^visual", "model.visual"), (r"^model(?!\.(language_model|visual))", "model.language_model"))
-_MODEL_TO_RELEASED = ((r"^model\.visual", "visual"), (r"^model\.language_model", "model"))
 
 
 def _released_layout() -> list[WeightRenaming]:
@@ -780,24 +779,24 @@ def _released_layout() -> list[WeightRenaming]:
     return [WeightRenaming(source_patterns=source, target_patterns=target) for source, target in _RELEASED_TO_MODEL]
 
 
-def _rename(key: str, rules) -> str:
-    for pattern, replacement in rules:
-        renamed, count = re.subn(pattern, replacement, key, count=1)
-        if count:
-            return renamed
+def _rename(key: str, renamings) -> str:
+    # transformers' own matching (name boundaries, chained renamings), so these functions name keys exactly as
+    # loading and save_pretrained do, edge cases included
+    for renaming in renamings:
+        key, _ = renaming.rename_source_key(key)
     return key
 
 
 def model_key(checkpoint_key: str) -> str:
     """A checkpoint key in either layout (4.x / release, or 5.x) -> the model's state-dict key, as loading maps it:
     ``model.layers.0.self_attn.g_proj_1.weight`` -> ``model.language_model.layers.0.self_attn.g_proj_1.weight``."""
-    return _rename(checkpoint_key, _RELEASED_TO_MODEL)
+    return _rename(checkpoint_key, _released_layout())
 
 
 def released_key(key: str) -> str:
-    """A state-dict key -> the key of the released layout, as save_pretrained writes it (the inverse of
-    :func:`model_key`): ``model.visual.merger.mlp.0.weight`` -> ``visual.merger.mlp.0.weight``."""
-    return _rename(key, _MODEL_TO_RELEASED)
+    """A state-dict key -> the key of the released layout, as save_pretrained writes it (transformers reverts the
+    loading renamings, last first): ``model.visual.merger.mlp.0.weight`` -> ``visual.merger.mlp.0.weight``."""
+    return _rename(key, [renaming.reverse_transform() for renaming in reversed(_released_layout())])
 
 
 def is_gate_key(key: str) -> bool:

@@ -444,6 +444,32 @@ def test_in_tree_classes_when_asked(checkpoint, videos, reference):
     assert type(remote.model).__module__.startswith("transformers_modules.")  # the checkpoint's own code
 
 
+def test_the_authors_release_loads_as_videonsa(workdir, checkpoint, videos):
+    """A checkpoint in the authors' layout (Qwen2.5-VL config.json, gates in the weights, no code files), which
+    AutoModel would load as plain Qwen2.5-VL: the model argument loads it as VideoNSA with its gates and NSA settings,
+    and it answers as the VideoNSA checkpoint with the same settings."""
+    from safetensors.torch import load_file
+
+    from hub_utils import write_authors_checkpoint
+    from modeling_videonsa import model_key
+
+    authors = write_authors_checkpoint(checkpoint, workdir / "authors", block_counts=2, window_size=32)
+    lm = make_lm(authors)
+    assert type(lm.model).__module__ == "modeling_videonsa"
+    assert (lm.model.config.nsa_block_count, lm.model.config.nsa_window_size) == (2, 32)
+    state = lm.model.state_dict()
+    written = load_file(authors / "model.safetensors")
+    assert any("g_proj" in name for name in written) and len(written) == len(state)
+    assert all(torch.equal(state[model_key(name)], tensor) for name, tensor in written.items())
+    same = make_lm(checkpoint, "in_tree=True,nsa_block_count=2,nsa_window_size=32")
+    answers = []
+    for model in (lm, same):
+        model.task_dict = {"t": {"test": [{"video": videos["b"], "text": "What moves?"}]}}
+        (answer,) = model.generate_until([chat_request(0, "What moves?", videos["b"], {"max_new_tokens": 5})])
+        answers.append(answer.text)
+    assert answers[0] == answers[1]
+
+
 def test_system_prompt_and_loglikelihood(checkpoint, videos):
     lm = make_lm(checkpoint, "system_prompt=Be brief.")
     messages = lm._hf_messages(

@@ -136,3 +136,26 @@ def test_checkpoint_layout(release):
     assert checkpoint_layout(ours, names) == "videonsa"
     with pytest.raises(ValueError, match="model_type 'llava': not a VideoNSA or Qwen2.5-VL checkpoint"):
         checkpoint_layout({"model_type": "llava"}, names)
+
+
+def test_key_names_are_the_ones_loading_and_saving_use(release):
+    """model_key / released_key against what transformers does: the keys save_pretrained wrote for the tiny model,
+    and transformers' own Qwen2.5-VL renamings (an independent copy of the rule) on names at the edges of it."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    from transformers.core_model_loading import apply_renamings
+
+    state = release["reference"].state_dict()
+    written = set(load_file(release["videonsa"] / "model.safetensors"))
+    assert {released_key(name) for name in state} == written
+    assert {model_key(name) for name in written} == set(state)
+    qwen = get_checkpoint_conversion_mapping("Qwen2VLForConditionalGeneration")
+    saving = [renaming.reverse_transform() for renaming in reversed(qwen)]
+    # a name that merely starts like a prefix is not under it ("visualizer" is not the vision tower); hub_name and
+    # canonical_name of videonsa/hub, which these replace, got some of these wrong
+    edges = ["visualizer.weight", "visual", "model_extra.weight", "model.visual_proj.weight",
+             "model.language_model_x.weight", "model.norm.weight", "lm_head.weight"]
+    for key in edges:
+        assert model_key(key) == apply_renamings(key, qwen), key
+        assert released_key(key) == apply_renamings(key, saving), key
+    assert model_key("visualizer.weight") == "visualizer.weight"
+    assert released_key("model.visual_proj.weight") == "model.visual_proj.weight"

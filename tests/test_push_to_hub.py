@@ -685,3 +685,26 @@ def test_the_shipped_code_files_are_the_layouts():
 
     assert sorted(CODE_FILES) == sorted(p.name for p in REPO_ROOT.glob("*_videonsa.py"))
     assert sorted(p.name for p in REPO_ROOT.glob("*.py")) == sorted([*CODE_FILES, "push_to_hub.py"])
+
+
+@pytest.mark.parametrize("base", ["release-4x", "release-5x"])
+def test_the_release_nsa_settings_are_carried_over(sources, tmp_path, base):
+    """The authors' config names two NSA settings in their code's words (block_counts, window_size), flat in 4.x or in
+    text_config in 5.x: the conversion keeps them, under VideoNSA's names, in the written config."""
+    def release_settings(config):
+        (config.get("text_config") or config).update(block_counts=2, window_size=32)
+
+    folder = tmp_path / "settings"
+    shutil.copytree(sources["folders"][base], folder)
+    values = json.loads((folder / "config.json").read_text())
+    release_settings(values)
+    (folder / "config.json").write_text(json.dumps(values))
+    plan = plan_conversion(folder)
+    assert plan.kind == "release"
+    assert (plan.config.nsa_block_count, plan.config.nsa_window_size) == (2, 32)
+    out = tmp_path / "out"
+    code, _, stderr = run_push(folder, "--output", out, "--dry-run", "--verify", "skip")
+    assert code == 0, stderr
+    written = json.loads((out / "config.json").read_text())
+    assert (written["text_config"]["nsa_block_count"], written["text_config"]["nsa_window_size"]) == (2, 32)
+    assert "block_counts" not in json.dumps(written) and written["model_type"] == "videonsa"

@@ -1,4 +1,6 @@
 """The main job: load VideoNSA through AutoModel / AutoProcessor, ask a question about a video, print the answer.
+(A checkpoint in the authors' release layout, a Qwen2.5-VL config without code files, loads with this package's
+classes instead: ``videonsa.loading.load_checkpoint``.)
 
 With no `--model`, a tiny random VideoNSA checkpoint (real Qwen2.5-VL structure, the released NSA settings, a
 byte-level tokenizer with Qwen2.5-VL's special tokens) is built locally, because no weights can be downloaded
@@ -19,7 +21,8 @@ import collections
 from pathlib import Path
 
 import torch
-from transformers import AutoModel, AutoProcessor
+
+from .loading import load_checkpoint
 
 
 def parse_args(argv=None):
@@ -83,8 +86,8 @@ def main(argv=None):
             workdir.mkdir(parents=True, exist_ok=True)
             write_video(video, num_frames=32, fps=8, width=224, height=224)
 
-    processor = AutoProcessor.from_pretrained(source, trust_remote_code=True)
-    model = AutoModel.from_pretrained(source, trust_remote_code=True, dtype=args.dtype).to(args.device).eval()
+    model, processor = load_checkpoint(source, dtype=args.dtype)
+    model = model.to(args.device).eval()
     print(f"Loaded {type(model).__name__} from {source} ({type(processor).__name__}, {args.device})")
 
     messages = [{"role": "user", "content": [{"type": "video", "video": video}, {"type": "text", "text": args.question}]}]

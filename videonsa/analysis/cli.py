@@ -40,10 +40,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    from transformers import AutoModel, AutoProcessor
+    from ..loading import load_checkpoint
 
-    processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
-    model = AutoModel.from_pretrained(args.model, trust_remote_code=True, dtype=args.dtype).to(args.device).eval()
+    model, processor = load_checkpoint(args.model, dtype=args.dtype)  # the authors' release too, as VideoNSA
+    model = model.to(args.device).eval()
     video_kwargs = {} if args.fps is None else {"fps": args.fps}
     messages = [{"role": "user", "content": [{"type": "video", "video": args.video},
                                              {"type": "text", "text": args.question}]}]

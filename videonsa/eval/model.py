@@ -108,7 +108,8 @@ class VideoNSA(lmms):
         device_map (`str`, *optional*): passed to ``from_pretrained``; defaults to ``cuda`` when a GPU is visible
             (the rank's GPU under ``accelerate launch``), else ``cpu``; ``auto`` shards one model over the GPUs.
         trust_remote_code (`bool`, defaults to `True`): load the checkpoint's own code (``AutoModel`` /
-            ``AutoProcessor``).
+            ``AutoProcessor``). A checkpoint in the authors' release layout (a Qwen2.5-VL ``config.json``, no code
+            files) loads with this installation's classes instead, so that its gate MLPs are kept.
         in_tree (`bool`, defaults to `False`): use this installation's ``modeling_videonsa`` /
             ``processing_videonsa`` classes instead of the checkpoint's code.
     Videos (the processor's settings, per call):
@@ -225,19 +226,14 @@ class VideoNSA(lmms):
         # ---- model and processor through the public API
         load = {"revision": _none(revision), "dtype": DTYPES[dtype_key], "device_map": device_map}
         if _as_bool("in_tree", in_tree):
-            from modeling_videonsa import VideoNSAForConditionalGeneration
-            from processing_videonsa import VideoNSAProcessor
+            from ..loading import load_videonsa
 
-            self._model = VideoNSAForConditionalGeneration.from_pretrained(pretrained, **load)
-            self.processor = VideoNSAProcessor.from_pretrained(pretrained, revision=load["revision"])
-        else:
-            from transformers import AutoModel, AutoProcessor
+            self._model, self.processor = load_videonsa(pretrained, **load)
+        else:  # the checkpoint's code; the authors' release (no code files) with this package's, as VideoNSA
+            from ..loading import load_checkpoint
 
             remote = _as_bool("trust_remote_code", trust_remote_code)
-            self._model = AutoModel.from_pretrained(pretrained, trust_remote_code=remote, **load)
-            self.processor = AutoProcessor.from_pretrained(
-                pretrained, trust_remote_code=remote, revision=load["revision"]
-            )
+            self._model, self.processor = load_checkpoint(pretrained, trust_remote_code=remote, **load)
         if not hasattr(self._model, "generate"):
             raise ValueError(f"{pretrained!r} loaded as {type(self._model).__name__}, which cannot generate.")
         self._model.eval()

@@ -17,15 +17,15 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from modeling_videonsa import checkpoint_layout, is_gate_key, model_key, released_key
+
 from .layout import (
     WEIGHTS_INDEX_NAME,
     WEIGHTS_NAME,
     PushError,
-    canonical_name,
     check_regular_files,
     few,
     format_size,
-    hub_name,
     natural_key,
 )
 
@@ -34,7 +34,7 @@ from .layout import (
 # (the temperature divides a zero logit, which stays zero).
 GATE_WEIGHT_STD = 0.02
 GATE_OUTPUT_BIAS = math.log(0.5 / (1 - 0.5))
-GATE_RE = re.compile(r"^model\.language_model\.layers\.(\d+)\.self_attn\.g_proj_[12]\.(weight|bias)$")
+LAYER_RE = re.compile(r"^model\.language_model\.layers\.(\d+)\.")
 
 # safetensors dtypes a gate MLP can be initialised in (that of a neighbouring attention weight): torch name, bytes.
 GATE_DTYPES = {"F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2), "F64": ("float64", 8)}
@@ -157,8 +157,10 @@ def list_source_tensors(folder: Path) -> dict[str, tuple[Path, str, tuple, int]]
     return tensors
 
 
-def load_source_config(folder: Path):
-    """``(kind, VideoNSAConfig)``; kind is "videonsa" or "qwen2_5_vl" (told apart from "release" by the weights)."""
+def load_source_config(folder: Path) -> tuple[dict, object]:
+    """``(config.json as read, VideoNSAConfig)``. A Qwen2.5-VL config (the authors' release or plain Qwen2.5-VL, flat
+    4.x or nested 5.x) is read as VideoNSA's by ``VideoNSAConfig.from_pretrained``, the release's NSA settings
+    (``block_counts``, ``window_size``) included; whether the gates are there is told by the weights."""
     from configuration_videonsa import AUTO_MAP, VideoNSAConfig
 
     path = folder / "config.json"
@@ -170,32 +172,23 @@ def load_source_config(folder: Path):
         raise PushError(f"{path} is not valid JSON: {error}") from error
     model_type = raw.get("model_type")
     try:
-        if model_type == "videonsa":
-            config = VideoNSAConfig.from_pretrained(folder)
-            kind = "videonsa"
-        elif model_type == "qwen2_5_vl":
-            from transformers import Qwen2_5_VLConfig
-
-            values = Qwen2_5_VLConfig.from_pretrained(folder).to_dict()
-            for key in ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path"):
-                values.pop(key, None)
-            values["text_config"].pop("model_type", None)
-            config = VideoNSAConfig(**values)
-            kind = "qwen2_5_vl"
-        else:
-            architectures = ", ".join(raw.get("architectures") or []) or "no architectures"
-            raise PushError(
-                f"{folder} holds a {model_type!r} checkpoint ({architectures}), not Qwen2.5-VL: push_to_hub.py "
-                "converts Qwen2.5-VL checkpoints (model_type 'qwen2_5_vl', with or without VideoNSA's gate MLPs) "
-                "and VideoNSA checkpoints (model_type 'videonsa')"
-            )
+        checkpoint_layout(raw, ())  # raises for a model type VideoNSA cannot load
+    except ValueError:
+        architectures = ", ".join(raw.get("architectures") or []) or "no architectures"
+        raise PushError(
+            f"{folder} holds a {model_type!r} checkpoint ({architectures}), not Qwen2.5-VL: push_to_hub.py "
+            "converts Qwen2.5-VL checkpoints (model_type 'qwen2_5_vl', with or without VideoNSA's gate MLPs) "
+            "and VideoNSA checkpoints (model_type 'videonsa')"
+        ) from None
+    try:
+        config = VideoNSAConfig.from_pretrained(folder)
     except (ValueError, TypeError) as error:
         raise PushError(f"{path} is not a valid {model_type} configuration: {error}") from error
     config.architectures = ["VideoNSAForConditionalGeneration"]
     # the code files shipped beside the config, never a reference to another repository's code ("repo--module.X",
     # as save_pretrained writes after loading a model by repo id)
     config.auto_map = dict(AUTO_MAP)
-    return kind, config
+    return raw, config
 
 
 def expected_state(config) -> dict[str, tuple]:
@@ -211,7 +204,7 @@ def expected_state(config) -> dict[str, tuple]:
 
 def plan_conversion(source: Path, seed: int = 0) -> Plan:
     """Map every source tensor onto VideoNSA's state dict and decide what to initialise; raise on any mismatch."""
-    kind, config = load_source_config(source)
+    raw_config, config = load_source_config(source)
     tensors = list_source_tensors(source)
     expected = expected_state(config)
     tied = bool(getattr(config, "tie_word_embeddings", False) or getattr(config.text_config, "tie_word_embeddings",
@@ -220,7 +213,7 @@ def plan_conversion(source: Path, seed: int = 0) -> Plan:
 
     by_canonical, layouts = {}, set()
     for name in tensors:
-        canonical = canonical_name(name)
+        canonical = model_key(name)
         if name.startswith(("model.language_model.", "model.visual.")):
             layouts.add("5.x")
         elif canonical != name:
@@ -230,15 +223,14 @@ def plan_conversion(source: Path, seed: int = 0) -> Plan:
                             "in two key layouts")
         by_canonical[canonical] = name
 
-    gates = {key for key in expected if GATE_RE.match(key)}
+    kind = checkpoint_layout(raw_config, tensors)
+    gates = {key for key in expected if is_gate_key(key)}
     present_gates = gates & set(by_canonical)
-    if kind == "qwen2_5_vl" and present_gates:
-        kind = "release"
     to_initialise = set()
     if kind == "qwen2_5_vl":
         to_initialise = gates
     elif present_gates != gates:
-        layers = sorted({int(GATE_RE.match(k).group(1)) for k in gates - present_gates})
+        layers = sorted({int(LAYER_RE.match(k).group(1)) for k in gates - present_gates})
         what = "the VideoNSA checkpoint" if kind == "videonsa" else "the checkpoint has gate MLPs in some layers but"
         raise PushError(f"{what} lacks gate MLP tensors (g_proj_1 / g_proj_2) of text layers {layers}: "
                         f"{few(sorted(gates - present_gates))}")
@@ -262,15 +254,15 @@ def plan_conversion(source: Path, seed: int = 0) -> Plan:
     specs = []
     for canonical, name in by_canonical.items():
         path, dtype, shape, nbytes = tensors[name]
-        specs.append(TensorSpec(hub_name(canonical), canonical, shape, dtype, nbytes, path, name))
+        specs.append(TensorSpec(released_key(canonical), canonical, shape, dtype, nbytes, path, name))
     for canonical in sorted(to_initialise):
-        layer = GATE_RE.match(canonical).group(1)
+        layer = LAYER_RE.match(canonical).group(1)
         neighbour = by_canonical[f"model.language_model.layers.{layer}.self_attn.q_proj.weight"]
         dtype = tensors[neighbour][1]
         if dtype not in GATE_DTYPES:
             raise PushError(f"cannot initialise gate MLPs next to {neighbour}, whose dtype is {dtype}")
         shape = expected[canonical]
-        specs.append(TensorSpec(hub_name(canonical), canonical, shape, dtype,
+        specs.append(TensorSpec(released_key(canonical), canonical, shape, dtype,
                                 math.prod(shape) * GATE_DTYPES[dtype][1]))
     specs.sort(key=lambda spec: natural_key(spec.target))
     return Plan(source, kind, config, specs, seed, layouts)

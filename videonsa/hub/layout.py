@@ -2,7 +2,8 @@
 model card, the weight and processor file names, and the key layout of the written weights.
 
 The code that ships is the root of this checkout (the modules ``modeling_videonsa`` and its siblings); the list of
-code files is the modeling module's own, the one ``save_pretrained`` writes.
+code files is the modeling module's own, the one ``save_pretrained`` writes. The key layout of the weights is the
+modeling module's too (``model_key`` / ``released_key``).
 """
 
 from __future__ import annotations
@@ -74,25 +75,6 @@ PROCESSOR_PATTERNS = [p for p in SOURCE_PATTERNS if "safetensors" not in p]
 
 class PushError(Exception):
     """A problem the user can fix; reported as one clear message, before anything is written where possible."""
-
-
-def canonical_name(name: str) -> str:
-    """Checkpoint key -> the model's state-dict key (the mapping modeling_videonsa registers for loading)."""
-    if name.startswith("visual."):
-        return "model." + name
-    if name.startswith("model.") and not name.startswith(("model.language_model.", "model.visual.")):
-        return "model.language_model." + name[len("model."):]
-    return name
-
-
-def hub_name(canonical: str) -> str:
-    """State-dict key -> the key written to the Hub: the layout transformers' save_pretrained writes for
-    Qwen2.5-VL models, which is also the authors' release layout (``model.layers.N``, ``visual.*``)."""
-    if canonical.startswith("model.visual."):
-        return canonical[len("model."):]
-    if canonical.startswith("model.language_model."):
-        return "model." + canonical[len("model.language_model."):]
-    return canonical
 
 
 def is_shipped(relative: str) -> bool:

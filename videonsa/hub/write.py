@@ -11,7 +11,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from modeling_videonsa import _sync_python_files
+from modeling_videonsa import read_checkpoint_file, read_kernel_files, write_kernel_files
 
 from .convert import Plan, initial_gate_tensor
 from .layout import (
@@ -52,11 +52,7 @@ def write_folder(plan: Plan, processor, generation_config, card_text: str, outpu
         plan.config.save_pretrained(staging)
         generation_config.save_pretrained(staging)
         processor.save_pretrained(staging)
-        for name in CODE_FILES:
-            shutil.copyfile(regular_file(ROOT / name), staging / name)
-        for path in (ROOT / KERNELS_DIR).glob("*.py"):
-            regular_file(path)
-        _sync_python_files(ROOT / KERNELS_DIR, staging / KERNELS_DIR)  # what save_pretrained writes
+        write_code_files(ROOT, staging)
         (staging / "README.md").write_text(card_text, encoding="utf-8")
         for name, path in CARD_IMAGES.items():
             shutil.copyfile(regular_file(path), staging / name)
@@ -70,6 +66,21 @@ def write_folder(plan: Plan, processor, generation_config, card_text: str, outpu
         shutil.rmtree(staging, ignore_errors=True)
         raise
     print(f"Wrote {len(hub_files(output))} files to {output}")
+
+
+def write_code_files(checkout: Path, target: Path) -> None:
+    """The code files and ``nsa_kernels/`` of ``checkout`` into ``target``, read and written as save_pretrained does
+    (``modeling_videonsa``'s readers): regular files only, a link or non-file refused by name, no link in ``target``
+    written through."""
+    try:
+        code = {name: read_checkpoint_file(checkout / name, checkout) for name in CODE_FILES}
+        kernels = read_kernel_files(checkout / KERNELS_DIR, checkout)
+    except (ValueError, ImportError) as error:
+        raise PushError(f"this checkout's code cannot ship: {error}") from error
+    for name, data in code.items():
+        (target / name).unlink(missing_ok=True)  # the processor's save may have put one there
+        (target / name).write_bytes(data)
+    write_kernel_files(kernels, target / KERNELS_DIR)
 
 
 def write_weights(plan: Plan, folder: Path, max_shard_size: int) -> None:
