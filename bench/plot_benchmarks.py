@@ -1,10 +1,12 @@
-"""Plot the recorded H100 benchmarks (``docs/results/*.json``) into ``docs/benchmarks_h100.png``.
+"""Plot the recorded benchmarks (``docs/results/*.json``) into ``docs/benchmarks.png``.
 
-Left: one layer's attention, forward, against the number of tokens (dense SDPA with its flash and cuDNN backends,
-fla-core's NSA, ours). Right: end-to-end prefill of the 7B architecture (time to first token) against the number of
-video tokens, VideoNSA and the same weights with dense attention, split into vision tower and text decoder.
+Left: one layer's attention, forward, against the number of tokens, as the user compares it: the dense model's
+attention (28 query / 4 kv heads, SDPA flash and cuDNN) and VideoNSA's hybrid layer on random and video-like inputs
+(``bench/bench_layer.py``, H200). Right: end-to-end prefill of the 7B architecture (time to first token) against the
+number of video tokens, VideoNSA and the same weights with dense attention, split into vision tower and text decoder
+(``bench/bench_end_to_end.py``, H100).
 
-    python bench/plot_benchmarks.py [--results docs/results] [--out docs/benchmarks_h100.png]
+    python bench/plot_benchmarks.py [--results docs/results] [--out docs/benchmarks.png]
 """
 
 from __future__ import annotations
@@ -21,36 +23,39 @@ import matplotlib.pyplot as plt  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+LAYER_RUN = "h200_layer_2026-12-03.json"
+
+
 def attention_series(results_dir):
-    """``{impl: ([T], [fwd ms])}`` from the attention runs (fla rows from their own run)."""
+    """``{label: ([T], [fwd ms])}``: the dense baselines and the hybrid layer with the default schedule (the
+    run's default rows up to 8K, its one-row-per-program rows beyond, which is what the default runs there)."""
+    runs = json.load(open(os.path.join(results_dir, LAYER_RUN)))["results"]
     series = {}
-    for name in ("h100_attention.json", "h100_attention_fla.json"):
-        runs = json.load(open(os.path.join(results_dir, name)))["results"]
-        for length, rows in sorted(runs.items(), key=lambda kv: int(kv[0])):
-            for impl, entry in rows.items():
-                if not isinstance(entry, dict) or "fwd_ms" not in entry:
-                    continue
-                if impl == "ours" and name.endswith("_fla.json"):
-                    continue  # the first run's row is the one plotted
-                xs, ys = series.setdefault(impl, ([], []))
-                xs.append(int(length))
-                ys.append(entry["fwd_ms"])
+    for length, result in sorted(runs.items(), key=lambda kv: int(kv[0])):
+        rows = result["rows"]
+        for label, name in (("dense, SDPA flash (default)", "dense sdpa-flash"),
+                            ("dense, SDPA cuDNN", "dense sdpa-cudnn"),
+                            ("VideoNSA, random inputs", "hybrid (random)"),
+                            ("VideoNSA, video-like inputs", "hybrid (video-like)")):
+            if name.startswith("hybrid") and int(length) > 8192:
+                name += " [R=1]"
+            xs, ys = series.setdefault(label, ([], []))
+            xs.append(int(length))
+            ys.append(rows[name]["fwd_ms"])
     return series
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", default=os.path.join(ROOT, "docs", "results"))
-    parser.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks_h100.png"))
+    parser.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks.png"))
     args = parser.parse_args(argv)
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    labels = {"sdpa-flash": "dense SDPA (flash)", "sdpa-cudnn": "dense SDPA (cuDNN)",
-              "fla-nsa": "fla-core parallel_nsa (no window)", "ours": "VideoNSA kernels (ours)"}
-    for impl, (xs, ys) in attention_series(args.results).items():
-        left.plot(xs, ys, marker="o", label=labels.get(impl, impl), linewidth=2.5 if impl == "ours" else 1.5)
+    for label, (xs, ys) in attention_series(args.results).items():
+        left.plot(xs, ys, marker="o", label=label, linewidth=2.5 if label.startswith("VideoNSA") else 1.5)
     left.set(xscale="log", yscale="log", xlabel="tokens", ylabel="forward time per layer (ms)",
-             title="One layer's attention, 64/4 heads, D 128, bf16")
+             title="One layer's attention vs the dense model's, 28/4 heads, bf16 (H200)")
     left.set_xticks([8192, 16384, 32768, 65536, 131072], ["8K", "16K", "32K", "64K", "128K"])
     left.grid(True, which="both", alpha=0.3)
     left.legend(fontsize=8)
@@ -69,9 +74,9 @@ def main(argv=None):
             right.text(x, e2e[n][row]["prefill_s"], f"{e2e[n][row]['prefill_s']:.1f}", ha="center", va="bottom",
                        fontsize=8)
     right.set_xticks(range(len(lengths)), [f"{int(n) // 1024}K" for n in lengths])
-    right.set(xlabel="video tokens", ylabel="prefill time (s)", title="7B prefill (time to first token)")
+    right.set(xlabel="video tokens", ylabel="prefill time (s)", title="7B prefill, time to first token (H100)")
     right.legend(fontsize=8)
-    fig.suptitle("Measured on one NVIDIA H100 80GB (docs/benchmarks.md, 2026-11-21)", fontsize=9)
+    fig.suptitle("docs/benchmarks.md: layer on one H200 (2026-12-03), prefill on one H100 (2026-11-21)", fontsize=9)
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)
     print(f"wrote {args.out}")

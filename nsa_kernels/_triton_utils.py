@@ -74,7 +74,7 @@ class LaunchSettings:
     compression_dkv_rows: int | None = None  # query rows per dk/dv program; None: 256 up to 16K rows, else 1024
     selected_warps: int = 2  # one row x one kv group per program, forward and dq
     selected_rows_per_tile: int = 4  # forward, short prompts: tiles of 4 rows over the union of their blocks ...
-    selected_tile_max_rows: int = 16384  # ... up to this many query rows; one row per program beyond
+    selected_tile_max_rows: int = 8192  # ... up to this many query rows; one row per program beyond
     selected_stages: int = 2
     selected_dkv_rows: int = 64  # (row, head) pairs per step of the selected dk/dv kernel
     selected_dkv_warps: int = 4

@@ -162,7 +162,7 @@ def test_dry_run_writes_exactly_the_hub_files(pushed, layout):
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     kernels = sorted(f"nsa_kernels/{p.name}" for p in (REPO_ROOT / "nsa_kernels").glob("*.py"))
     shards = [f for f in files if f.endswith(".safetensors")]
-    fixed = {"README.md", "benchmarks_h100.png", "config.json", "generation_config.json", "configuration_videonsa.py", "modeling_videonsa.py",
+    fixed = {"README.md", "benchmarks.png", "config.json", "generation_config.json", "configuration_videonsa.py", "modeling_videonsa.py",
              "processing_videonsa.py", "video_processing_videonsa.py", "processor_config.json", "chat_template.jinja", "tokenizer.json",
              "tokenizer_config.json"}
     index = ["model.safetensors.index.json"] if len(shards) > 1 else []
@@ -172,7 +172,7 @@ def test_dry_run_writes_exactly_the_hub_files(pushed, layout):
     for name in ("configuration_videonsa.py", "modeling_videonsa.py", "processing_videonsa.py", *kernels):
         assert (out / name).read_bytes() == (REPO_ROOT / name).read_bytes(), name
     assert (out / "README.md").read_text() == (REPO_ROOT / "model_card.md").read_text()
-    assert (out / "benchmarks_h100.png").read_bytes() == (REPO_ROOT / "docs" / "benchmarks_h100.png").read_bytes()
+    assert (out / "benchmarks.png").read_bytes() == (REPO_ROOT / "docs" / "benchmarks.png").read_bytes()
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "videonsa" and config["architectures"] == ["VideoNSAForConditionalGeneration"]
     assert config["auto_map"]["AutoModel"] == "modeling_videonsa.VideoNSAForConditionalGeneration"
@@ -373,7 +373,7 @@ def test_upload_refuses_an_unfinished_card_before_writing(sources, tmp_path, mon
 
 def test_card_images_must_be_shipped():
     text = (REPO_ROOT / "model_card.md").read_text()
-    assert "](benchmarks_h100.png)" in text and card_problems(text) == []
+    assert "](benchmarks.png)" in text and card_problems(text) == []
     problems = card_problems(text + "\n![plot](docs/other.png)\n![remote](https://example.org/a.png)\n")
     assert len(problems) == 1 and "docs/other.png" in problems[0] and "not shipped" in problems[0]
 

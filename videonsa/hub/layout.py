@@ -20,7 +20,7 @@ CODE_FILES = tuple(modeling_videonsa._CODE_FILES)
 KERNELS_DIR = "nsa_kernels"
 MODEL_CARD = ROOT / "model_card.md"
 # Images the card shows, shipped at the repository's top level under their own names (the card links them so).
-CARD_IMAGES = {"benchmarks_h100.png": ROOT / "docs" / "benchmarks_h100.png"}
+CARD_IMAGES = {"benchmarks.png": ROOT / "docs" / "benchmarks.png"}
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 SHARD_RE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
