@@ -616,10 +616,9 @@ class VideoNSAVisionAttention(Qwen2_5_VLVisionAttention):
     The vision tower packs every patch into one sequence cut into segments by ``cu_seqlens`` (one per temporal patch
     in the full-attention layers, one per window of at most 8 x 8 patches in the others); each segment attends only
     within itself. With flash-attn, transformers runs all segments in one varlen call (kept as it is here). Without
-    it, transformers runs one attention call per segment: about 240,000 calls per pass of the tower for a
-    128K-token video of 224 x 224 frames, whose launch overhead, not their arithmetic, makes the tower half of the
-    prefill (issue 7). Here the segments of equal length, nearly all of them (only windows cut by a frame's right
-    or bottom edge are shorter), are gathered into ``[segments, heads, length, head_dim]`` batches that go through
+    it, transformers runs one attention call per segment, whose launch overhead dominates for long videos
+    (``docs/benchmarks.md``). Here the segments of equal length, nearly all of them (only windows cut by a frame's
+    right or bottom edge are shorter), are gathered into ``[segments, heads, length, head_dim]`` batches that go through
     the configured attention interface (sdpa, eager, ...) without a mask: the same function, one call per distinct
     segment length (more only when a batch's scores would exceed ``_VISION_SCORES_PER_CALL``).
     """
@@ -667,8 +666,8 @@ class VideoNSAVisionMLP(Qwen2_5_VLMLP):
     """Qwen2.5-VL's vision MLP (same parameters, same function) with its inner width padded for fast matmuls.
 
     The released vision tower's inner width is 3,420, a row of 6,840 bytes in bf16: not a multiple of 16 bytes, so
-    cuBLAS cannot use its Hopper kernels for the three products and falls back to sm80 ones at about a third of
-    the speed (on an H100 the MLP took 1.8 of the tower's 4.6 s for a 128K-token video). Here the gate and up
+    cuBLAS cannot use its Hopper kernels for the three products and falls back to slower ones
+    (``docs/benchmarks.md``). Here the gate and up
     weights are stacked into one ``[2 * padded, hidden]`` matrix whose extra rows are zeros (with zero bias), and
     the down weight gets the matching zero columns: the padded inner units are ``silu(0) * 0 = 0`` and add
     nothing, so the output is the plain MLP's. The padded weights are rebuilt on every call (a few MB, a copy
