@@ -725,6 +725,15 @@ class VideoNSAModel(Qwen2_5_VLModel):
         cache = resolve_cache(cache, kwargs)
         if input_ids is not None and not torch.compiler.is_compiling():
             self._check_placeholders_have_pixels(input_ids, cache, pixel_values, pixel_values_videos, kwargs)
+            self._check_grids_match_inputs(input_ids, pixel_values, pixel_values_videos, kwargs)
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and not torch.compiler.is_compiling():
+            empty = torch.nonzero(~mask.bool().any(dim=1)).flatten().tolist()
+            if empty:
+                raise ValueError(
+                    f"attention_mask marks no real token in sample(s) {empty} of the batch (all zeros): such a sample "
+                    "has nothing to attend to. Drop it from the batch, or pass the processor's attention_mask."
+                )
         return super().forward(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -732,6 +741,35 @@ class VideoNSAModel(Qwen2_5_VLModel):
             **{CACHE_ARG: cache},
             **kwargs,
         )
+
+    def _check_grids_match_inputs(self, input_ids, pixel_values, pixel_values_videos, kwargs) -> None:
+        """Reject ``image_grid_thw`` / ``video_grid_thw`` that do not describe the pixel rows passed, or whose merged
+        tokens differ in number from the placeholders in ``input_ids``, naming the grid and both counts."""
+        merge = self.config.vision_config.spatial_merge_size ** 2
+        for kind, token_id, pixels, grid_name in (
+            ("image", self.config.image_token_id, pixel_values, "image_grid_thw"),
+            ("video", self.config.video_token_id, pixel_values_videos, "video_grid_thw"),
+        ):
+            grid = kwargs.get(grid_name)
+            if pixels is None:
+                continue
+            if grid is None:
+                raise ValueError(f"{kind} pixels were passed without {grid_name}: pass the processor's {grid_name}.")
+            grid_list = [tuple(int(x) for x in row) for row in grid.tolist()]
+            patches = sum(t * h * w for t, h, w in grid_list)
+            if patches != pixels.shape[0]:
+                raise ValueError(
+                    f"{grid_name} {grid_list} describes {patches} patches but pixel_values{'_videos' * (kind == 'video')} "
+                    f"holds {pixels.shape[0]} rows: pass the grid that the processor returned with these pixels."
+                )
+            tokens = patches // merge
+            placeholders = int((input_ids == token_id).sum()) if token_id is not None else tokens
+            if placeholders != tokens:
+                raise ValueError(
+                    f"{grid_name} {grid_list} gives {tokens} {kind} tokens ({patches} patches / {merge} per token) but "
+                    f"input_ids hold {placeholders} {kind} placeholder tokens (id {token_id}): the prompt and the "
+                    f"{kind}s do not belong together. Process text and {kind}s in one processor call."
+                )
 
     def _check_placeholders_have_pixels(self, input_ids, cache, pixel_values, pixel_values_videos, kwargs) -> None:
         """Reject a prompt pass whose image or video placeholders come without pixels (or encoded features) and

@@ -238,3 +238,26 @@ def test_dense_part_follows_the_attn_implementation():
         assert model.model.language_model.layers[0].self_attn.last_path.endswith(f"{implementation} dense)")
     real = inputs["attention_mask"].bool()
     torch.testing.assert_close(logits[0][real], logits[1][real], rtol=1e-4, atol=1e-5)
+
+
+def test_grids_that_do_not_match_the_pixels_or_the_prompt_are_clear_errors():
+    """Issue 17 item 12: a video_grid_thw that disagrees with the pixel rows or with the placeholders in input_ids, and
+    a sample whose attention mask is all zeros, are errors that name the grid, the counts, the sample."""
+    model = tiny_model()
+    inputs = video_prompt(TEXT_VIDEO_TEXT)
+    grid = inputs["video_grid_thw"]
+    wrong_rows = dict(inputs, video_grid_thw=grid + torch.tensor([[2, 0, 0]]))
+    with pytest.raises(ValueError, match=r"video_grid_thw \[\(\d+, \d+, \d+\)\] describes \d+ patches but "
+                                         r"pixel_values_videos holds \d+ rows"):
+        model(**wrong_rows)
+    # the pixels fit the grid, but one placeholder of the prompt is missing
+    t, h, w = grid[0].tolist()
+    input_ids = inputs["input_ids"].clone()
+    input_ids[0, int(torch.nonzero(input_ids[0] == VIDEO_TOKEN)[0])] = 5
+    fewer_tokens = dict(inputs, input_ids=input_ids)
+    with pytest.raises(ValueError, match=rf"gives {t * h * w // 4} video tokens .* input_ids hold {t * h * w // 4 - 1} "
+                                         r"video placeholder tokens"):
+        model(**fewer_tokens)
+    no_real_token = dict(inputs, attention_mask=torch.zeros_like(inputs["attention_mask"]))
+    with pytest.raises(ValueError, match=r"attention_mask marks no real token in sample\(s\) \[0\]"):
+        model(**no_real_token)
