@@ -74,10 +74,12 @@ def bench_length(T, reps, rows):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from nsa_kernels import triton_nsa as TN
-    from nsa_kernels.compression import compress_kv, compression_attention_bwd, compression_attention_fwd
-    from nsa_kernels.selected_attention import selected_attention_bwd, selected_attention_fwd
+    from nsa_kernels.compression import (compress_kv, compression_attention_bwd, compression_attention_bwd_kernels,
+                                         compression_attention_fwd)
+    from nsa_kernels.selected_attention import (selected_attention_bwd, selected_attention_bwd_kernels,
+                                                selected_attention_fwd)
     from nsa_kernels.selection import select_blocks
-    from nsa_kernels.window_attention import band_attention_bwd, band_attention_fwd
+    from nsa_kernels.window_attention import band_attention_bwd, band_attention_bwd_kernels, band_attention_fwd
 
     res = {}
     q, k, v, gates = make_inputs(T)
@@ -170,22 +172,14 @@ def bench_length(T, reps, rows):
         def variant(**settings):
             return dataclasses.replace(DEFAULT_LAUNCH, **settings)
 
-        def slc_bwd(part):
-            return lambda: selected_attention_bwd(q, k, v, bi, o_s, lse_s, do, BS, scale, parts=(part,))
-
-        def cmp_bwd(part):
-            return lambda: compression_attention_bwd(q, kc, vc, o_c, lse, do, BS, scale, T, 56, parts=(part,))
-
-        def swd_bwd(part):
-            return lambda: band_attention_bwd(q, k, v, o_w, lse_w, do, scale, W, None, None, 56, parts=(part,))
+        # each backward's two launches timed apart (its buffers set up once)
+        slc_dq, slc_dkv, _ = selected_attention_bwd_kernels(q, k, v, bi, o_s, lse_s, do, BS, scale)
+        cmp_dq, cmp_dkv, _ = compression_attention_bwd_kernels(q, kc, vc, o_c, lse, do, BS, scale, T, 56)
+        swd_dq, swd_dkv, _ = band_attention_bwd_kernels(q, k, v, o_w, lse_w, do, scale, W, None, None, 56)
 
         parts["slc_fwd_w4"] = lambda: selected_attention_fwd(q, k, v, bi, BS, scale, launch=variant(selected_warps=4))
-        parts["slc_bwd_dq"] = slc_bwd("dq")
-        parts["slc_bwd_dkv"] = slc_bwd("dkv")
-        parts["cmp_bwd_dq"] = cmp_bwd("dq")
-        parts["cmp_bwd_dkv"] = cmp_bwd("dkv")
-        parts["swd_bwd_dq"] = swd_bwd("dq")
-        parts["swd_bwd_dkv"] = swd_bwd("dkv")
+        parts.update(slc_bwd_dq=slc_dq, slc_bwd_dkv=slc_dkv, cmp_bwd_dq=cmp_dq, cmp_bwd_dkv=cmp_dkv, swd_bwd_dq=swd_dq,
+                     swd_bwd_dkv=swd_dkv)
         parts["cmp_fwd_w8"] = lambda: compression_attention_fwd(q, kc, vc, BS, scale, T, 56,
                                                                 launch=variant(attention_warps=8))
         parts["swd_fwd_w8"] = lambda: band_attention_fwd(q, k, v, scale, W, None, None, 56,

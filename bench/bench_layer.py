@@ -24,6 +24,7 @@ import json
 import os
 import sys
 
+import bench_attention  # the sibling script (this folder is on sys.path when a script here runs)
 import torch
 import torch.nn.functional as F
 
@@ -34,17 +35,8 @@ PREFIX, SUFFIX = 128, 64
 
 
 def timed(fn, reps):
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    """Median milliseconds of ``fn`` (CUDA events, after a warm-up): ``bench_attention``'s timer."""
+    return bench_attention.timed(fn, reps)[0]
 
 
 def layer_inputs(T, kind, seed=0):

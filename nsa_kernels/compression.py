@@ -186,9 +186,19 @@ def compression_attention_fwd(q, k_cmp, v_cmp, block_size, scale, num_keys=None,
 
 
 def compression_attention_bwd(q, k_cmp, v_cmp, o, lse, do, block_size, scale, num_keys=None, active_heads=None,
-                              launch=DEFAULT_LAUNCH, parts=("dq", "dkv")):
-    """``dq`` (q dtype), ``dk_cmp``, ``dv_cmp`` (k_cmp dtype). ``parts`` runs only the dq or the dk/dv kernel
-    (the other result is left unset): the two halves are timed apart."""
+                              launch=DEFAULT_LAUNCH):
+    """``dq`` (q dtype), ``dk_cmp``, ``dv_cmp`` (k_cmp dtype)."""
+    run_dq, run_dkv, (dq, dk, dv) = compression_attention_bwd_kernels(q, k_cmp, v_cmp, o, lse, do, block_size, scale,
+                                                                      num_keys, active_heads, launch)
+    run_dq()
+    run_dkv()
+    return dq, dk.to(k_cmp.dtype), dv.to(v_cmp.dtype)
+
+
+def compression_attention_bwd_kernels(q, k_cmp, v_cmp, o, lse, do, block_size, scale, num_keys=None,
+                                      active_heads=None, launch=DEFAULT_LAUNCH):
+    """The backward as two launches: ``(run_dq, run_dkv, (dq, dk, dv))``, each ``run_*`` a no-argument call that
+    fills its buffers (float32 ``dk``/``dv``). :func:`compression_attention_bwd` runs both; timing runs each."""
     B, Tq, P, D = q.shape
     NB, HKV = k_cmp.shape[1], k_cmp.shape[2]
     num_keys = Tq if num_keys is None else int(num_keys)
@@ -197,21 +207,26 @@ def compression_attention_bwd(q, k_cmp, v_cmp, o, lse, do, block_size, scale, nu
     do = do.contiguous()
     delta = (o.float() * do.float()).sum(-1).transpose(1, 2).contiguous()  # [B, P, Tq]
     dq = torch.empty(B, Tq, P, D, device=q.device, dtype=q.dtype)
-    dk = torch.zeros(B, NB, HKV, D, device=q.device, dtype=torch.float32)
-    dv = torch.zeros_like(dk)
+    dk = torch.empty(B, NB, HKV, D, device=q.device, dtype=torch.float32)
+    dv = torch.empty_like(dk)
     prec = dot_precision(q.dtype)
     common = dict(P=P, GROUP=P // HKV, D=D, BS=block_size, BM=bm, BN=bn, BD=bd, PREC=prec, num_stages=2)
     args = (*q.stride(), *k_cmp.stride(), *v_cmp.stride(), Tq, num_keys - Tq, NB, active_heads,
             scale * LOG2E, scale)
-    if "dq" in parts:
+    rc = launch.compression_dkv_rows or (256 if Tq <= 16384 else 1024)
+
+    def run_dq():
         _cmp_bwd_dq_kernel[(triton.cdiv(Tq, bm), B * P)](q, k_cmp, v_cmp, do, lse, delta, dq, *args,
                                                           num_warps=launch.attention_warps, **common)
-    if "dkv" in parts:
-        rc = launch.compression_dkv_rows or (256 if Tq <= 16384 else 1024)
+
+    def run_dkv():
+        dk.zero_()
+        dv.zero_()
         _cmp_bwd_dkv_kernel[(triton.cdiv(NB, bn), triton.cdiv(Tq, rc), B * HKV)](
             q, k_cmp, v_cmp, do, lse, delta, dk, dv, *args, HKV=HKV, RC=rc,
             num_warps=launch.attention_warps, **common)
-    return dq, dk.to(k_cmp.dtype), dv.to(v_cmp.dtype)
+
+    return run_dq, run_dkv, (dq, dk, dv)
 
 
 class CompressionAttentionFunction(torch.autograd.Function):
@@ -247,4 +262,5 @@ def compression_attention(q, k_cmp, v_cmp, block_size, scale=None, num_keys=None
                                               float(scale), num_keys, active_heads)
 
 
-__all__ = ["compress_kv", "compression_attention", "compression_attention_fwd", "compression_attention_bwd"]
+__all__ = ["compress_kv", "compression_attention", "compression_attention_fwd", "compression_attention_bwd",
+           "compression_attention_bwd_kernels"]

@@ -302,11 +302,20 @@ def _invert(bi, Tq, Tk, HKV, S, block_size, OFF):
 
 
 def selected_attention_bwd(q, k, v, block_indices, o, lse, do, block_size, scale, dk_acc=None, dv_acc=None,
-                           launch=DEFAULT_LAUNCH, parts=("dq", "dkv")):
-    """Returns ``dq`` (q dtype) and float32 ``dk``, ``dv`` (added into ``dk_acc``/``dv_acc`` when given).
+                           launch=DEFAULT_LAUNCH):
+    """Returns ``dq`` (q dtype) and float32 ``dk``, ``dv`` (added into ``dk_acc``/``dv_acc`` when given)."""
+    run_dq, run_dkv, grads = selected_attention_bwd_kernels(q, k, v, block_indices, o, lse, do, block_size, scale,
+                                                            dk_acc, dv_acc, launch)
+    run_dq()
+    run_dkv()
+    return grads
 
-    ``parts`` limits the work to the dq kernel or to the dk/dv half (inversion + kernel), for timing.
-    """
+
+def selected_attention_bwd_kernels(q, k, v, block_indices, o, lse, do, block_size, scale, dk_acc=None, dv_acc=None,
+                                   launch=DEFAULT_LAUNCH):
+    """The backward as two launches: ``(run_dq, run_dkv, (dq, dk, dv))``, each ``run_*`` a no-argument call that
+    fills its buffers (``run_dkv``: the per-block row lists, then the dk/dv kernel, adding into ``dk``/``dv``).
+    :func:`selected_attention_bwd` runs both; timing runs each."""
     B, Tq, P, D, Tk, HKV, S, group = _cfg(q, k, block_indices, block_size)
     bi = block_indices.to(torch.int32).contiguous()
     do = do.contiguous()
@@ -318,13 +327,14 @@ def selected_attention_bwd(q, k, v, block_indices, o, lse, do, block_size, scale
     bh = head_block(group)
     prec = dot_precision(q.dtype)
     strides = (*q.stride(), *k.stride(), *v.stride())
-    if "dq" in parts:
+    def run_dq():
         _slc_bwd_dq_kernel[(Tq, B * HKV)](
             q, k, v, bi, do, lse, delta, dq, *strides, Tq, Tk - Tq, scale * LOG2E, scale,
             P=P, HKV=HKV, GROUP=group, D=D, S=S, BS=block_size, BH=bh, BD=bd, PREC=prec, num_warps=launch.selected_warps,
             num_stages=launch.selected_stages,
         )
-    if "dkv" in parts:
+
+    def run_dkv():
         item_key, item_start, item_end, rows, NB, total = _invert(bi, Tq, Tk, HKV, S, block_size, Tk - Tq)
         if total:
             bq_rows = max(1, launch.selected_dkv_rows // bh)
@@ -334,7 +344,8 @@ def selected_attention_bwd(q, k, v, block_indices, o, lse, do, block_size, scale
                 P=P, HKV=HKV, GROUP=group, D=D, BS=block_size, BH=bh, BQ=bq_rows, BD=bd, PREC=prec,
                 num_warps=launch.selected_dkv_warps if bd > 64 else 4, num_stages=2,
             )
-    return dq, dk, dv
+
+    return run_dq, run_dkv, (dq, dk, dv)
 
 
 class SelectedAttentionFunction(torch.autograd.Function):
@@ -363,4 +374,5 @@ def selected_attention(q, k, v, block_indices, block_size, scale=None, rows_per_
                                            launch)
 
 
-__all__ = ["selected_attention", "selected_attention_fwd", "selected_attention_bwd", "tile_unions"]
+__all__ = ["selected_attention", "selected_attention_fwd", "selected_attention_bwd", "selected_attention_bwd_kernels",
+           "tile_unions"]

@@ -205,9 +205,19 @@ def band_attention_fwd(q, k, v, scale, window=None, positions=None, key_valid=No
 
 
 def band_attention_bwd(q, k, v, o, lse, do, scale, window=None, positions=None, key_valid=None,
-                       active_heads=None, dk_acc=None, dv_acc=None, launch=DEFAULT_LAUNCH, parts=("dq", "dkv")):
-    """Returns ``dq`` (q dtype) and float32 ``dk``, ``dv`` (added into ``dk_acc``/``dv_acc`` when given).
-    ``parts`` runs only the dq or the dk/dv kernel: the two halves are timed apart."""
+                       active_heads=None, dk_acc=None, dv_acc=None, launch=DEFAULT_LAUNCH):
+    """Returns ``dq`` (q dtype) and float32 ``dk``, ``dv`` (added into ``dk_acc``/``dv_acc`` when given)."""
+    run_dq, run_dkv, grads = band_attention_bwd_kernels(q, k, v, o, lse, do, scale, window, positions, key_valid,
+                                                        active_heads, dk_acc, dv_acc, launch)
+    run_dq()
+    run_dkv()
+    return grads
+
+
+def band_attention_bwd_kernels(q, k, v, o, lse, do, scale, window=None, positions=None, key_valid=None,
+                               active_heads=None, dk_acc=None, dv_acc=None, launch=DEFAULT_LAUNCH):
+    """The backward as two launches: ``(run_dq, run_dkv, (dq, dk, dv))``, each ``run_*`` a no-argument call that
+    fills its buffers. :func:`band_attention_bwd` runs both; timing runs each."""
     B, Tq, H, D, Tk, HKV, W, pos, kvalid, active, bd, bm, bn = _prep(q, k, window, positions, key_valid,
                                                                       active_heads)
     do = do.contiguous()
@@ -221,14 +231,16 @@ def band_attention_bwd(q, k, v, o, lse, do, scale, window=None, positions=None, 
                   HAS_POS=pos is not None, HAS_KVALID=kvalid is not None, num_stages=2)
     args = (pos if pos is not None else dummy, kvalid if kvalid is not None else dummy,
             *q.stride(), *k.stride(), *v.stride(), Tq, Tk, Tk - Tq, W, active, scale * LOG2E, scale)
-    if "dq" in parts:
+    def run_dq():
         _band_bwd_dq_kernel[(triton.cdiv(Tq, bm), B * H)](q, k, v, do, lse, delta, dq, *args,
                                                           num_warps=launch.attention_warps, **common)
-    if "dkv" in parts:
+
+    def run_dkv():
         _band_bwd_dkv_kernel[(triton.cdiv(Tk, bn), B * HKV)](q, k, v, do, lse, delta, dk, dv, *args,
                                                              ACCUMULATE=accumulate,
                                                              num_warps=launch.attention_warps, **common)
-    return dq, dk, dv
+
+    return run_dq, run_dkv, (dq, dk, dv)
 
 
 class BandAttentionFunction(torch.autograd.Function):
@@ -262,4 +274,5 @@ def band_attention(q, k, v, scale=None, window=None, positions=None, key_valid=N
     return BandAttentionFunction.apply(q, k, v, float(scale), window, positions, key_valid, active_heads)
 
 
-__all__ = ["window_attention", "band_attention", "band_attention_fwd", "band_attention_bwd"]
+__all__ = ["window_attention", "band_attention", "band_attention_fwd", "band_attention_bwd",
+           "band_attention_bwd_kernels"]
