@@ -292,9 +292,10 @@ def _decode_failure(source: str, backend: str, error: Exception, where: str = ""
 
 def _pyav_frame_times(stream, total: int, fps: float) -> list[float] | None:
     """Presentation times (s, from the first frame) from the container's index when it lists every frame and they
-    are not evenly spaced at `fps` (within half a frame); `None` for constant frame rates."""
-    entries = stream.index_entries
-    if total < 2 or len(entries) != total:
+    are not evenly spaced at `fps` (within half a frame); `None` for constant frame rates, and with PyAV < 16, which
+    does not expose the index (variable frame rates are then sampled by index, as transformers does)."""
+    entries = getattr(stream, "index_entries", None)
+    if entries is None or total < 2 or len(entries) != total:
         return None
     stamps = np.sort(np.fromiter((entry.timestamp for entry in entries), dtype=np.float64, count=total))
     times = (stamps - stamps[0]) * float(stream.time_base)
@@ -397,13 +398,15 @@ def decode_pyav(path: str, indices, on_frame: Callable[[], None] | None = None):
         with av.open(path) as container:
             stream = container.streams.video[0]
             reformatter = VideoReformatter()
+            # PyAV >= 16 lets the converter's thread pool be sized; it only pays off on large frames (3x slower on
+            # tiny ones: docs/processor.md). Older PyAV (lmms-eval pins av < 16) converts single-threaded.
+            sized_pool = int(av.__version__.split(".")[0]) >= 16
             container.seek(0)
             for frame in container.decode(stream):
                 positions = wanted.get(decoded)
                 if positions is not None:
-                    # a thread pool only pays off on large frames (3x slower on tiny ones: docs/processor.md)
-                    threads = 1 if frame.width * frame.height <= 512 * 512 else 0
-                    array = reformatter.reformat(frame, format="rgb24", threads=threads).to_ndarray()
+                    threads = {"threads": 1 if frame.width * frame.height <= 512 * 512 else 0} if sized_pool else {}
+                    array = reformatter.reformat(frame, format="rgb24", **threads).to_ndarray()
                     for position in positions:
                         frames[position] = array
                 decoded += 1
