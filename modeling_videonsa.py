@@ -766,6 +766,7 @@ class VideoNSAModel(Qwen2_5_VLModel):
             placeholders = int((input_ids == token_id).sum()) if token_id is not None else tokens
             if placeholders != tokens:
                 raise ValueError(
+                    f"{kind.capitalize()} features and {kind} tokens do not match: "
                     f"{grid_name} {grid_list} gives {tokens} {kind} tokens ({patches} patches / {merge} per token) but "
                     f"input_ids hold {placeholders} {kind} placeholder tokens (id {token_id}): the prompt and the "
                     f"{kind}s do not belong together. Process text and {kind}s in one processor call."
