@@ -253,7 +253,10 @@ class VideoNSAProcessor(Qwen2_5_VLProcessor):
         Returns the fps to sample at instead of the requested one (`reduce_fps_to_fit=True` and too long), or None.
         Raises [`ContextBudgetExceededError`] when the prompt does not fit."""
         limit = max_context_tokens or self.max_context_tokens
-        merged = self._merge_kwargs(tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
+        # the kwargs class given explicitly, as ProcessorMixin.__call__ does: transformers < 5.23 requires it
+        merged = self._merge_kwargs(
+            self.valid_processor_kwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs
+        )
         videos_kwargs = merged["videos_kwargs"]
         vp = self.video_processor
 
