@@ -181,6 +181,7 @@ class VideoNSAProcessor(Qwen2_5_VLProcessor):
         from transformers import AutoImageProcessor
 
         subfolder = kwargs.pop("subfolder", "")
+        given = kwargs.pop("video_processor", None)  # not a tokenizer or image processor setting
         loaders = {
             "image_processor": lambda: AutoImageProcessor.from_pretrained(
                 pretrained_model_name_or_path, subfolder=subfolder, **kwargs
@@ -188,9 +189,9 @@ class VideoNSAProcessor(Qwen2_5_VLProcessor):
             "tokenizer": lambda: cls._load_tokenizer_from_pretrained(
                 "tokenizer", pretrained_model_name_or_path, subfolder=subfolder, **kwargs
             ),
-            "video_processor": lambda: cls._load_video_processor(
-                pretrained_model_name_or_path, subfolder=subfolder, **kwargs
-            ),
+            "video_processor": lambda: given
+            if given is not None
+            else cls._load_video_processor(pretrained_model_name_or_path, subfolder=subfolder, **kwargs),
         }
         return [loaders[name]() for name in cls.get_attributes()]
 
