@@ -14,6 +14,7 @@ processor's `plan()`; the Qwen2.5-VL chat template; and qwen-vl-utils' outputs (
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import sys
@@ -167,13 +168,20 @@ class VideoNSAProcessor(Qwen2_5_VLProcessor):
         return processor
 
     @classmethod
+    def _load_video_processor(cls, pretrained_model_name_or_path, **kwargs):
+        """Always [`VideoNSAVideoProcessor`] (not `AutoVideoProcessor`, which would ask for `trust_remote_code` to
+        find this class), so `VideoNSAProcessor.from_pretrained` needs no remote code once this file is imported and
+        `AutoProcessor(..., trust_remote_code=True)` gets the classes of the same files."""
+        return VideoNSAVideoProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
     def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
-        """The image processor and tokenizer load as transformers loads them; the video processor is always
-        [`VideoNSAVideoProcessor`], so `VideoNSAProcessor.from_pretrained` needs no remote code once this file is
-        imported (and `AutoProcessor(..., trust_remote_code=True)` gets the classes of the same files)."""
+        """transformers < 5.25: the image processor and tokenizer load as transformers loads them, the video processor
+        as [`VideoNSAVideoProcessor`]."""
         from transformers import AutoImageProcessor
 
         subfolder = kwargs.pop("subfolder", "")
+        given = kwargs.pop("video_processor", None)  # not a tokenizer or image processor setting
         loaders = {
             "image_processor": lambda: AutoImageProcessor.from_pretrained(
                 pretrained_model_name_or_path, subfolder=subfolder, **kwargs
@@ -181,11 +189,31 @@ class VideoNSAProcessor(Qwen2_5_VLProcessor):
             "tokenizer": lambda: cls._load_tokenizer_from_pretrained(
                 "tokenizer", pretrained_model_name_or_path, subfolder=subfolder, **kwargs
             ),
-            "video_processor": lambda: VideoNSAVideoProcessor.from_pretrained(
-                pretrained_model_name_or_path, subfolder=subfolder, **kwargs
-            ),
+            "video_processor": lambda: given
+            if given is not None
+            else cls._load_video_processor(pretrained_model_name_or_path, subfolder=subfolder, **kwargs),
         }
         return [loaders[name]() for name in cls.get_attributes()]
+
+    @classmethod
+    def _resolve_subprocessors(cls, pretrained_model_name_or_path, processor_dict, **kwargs):
+        """transformers >= 5.25 (replaces `_get_arguments_from_pretrained`): the video processor (the one given, or
+        [`VideoNSAVideoProcessor`] loaded from the folder) goes into `processor_dict` as an object, which transformers
+        keeps; the image processor and tokenizer load as transformers loads them. Returns `(processor_dict, kwargs
+        left for the processor)`."""
+        # Popped, not passed on: transformers would hand a `video_processor=` kwarg to the tokenizer, which loads first
+        # and would keep it in its init kwargs (then `save_pretrained` fails to serialise it).
+        video_processor = kwargs.pop("video_processor", None)
+        used = set()
+        if video_processor is None:
+            video_processor, unused = cls._load_video_processor(
+                pretrained_model_name_or_path, **{**kwargs, "return_unused_kwargs": True}
+            )
+            used = set(kwargs) - set(unused) - set(inspect.signature(cls.__init__).parameters)
+        processor_dict = {**processor_dict, "video_processor": video_processor}
+        processor_dict, kwargs = super()._resolve_subprocessors(pretrained_model_name_or_path, processor_dict, **kwargs)
+        # as transformers does for the sub-processors it loads: what the video processor used is not the processor's
+        return processor_dict, {key: value for key, value in kwargs.items() if key not in used}
 
     # ------------------------------------------------------------------ calling
 
@@ -226,7 +254,10 @@ class VideoNSAProcessor(Qwen2_5_VLProcessor):
         Returns the fps to sample at instead of the requested one (`reduce_fps_to_fit=True` and too long), or None.
         Raises [`ContextBudgetExceededError`] when the prompt does not fit."""
         limit = max_context_tokens or self.max_context_tokens
-        merged = self._merge_kwargs(tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
+        # the kwargs class given explicitly, as ProcessorMixin.__call__ does: transformers < 5.23 requires it
+        merged = self._merge_kwargs(
+            self.valid_processor_kwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs
+        )
         videos_kwargs = merged["videos_kwargs"]
         vp = self.video_processor
 

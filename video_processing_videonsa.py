@@ -516,6 +516,9 @@ class VideoNSAVideoProcessor(Qwen2VLVideoProcessor):
     model_input_names = ["pixel_values_videos", "video_grid_thw"]
 
     def __init__(self, **kwargs):
+        if kwargs.get("size") is None:
+            # transformers < 5.23 writes `min_pixels`/`max_pixels` into `self.size`, the class's dict: give it a copy
+            kwargs["size"] = dict(self.size)
         super().__init__(**kwargs)
         self.call_kwargs(None, {})  # the saved settings obey the same rules as per-call ones
 
@@ -806,11 +809,10 @@ class VideoNSAVideoProcessor(Qwen2VLVideoProcessor):
                 tensor = tensor * 255.0
         return tensor
 
-    def _prepare_input_videos(self, videos, do_convert_rgb=None, input_data_format=None, device=None):
-        """`preprocess` gives channels-first tensors (see `_checked_frames`); only RGB conversion and device remain."""
-        return super()._prepare_input_videos(
-            videos, do_convert_rgb=do_convert_rgb, input_data_format=ChannelDimension.FIRST, device=device
-        )
+    def _prepare_input_videos(self, videos, input_data_format=None, **kwargs):
+        """`preprocess` gives channels-first tensors (see `_checked_frames`); only RGB conversion (transformers >=
+        5.23 passes `do_convert_rgb` here, older releases do not) and device remain."""
+        return super()._prepare_input_videos(videos, input_data_format=ChannelDimension.FIRST, **kwargs)
 
 
 def _is_full_video(count: int, md: VideoMetadata | None) -> bool:

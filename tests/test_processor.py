@@ -577,6 +577,32 @@ def test_save_pretrained_and_auto_processor_round_trip(tokenizer, clips, tmp_pat
     )
 
 
+def test_from_pretrained_needs_no_remote_code_and_resaves(tokenizer, clips, tmp_path):
+    processor = VideoNSAProcessor(tokenizer=tokenizer, max_context_tokens=65536)
+    processor.video_processor.min_frames = 6
+    processor.save_pretrained(tmp_path / "a")
+    # trust_remote_code=False: the classes of this checkout, never the folder's copies through the Auto classes
+    loaded = VideoNSAProcessor.from_pretrained(tmp_path / "a", trust_remote_code=False)
+    assert type(loaded.video_processor) is VideoNSAVideoProcessor
+    assert loaded.video_processor.min_frames == 6 and loaded.max_context_tokens == 65536
+    assert "video_processor" not in loaded.tokenizer.init_kwargs
+    loaded.save_pretrained(tmp_path / "b")  # the loaded processor saves again, and the same
+    reloaded = VideoNSAProcessor.from_pretrained(tmp_path / "b")
+    assert reloaded.video_processor.to_dict() == loaded.video_processor.to_dict()
+    path = clips["portrait_2s_24fps.mp4"]
+    assert_same(
+        reloaded(text="<|video_pad|>", videos=path, return_tensors="pt"),
+        processor(text="<|video_pad|>", videos=path, return_tensors="pt"),
+    )
+    # a video processor setting given to from_pretrained reaches the video processor; a given one is used as is
+    assert VideoNSAProcessor.from_pretrained(tmp_path / "a", fps=2.0).video_processor.fps == 2.0
+    given = VideoNSAVideoProcessor(fps=1.0)
+    with_given = VideoNSAProcessor.from_pretrained(tmp_path / "a", video_processor=given)
+    assert with_given.video_processor is given and "video_processor" not in with_given.tokenizer.init_kwargs
+    with_given.save_pretrained(tmp_path / "c")
+    assert VideoNSAProcessor.from_pretrained(tmp_path / "c").video_processor.fps == 1.0
+
+
 @pytest.mark.parametrize("where", ["top_level", "text_config"])
 def test_nsa_block_size_comes_from_the_model_config_beside_it(tokenizer, tmp_path, where):
     VideoNSAProcessor(tokenizer=tokenizer).save_pretrained(tmp_path)

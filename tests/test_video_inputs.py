@@ -228,6 +228,18 @@ def test_saved_settings_are_validated_too():
         VideoNSAProcessor(tokenizer=make_tokenizer(), max_context_tokens=0)
 
 
+def test_pixel_settings_of_one_processor_leave_the_defaults_alone():
+    from video_processing_videonsa import VideoNSAVideoProcessor
+
+    default = dict(VideoNSAVideoProcessor().size)
+    assert default == {"shortest_edge": 3136, "longest_edge": 50176}
+    assert VideoNSAVideoProcessor(min_pixels=6272, max_pixels=100352).size == {
+        "shortest_edge": 6272,
+        "longest_edge": 100352,
+    }
+    assert dict(VideoNSAVideoProcessor().size) == default
+
+
 # ---------------------------------------------------------------------------------------------------- item 11
 
 
