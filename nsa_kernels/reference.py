@@ -523,13 +523,12 @@ def hybrid_attention(
             if mixed_samples[b]:
                 extra["dense_output"] = dense_out[b : b + 1, rows]
             intermediates[b] = extra
-    if batch == 1 and nsa_rows and not padded:
-        out = nsa_rows[0][2][None].to(out.dtype) + out
+    if nsa_rows and not padded:  # every row of an NSA sample is its own: stack, no scatter
+        by_sample = {b: rows_out.to(out.dtype) for b, _, rows_out in nsa_rows}
+        out = torch.stack([by_sample.get(b, torch.zeros_like(out[0])) for b in range(batch)]) + out
     elif nsa_rows:  # out-of-place so that autograd sees every sample's rows
         nsa_full = torch.zeros_like(out)
         for b, rows, rows_out in nsa_rows:
-            if isinstance(rows, slice):
-                rows = torch.arange(num_q, device=out.device)
             nsa_full = nsa_full.index_put((torch.tensor(b, device=out.device), rows), rows_out.to(out.dtype))
         out = nsa_full + out
     return (out, intermediates) if return_intermediates else out
