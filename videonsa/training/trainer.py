@@ -211,7 +211,7 @@ class VideoNSATrainer(Trainer):
 class StepStatsCallback(TrainerCallback):
     """Times every optimizer step and tracks peak accelerator memory; writes ``step_stats.json`` to the output
     folder at the end of training. It synchronises the GPU twice a step, so it is on only when asked for
-    (``train.py --step_stats``; ``bench/bench_training.py`` uses it for its tables).
+    (``videonsa-train --step_stats``; ``bench/bench_training.py`` uses it for its tables).
 
     ``step_time_s``: from the step's start to its end (forward, backward, optimizer; the batches of the step are
     already loaded); ``interval_s``: from one step's end to the next (data loading included)."""
