@@ -21,6 +21,11 @@ NSA_KEYS = (
     "nsa_gate_temperature",
     "nsa_backend",
 )
+# Settings of how the pass is computed, not of the attention function; validated and delegated like the NSA keys.
+# (Not named `prefill_chunk_size`: `GenerationConfig.from_model_config` would copy that name into generate's own
+# chunked prefill, which continues the cache chunk by chunk and is not exact for VideoNSA.)
+COMPUTE_KEYS = ("prefill_chunk_tokens",)
+VALIDATED_KEYS = NSA_KEYS + COMPUTE_KEYS
 AUTO_MAP = {
     "AutoConfig": "configuration_videonsa.VideoNSAConfig",
     "AutoModel": "modeling_videonsa.VideoNSAForConditionalGeneration",
@@ -58,6 +63,12 @@ class VideoNSATextConfig(Qwen2_5_VLTextConfig):
     nsa_backend (`str`, defaults to `"auto"`):
         `"triton"` (bundled kernels, CUDA), `"torch"` (the pure-PyTorch reference, any device) or `"auto"`
         (Triton on CUDA when it is importable, otherwise torch).
+    prefill_chunk_tokens (`int`, *optional*):
+        When set, a pass without gradients over more tokens than this (a long prefill) runs the token-wise parts of
+        every decoder layer (the two RMS norms, the residual adds and the MLP) over chunks of this many tokens, in
+        place; attention still runs over the whole sequence. The result is that of the unchunked pass (to float
+        rounding), with the MLP's intermediate activations held for one chunk only. `None` (default) disables it;
+        passes with gradients are never chunked.
     """
 
     model_type = "videonsa_text"
@@ -68,17 +79,18 @@ class VideoNSATextConfig(Qwen2_5_VLTextConfig):
     nsa_window_size: int = 256
     nsa_gate_temperature: float = 0.3
     nsa_backend: str = "auto"
+    prefill_chunk_tokens: int | None = None
 
     def __post_init__(self, **kwargs):
         validate_nsa_settings(self)
         super().__post_init__(**kwargs)
 
     def __setattr__(self, name, value):
-        # The one validation path for NSA keys set after construction, wherever they are set from
+        # The one validation path for NSA (and compute) keys set after construction, wherever they are set from
         # (`text_config.nsa_x = ...`, the top-level config's properties, `from_pretrained(..., nsa_x=...)`): the
         # combination is checked and a rejected value is not kept. The first assignment of each field, while the
         # dataclass is being built, is left to `__post_init__`, which sees all keys at once.
-        if name not in NSA_KEYS or name not in self.__dict__:
+        if name not in VALIDATED_KEYS or name not in self.__dict__:
             super().__setattr__(name, value)
             return
         previous = self.__dict__[name]
@@ -96,7 +108,7 @@ class VideoNSATextConfig(Qwen2_5_VLTextConfig):
 
 
 def validate_nsa_settings(config) -> None:
-    """Raise a `ValueError` that names the offending NSA key, its value and what is accepted."""
+    """Raise a `ValueError` that names the offending NSA (or compute) key, its value and what is accepted."""
 
     def positive_int(name):
         value = getattr(config, name)
@@ -121,6 +133,9 @@ def validate_nsa_settings(config) -> None:
         raise ValueError(f"nsa_backend must be one of {NSA_BACKENDS}, got {config.nsa_backend!r}")
     if not isinstance(config.nsa_enabled, bool):
         raise ValueError(f"nsa_enabled must be True or False, got {config.nsa_enabled!r}")
+    chunk = getattr(config, "prefill_chunk_tokens", None)
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"prefill_chunk_tokens must be a positive integer or None (unchunked), got {chunk!r}")
 
 
 @strict
@@ -181,7 +196,7 @@ def _delegate_to_text_config(name):
     return property(getter, setter, doc=f"`text_config.{name}`")
 
 
-for _key in NSA_KEYS:
+for _key in VALIDATED_KEYS:
     setattr(VideoNSAConfig, _key, _delegate_to_text_config(_key))
 
 

@@ -495,9 +495,64 @@ class VideoNSAAttention(Qwen2_5_VLAttention):
 
 
 class VideoNSADecoderLayer(Qwen2_5_VLDecoderLayer):
+    """Qwen2.5-VL's decoder layer with :class:`VideoNSAAttention`; a long pass without gradients can run its
+    token-wise parts in chunks (``config.prefill_chunk_tokens``)."""
+
     def __init__(self, config: VideoNSATextConfig, layer_idx: int):
         super().__init__(config, layer_idx)
         self.self_attn = VideoNSAAttention(config, layer_idx)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        use_cache: bool | None = False,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """``hidden_states`` ``[B, T, hidden]`` -> ``[B, T, hidden]``, as Qwen2.5-VL's layer; the KV cache comes as
+        ``cache`` or ``past_key_values``.
+
+        With ``config.prefill_chunk_tokens`` set, no gradients and ``T`` above it, the two RMS norms, the residual
+        adds and the MLP run over chunks of that many rows (the MLP's ``intermediate_size``-wide activations exist
+        for one chunk at a time), while attention sees the whole sequence. With gradients every activation is kept
+        for the backward pass whatever the chunking, so the layer then runs unchunked.
+        """
+        cache = resolve_cache(cache, kwargs)
+        chunk = self.self_attn.config.prefill_chunk_tokens
+        if chunk is None or hidden_states.shape[1] <= chunk or torch.is_grad_enabled():
+            return super().forward(
+                hidden_states,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=use_cache,
+                position_embeddings=position_embeddings,
+                **{CACHE_ARG: cache},
+                **kwargs,
+            )
+        length = hidden_states.shape[1]
+        normed = torch.empty_like(hidden_states)
+        for start in range(0, length, chunk):
+            normed[:, start : start + chunk] = self.input_layernorm(hidden_states[:, start : start + chunk])
+        output, _ = self.self_attn(
+            hidden_states=normed,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=use_cache,
+            position_embeddings=position_embeddings,
+            **{CACHE_ARG: cache},
+            **kwargs,
+        )
+        del normed
+        # The attention output is this layer's own tensor: the residual goes into it, leaving the input (which the
+        # caller may still hold, e.g. as a recorded hidden state) unchanged.
+        output.add_(hidden_states)
+        for start in range(0, length, chunk):
+            piece = output[:, start : start + chunk]
+            piece.add_(self.mlp(self.post_attention_layernorm(piece)))
+        return output
 
 
 class VideoNSATextModel(Qwen2_5_VLTextModel):
