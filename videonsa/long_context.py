@@ -3,16 +3,20 @@
 The released attention function is not causal across blocks: compression attends to the query's own and every
 LATER block, and the log-sum-exp that selection misreads indexes the whole pass (README, "What the attention
 computes"). A prefill that continues a KV cache chunk by chunk therefore cannot give the one-pass numbers in a
-model with more than one layer. :func:`chunked_prefill` instead computes the one pass itself, layer by layer:
+model with more than one layer. :func:`chunked_prefill` instead runs the one pass through the model with
+``config.prefill_chunk_tokens = chunk_size`` (``VideoNSADecoderLayer``'s own chunked pass):
 
-* the token-wise parts of every decoder layer (the two RMS norms and the MLP, whose 18,944-wide activations
-  dominate the memory of a long pass) run over chunks of ``chunk_size`` tokens;
+* the token-wise parts of every decoder layer (the two RMS norms, the residual adds and the MLP, whose 18,944-wide
+  activations dominate the memory of a long pass) run over chunks of ``chunk_size`` tokens;
 * the attention of every layer runs over the whole sequence through the layer's own ``VideoNSAAttention``
   (so the hybrid NSA / dense choice, the kernels and the KV cache are exactly the model's); the NSA path and the
   kernels are query-chunked internally, and the dense branch goes through the model's attention interface;
 * the vision tower runs over pieces of at most ``vision_chunk_size`` video tokens, cut between temporal patches
   (Qwen2.5-VL's vision attention never crosses a temporal patch, so the cut changes nothing);
-* only the last position goes through the final norm and ``lm_head``.
+* only the last position goes through ``lm_head`` (``logits_to_keep=1``).
+
+Setting ``model.config.prefill_chunk_tokens`` alone gives the first two for ``model(**inputs)`` and ``generate``;
+this module adds the vision tower in pieces and a prefill that returns its cache.
 
 Every step computes the same function as ``model(**inputs)``; the results agree to float rounding (matrix
 products over fewer rows may round differently). The returned ``DynamicCache`` holds every layer's keys and
@@ -34,7 +38,6 @@ import sys
 
 import torch
 from transformers.cache_utils import DynamicCache
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 DEFAULT_CHUNK_SIZE = 8192
@@ -60,11 +63,6 @@ _ACCEPTED_INPUTS = {
 def _modeling(model):
     """The modeling module that defined ``model`` (a source checkout or transformers' remote-code copy)."""
     return sys.modules[type(model).__module__]
-
-
-def _row_chunks(length: int, chunk_size: int):
-    for start in range(0, length, chunk_size):
-        yield start, min(length, start + chunk_size)
 
 
 def _pooled(features) -> torch.Tensor:
@@ -112,8 +110,6 @@ def _input_embeddings(model, inputs: dict, vision_chunk_size) -> torch.Tensor:
     embeds = inputs.get("inputs_embeds")
     if embeds is None:
         embeds = inner.get_input_embeddings()(input_ids)
-    else:
-        embeds = embeds.clone()  # the pass adds to it in place
     encoded = inputs.get("mm_encoder_outputs") or {}
     if encoded.get("image") is not None or inputs.get("pixel_values") is not None:
         image = encoded.get("image")
@@ -195,59 +191,25 @@ def chunked_prefill(model, *, chunk_size: int = DEFAULT_CHUNK_SIZE, vision_chunk
 
     text = model.model.language_model
     embeds = _input_embeddings(model, inputs, vision_chunk_size)
-    batch, length = embeds.shape[:2]
-    attention_mask = inputs.get("attention_mask")
     position_ids = _position_ids(model, inputs, embeds)
-
     if cache is None:
         cache = DynamicCache(config=text.config)
-    # Token typing (and the cache's memory of it) exactly as VideoNSATextModel.forward does it.
-    tokens = text._type_tokens(position_ids, attention_mask, cache, batch, length)
-
-    # From here on, Qwen2_5_VLTextModel.forward, with the token-wise parts of each layer run in chunks.
-    if position_ids is None:
-        position_ids = torch.arange(length, device=embeds.device).view(1, 1, -1).expand(3, batch, -1)
-    elif position_ids.ndim == 2:
-        position_ids = position_ids[None, ...].expand(3, position_ids.shape[0], -1)
-    if position_ids.ndim == 3 and position_ids.shape[0] == 4:
-        text_position_ids, position_ids = position_ids[0], position_ids[1:]
-    else:
-        text_position_ids = None
-    mask_kwargs = dict(
-        config=text.config,
-        inputs_embeds=embeds,
-        attention_mask=attention_mask,
-        position_ids=text_position_ids,
-        **{modeling.CACHE_ARG: cache},
-    )
-    masks = {"full_attention": create_causal_mask(**mask_kwargs)}
-    if "sliding_attention" in text.config.layer_types:
-        masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
-    position_embeddings = text.rotary_emb(embeds, position_ids)
-
-    hidden = embeds
-    chunks = list(_row_chunks(length, chunk_size))
-    for index, layer in enumerate(text.layers):
-        normed = torch.empty_like(hidden)
-        for start, stop in chunks:
-            normed[:, start:stop] = layer.input_layernorm(hidden[:, start:stop])
-        attention_output = layer.self_attn(
-            hidden_states=normed,
-            attention_mask=masks[text.config.layer_types[index]],
-            position_ids=text_position_ids,
-            cache=cache,
+    # The layers are the model's own (VideoNSADecoderLayer chunks its token-wise parts when the key is set); only
+    # the last position reaches lm_head (logits_to_keep).
+    previous = text.config.prefill_chunk_tokens
+    text.config.prefill_chunk_tokens = chunk_size
+    try:
+        output = model(
+            inputs_embeds=embeds,
+            attention_mask=inputs.get("attention_mask"),
+            position_ids=position_ids,
             use_cache=True,
-            position_embeddings=position_embeddings,
-            videonsa_tokens=tokens,
-        )[0]
-        del normed
-        hidden.add_(attention_output)  # residual
-        del attention_output
-        for start, stop in chunks:
-            piece = hidden[:, start:stop]
-            piece.add_(layer.mlp(layer.post_attention_layernorm(piece)))
-    logits = model.lm_head(text.norm(hidden[:, -1:]))[:, 0]
-    return logits, cache
+            logits_to_keep=1,
+            **{modeling.CACHE_ARG: cache},
+        )
+    finally:
+        text.config.prefill_chunk_tokens = previous
+    return output.logits[:, -1], cache
 
 
 def chunked_generate(
