@@ -3,6 +3,7 @@
 import pytest
 import torch
 from huggingface_hub.errors import StrictDataclassError
+from test_long_context import assert_same_cache
 
 from configuration_videonsa import VideoNSAConfig, VideoNSATextConfig
 from videonsa.testing import left_pad_batch, tiny_model, video_prompt
@@ -30,13 +31,7 @@ def assert_same_pass(output, expected):
     torch.testing.assert_close(output.logits, expected.logits, rtol=1e-5, atol=1e-5)
     for mine, theirs in zip(output.hidden_states, expected.hidden_states, strict=True):
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
-    cache, reference = output.past_key_values, expected.past_key_values
-    assert len(cache.layers) == len(reference.layers)
-    for layer, other in zip(cache.layers, reference.layers):
-        torch.testing.assert_close(layer.keys, other.keys, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(layer.values, other.values, rtol=1e-5, atol=1e-6)
-    assert torch.equal(cache.videonsa_token_is_vision, reference.videonsa_token_is_vision)
-    assert cache.get_seq_length() == reference.get_seq_length()
+    assert_same_cache(output.past_key_values, expected.past_key_values)
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 16, LENGTH - 1, LENGTH, 100])
