@@ -39,6 +39,16 @@ def timed(fn, reps):
     return bench_attention.timed(fn, reps)[0]
 
 
+def fwd_and_train_ms(run, inputs, reps):
+    """``{"fwd_ms", "fwdbwd_ms"}`` of ``run(*inputs)``: forward under no_grad, then forward + backward of a random
+    output gradient with every input a leaf that requires grad."""
+    with torch.no_grad():
+        fwd = timed(lambda: run(*inputs), reps)
+    leaves = [x.detach().requires_grad_() for x in inputs]
+    grad = torch.randn_like(run(*inputs))
+    return {"fwd_ms": fwd, "fwdbwd_ms": timed(lambda: run(*leaves).backward(grad), reps)}
+
+
 def layer_inputs(T, kind, seed=0):
     make = video_like_qkv if kind == "video-like" else random_qkv
     q, k, v = make(T, H, HKV, D, seed=seed, **({"prefix": PREFIX} if kind == "video-like" else {}))
@@ -61,12 +71,7 @@ def dense_rows(T, reps):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
         try:
-            with torch.no_grad():
-                fwd = timed(run, reps)
-            qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
-            grad = torch.randn_like(q)
-            fwdbwd = timed(lambda: run(qg, kg, vg).backward(grad), reps)
-            out[name] = {"fwd_ms": fwd, "fwdbwd_ms": fwdbwd}
+            out[name] = fwd_and_train_ms(run, (q, k, v), reps)
         except Exception as error:  # noqa: BLE001 - a backend missing on this GPU is a row, not a crash
             out[name] = {"error": f"{type(error).__name__}: {str(error)[:120]}"}
         print(f"  T={T} {name}: {out[name]}", flush=True)
@@ -85,16 +90,11 @@ def hybrid_rows(T, reps, kinds, rows_per_tile):
             TN.DEFAULT_LAUNCH, selected_rows_per_tile=rows_per_tile, selected_tile_max_rows=T)
         kw = dict(block_size=BS, block_count=BC, window_size=W, launch=launch)
 
-        def run(q=q, k=k, v=v, logits=logits):
+        def run(q, k, v, logits):
             return TN.hybrid_attention(q, k, v, logits, vision, **kw)
 
-        with torch.no_grad():
-            fwd = timed(run, reps)
-        leaves = [x.detach().requires_grad_() for x in (q, k, v, logits)]
-        grad = torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16)
-        fwdbwd = timed(lambda: run(*leaves).backward(grad), reps)
         name = f"hybrid ({kind})"
-        out[name] = {"fwd_ms": fwd, "fwdbwd_ms": fwdbwd}
+        out[name] = fwd_and_train_ms(run, (q, k, v, logits), reps)
         print(f"  T={T} {name} [{rows_per_tile or 'default'}]: {out[name]}", flush=True)
     return out
 
