@@ -782,7 +782,10 @@ class VideoNSAModel(Qwen2_5_VLModel):
             self._check_placeholders_have_pixels(input_ids, cache, pixel_values, pixel_values_videos, kwargs)
             self._check_grids_match_inputs(input_ids, pixel_values, pixel_values_videos, kwargs)
         mask = kwargs.get("attention_mask")
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and not torch.compiler.is_compiling():
+        new_tokens = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+        # checked on prompt passes only: a decode step (one new token) extends a mask the prompt already passed
+        if (isinstance(mask, torch.Tensor) and mask.dim() == 2 and new_tokens is not None and new_tokens.shape[1] > 1
+                and not torch.compiler.is_compiling()):
             empty = torch.nonzero(~mask.bool().any(dim=1)).flatten().tolist()
             if empty:
                 raise ValueError(
