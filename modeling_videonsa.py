@@ -64,6 +64,7 @@ from transformers.conversion_mapping import register_checkpoint_conversion_mappi
 from transformers.core_model_loading import WeightRenaming  # noqa: E402
 from transformers.generation import GenerationMixin  # noqa: E402
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # noqa: E402
+from transformers.modeling_outputs import BaseModelOutputWithPooling  # noqa: E402
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (  # noqa: E402
     Qwen2_5_VisionTransformerPretrainedModel,
     Qwen2_5_VLAttention,
@@ -390,8 +391,33 @@ class VideoNSAAttention(Qwen2_5_VLAttention):
         logits = self.g_proj_2(F.gelu(self.g_proj_1(hidden_states)))
         return logits.view(*hidden_states.shape[:2], self.num_heads, 3) / self.config.nsa_gate_temperature
 
+    def _rows_per_piece(self, hidden_states: torch.Tensor) -> int | None:
+        """``config.prefill_chunk_tokens`` when this pass may be computed in pieces of rows (no gradients, longer
+        than one piece), else None."""
+        chunk = self.config.prefill_chunk_tokens
+        if chunk is None or hidden_states.shape[1] <= chunk or torch.is_grad_enabled():
+            return None
+        return chunk
+
     def project_qkv(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]):
-        """``[B, T, hidden]`` -> query ``[B, Hq, T, D]``, key and value ``[B, Hkv, T, D]``, RoPE applied."""
+        """``[B, T, hidden]`` -> query ``[B, Hq, T, D]``, key and value ``[B, Hkv, T, D]``, RoPE applied.
+
+        In a pass computed in pieces (:meth:`_rows_per_piece`) the projections and RoPE run over row pieces written
+        into the outputs, so their float32 temporaries exist for one piece at a time."""
+        chunk = self._rows_per_piece(hidden_states)
+        if chunk is not None:
+            batch, length = hidden_states.shape[:2]
+            cos, sin = position_embeddings
+            query = key = value = None
+            for start in range(0, length, chunk):
+                rows = slice(start, start + chunk)
+                q_rows, k_rows, v_rows = self.project_qkv(
+                    hidden_states[:, rows], (cos[:, rows], sin[:, rows]))  # [B, H, rows, D] each
+                if query is None:
+                    query, key, value = (x.new_empty(batch, length, x.shape[1], x.shape[3]).transpose(1, 2)
+                                         for x in (q_rows, k_rows, v_rows))
+                query[:, :, rows], key[:, :, rows], value[:, :, rows] = q_rows, k_rows, v_rows
+            return query, key, value
         shape = (*hidden_states.shape[:2], -1, self.head_dim)
         query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
         key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
@@ -489,9 +515,16 @@ class VideoNSAAttention(Qwen2_5_VLAttention):
             block_count=self.config.nsa_block_count,
             window_size=self.config.nsa_window_size,
             scale=self.scaling,
+            query_chunk=self.config.prefill_chunk_tokens,
             **dense_kwargs,
         )
-        return self.o_proj(output.reshape(batch, length, -1)), weights.get("dense")
+        output = output.reshape(batch, length, -1)
+        chunk = self._rows_per_piece(hidden_states)
+        if chunk is None or output.shape[-1] != self.o_proj.out_features or not output.is_contiguous():
+            return self.o_proj(output), weights.get("dense")
+        for start in range(0, length, chunk):  # in place, a piece at a time: no second tensor of this size
+            output[:, start : start + chunk] = self.o_proj(output[:, start : start + chunk])
+        return output, weights.get("dense")
 
 
 class VideoNSADecoderLayer(Qwen2_5_VLDecoderLayer):
@@ -799,6 +832,48 @@ class VideoNSAModel(Qwen2_5_VLModel):
             **{CACHE_ARG: cache},
             **kwargs,
         )
+
+    def get_video_features(self, pixel_values_videos: torch.Tensor, video_grid_thw: torch.LongTensor | None = None,
+                           **kwargs):
+        """Qwen2.5-VL's; in a pass without gradients and with ``text_config.prefill_chunk_tokens`` set, the tower runs
+        over pieces of at most that many merged tokens (:meth:`video_features_in_pieces`), whose pooled outputs are
+        returned (``last_hidden_state`` is then None: it would be the tower's whole unmerged sequence)."""
+        chunk = self.config.text_config.prefill_chunk_tokens
+        if chunk is None or torch.is_grad_enabled() or video_grid_thw is None or kwargs.get("output_hidden_states"):
+            return super().get_video_features(pixel_values_videos, video_grid_thw, **kwargs)
+        pooled = self.video_features_in_pieces(pixel_values_videos, video_grid_thw, chunk)
+        sizes = (video_grid_thw.prod(-1) // self.visual.spatial_merge_size**2).tolist()
+        output = BaseModelOutputWithPooling(pooler_output=torch.split(pooled, sizes))
+        return output if kwargs.get("return_dict", True) else output.to_tuple()
+
+    def video_features_in_pieces(self, pixel_values_videos: torch.Tensor, video_grid_thw: torch.LongTensor,
+                                 max_tokens: int | None) -> torch.Tensor:
+        """The vision tower's merged tokens ``[total video tokens, hidden]`` for every video (in the order of
+        ``video_grid_thw`` ``[videos, 3]``), computed over pieces of at most ``max_tokens`` merged tokens (at least one
+        temporal patch; ``None``: each video in one call).
+
+        Pieces are cut between temporal patches: Qwen2.5-VL's vision attention (full and windowed) never crosses a
+        temporal patch, and its patch embedding, rotary embedding and merger are per patch, so a piece's tokens are
+        those of the whole video. ``pixel_values_videos`` may stay on the CPU: each piece is moved to the tower's
+        device when its turn comes."""
+        merge = self.visual.spatial_merge_size
+        outputs, row = [], 0
+        for t, h, w in video_grid_thw.tolist():
+            patches_per_step = h * w
+            step = t if not max_tokens else max(1, int(max_tokens) // (patches_per_step // merge**2))
+            for first in range(0, t, step):
+                count = min(step, t - first)
+                piece = pixel_values_videos[row + first * patches_per_step : row + (first + count) * patches_per_step]
+                piece = piece.to(self.visual.device, non_blocking=True)  # the pixels may wait on the CPU
+                grid = torch.tensor([[count, h, w]], dtype=video_grid_thw.dtype, device=video_grid_thw.device)
+                features = super().get_video_features(piece, grid, return_dict=True).pooler_output
+                outputs.append(torch.cat(list(features)) if isinstance(features, (tuple, list)) else features)
+            row += t * patches_per_step
+        if row != pixel_values_videos.shape[0]:
+            raise ValueError(
+                f"video_grid_thw describes {row} patches but pixel_values_videos has {pixel_values_videos.shape[0]} rows"
+            )
+        return torch.cat(outputs, dim=0)
 
     def _check_grids_match_inputs(self, input_ids, pixel_values, pixel_values_videos, kwargs) -> None:
         """Reject ``image_grid_thw`` / ``video_grid_thw`` that do not describe the pixel rows passed, or whose merged

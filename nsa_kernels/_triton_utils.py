@@ -82,6 +82,11 @@ class LaunchSettings:
     topk_warps: int = 4
     mix_rows: int = 16  # (token, head) rows per gate-mixing program
 
+    def selected_schedule(self, pass_rows: int) -> int:
+        """Rows per selected-attention forward program for a pass of ``pass_rows`` query rows (the union size of a
+        tile grows with the position, so the choice follows the pass, also when it is computed in chunks)."""
+        return self.selected_rows_per_tile if pass_rows <= self.selected_tile_max_rows else 1
+
 
 DEFAULT_LAUNCH = LaunchSettings()
 

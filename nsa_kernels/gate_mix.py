@@ -86,13 +86,14 @@ class GateMixFunction(torch.autograd.Function):
 def mix_branches(o_cmp, o_slc, o_swd, gates):
     """``[..., P, D]`` branch outputs (one shape and dtype) and ``[..., P, 3]`` gates -> ``[..., P, D]``.
 
+    The gates are first rounded to the branches' dtype (the released kernels take them in the query dtype).
     Gradients flow to all four inputs.
     """
     if not (o_cmp.shape == o_slc.shape == o_swd.shape) or gates.shape != (*o_cmp.shape[:-1], 3):
         raise ValueError(f"branch outputs {tuple(o_cmp.shape)}, {tuple(o_slc.shape)}, {tuple(o_swd.shape)} and "
                          f"gates {tuple(gates.shape)} do not match: expected gates of shape "
                          f"{(*o_cmp.shape[:-1], 3)}")
-    return GateMixFunction.apply(o_cmp, o_slc, o_swd, gates)
+    return GateMixFunction.apply(o_cmp, o_slc, o_swd, gates.to(o_cmp.dtype))
 
 
 __all__ = ["mix_branches"]

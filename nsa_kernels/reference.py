@@ -22,6 +22,8 @@ continues a KV cache passes only its own queries but the whole key range.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -215,6 +217,7 @@ def select_blocks(
     block_size: int,
     scale: float,
     num_keys: int,
+    lse_row_offset: int = 0,
 ) -> torch.Tensor:
     """Top-k block selection, as fla's ``parallel_nsa_topk`` computes it for the released model.
 
@@ -225,7 +228,9 @@ def select_blocks(
     ``block_size`` candidates in index order, each merged with the running best half), which decides exact ties.
 
     Args:
-        q: ``[B, Tq, P, D]``; k_cmp: ``[B, NB, Hkv, D]``; lse: ``[B, P, Tq]`` float32.
+        q: ``[B, Tq, P, D]``; k_cmp: ``[B, NB, Hkv, D]``; lse: ``[B, P, T]`` float32 for every query row of the
+            pass (``T = Tq`` unless ``q`` holds a chunk of the pass's rows, starting at row ``lse_row_offset``:
+            the misread indexes pass rows).
 
     Returns:
         int32 ``[B, Tq, Hkv, S]``, ``S = next_power_of_2(block_count)``: block numbers by descending score, -1
@@ -242,7 +247,10 @@ def select_blocks(
             f"next_power_of_2(block_count) must be <= block_size (the top-k network's chunk); got block_count "
             f"{block_count}, block_size {block_size}"
         )
-    lse_read = lse.reshape(batch, -1).view(batch, num_q, heads)
+    if lse.shape[:2] != (batch, heads) or not 0 <= lse_row_offset <= lse.shape[2] - num_q:
+        raise ValueError(f"lse must be [{batch}, {heads}, T] with T >= lse_row_offset + Tq = {lse_row_offset + num_q}; "
+                         f"got {tuple(lse.shape)}")
+    lse_read = lse.reshape(batch, -1).view(batch, lse.shape[2], heads)[:, lse_row_offset : lse_row_offset + num_q]
     result = torch.empty(batch, num_q, kv_heads, slots, dtype=torch.int32, device=q.device)
     q_scaled = (_upcast(q) * scale).view(batch, num_q, kv_heads, group, dim)
     k_float = _upcast(k_cmp)
@@ -373,12 +381,96 @@ def nsa_attention(
         block_indices = select_blocks(q, k_cmp, lse, block_count, block_size, scale, num_keys)
     o_slc = selected_attention(q, k, v, block_indices, block_size, scale)
     o_swd = window_attention(q, k, v, window_size, scale)
-    out = o_cmp * gates[..., 0:1] + o_slc * gates[..., 1:2] + o_swd * gates[..., 2:3]
+    out = mix_branches(o_cmp, o_slc, o_swd, gates)
     if not return_intermediates:
         return out
     return out, dict(
         k_cmp=k_cmp, v_cmp=v_cmp, lse_cmp=lse, block_indices=block_indices, o_cmp=o_cmp, o_slc=o_slc, o_swd=o_swd
     )
+
+
+def mix_branches(o_cmp, o_slc, o_swd, gates):
+    """``[..., P, D]`` branch outputs and ``[..., P, 3]`` gates (cmp, slc, swa) -> ``[..., P, D]``."""
+    return o_cmp * gates[..., 0:1] + o_slc * gates[..., 1:2] + o_swd * gates[..., 2:3]
+
+
+@dataclass(frozen=True)
+class NSABranches:
+    """The NSA steps of one backend, with this module's signatures: what :func:`nsa_attention_in_chunks` runs.
+    Backends bind their own options (active heads, schedules) into these callables."""
+
+    compress_kv: Callable
+    compression_attention: Callable
+    select_blocks: Callable
+    selected_attention: Callable
+    window_attention: Callable
+    mix_branches: Callable
+
+
+def nsa_attention_in_chunks(
+    query_rows: Callable[[int, int], torch.Tensor],
+    gate_rows: Callable[[int, int], torch.Tensor],
+    num_rows: int,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    emit: Callable[[int, int, torch.Tensor], None],
+    *,
+    chunk_rows: int,
+    block_count: int,
+    block_size: int,
+    window_size: int,
+    scale: float,
+    branches: NSABranches | None = None,
+) -> None:
+    """:func:`nsa_attention` of a query that is built and consumed ``chunk_rows`` rows at a time (no gradients).
+
+    Every step treats query rows independently given the pass-wide compressed keys and compression log-sum-exp,
+    so the values are :func:`nsa_attention`'s while the working memory is that of one chunk. Two passes: the
+    log-sum-exp of every row first (selection reads it at other rows' positions: the misread), then each chunk's
+    three branches (its compression attention computed again).
+
+    Args:
+        query_rows: ``(start, stop) -> [B, stop - start, P, D]``, rows of the padded-layout query; row ``r`` is
+            at position ``Tk - num_rows + r``.
+        gate_rows: ``(start, stop) -> [B, stop - start, P, 3]``, their gates.
+        k, v: ``[B, Tk, Hkv, D]``.
+        emit: ``emit(start, stop, out)`` receives each chunk's output ``[B, stop - start, P, D]``.
+        chunk_rows: rows per chunk, rounded up to a multiple of 64 (chunks then start where the kernels' row
+            tiles do, so any chunking gives the same bits).
+        branches: the backend's steps (this module's by default).
+    """
+    ops = REFERENCE_BRANCHES if branches is None else branches
+    chunk_rows = -(-max(1, int(chunk_rows)) // 64) * 64
+    num_keys = k.shape[1]
+    offset = num_keys - num_rows
+    k_cmp, v_cmp = ops.compress_kv(k, block_size), ops.compress_kv(v, block_size)
+    spans = [(start, min(num_rows, start + chunk_rows)) for start in range(0, num_rows, chunk_rows)]
+    saved_cmp = None
+    if len(spans) == 1:  # one chunk: its compression output is kept from the first pass
+        saved_cmp, lse = ops.compression_attention(query_rows(0, num_rows), k_cmp, v_cmp, block_size, scale, num_keys)
+    else:
+        lse = None
+        for start, stop in spans:
+            _, lse_rows = ops.compression_attention(query_rows(start, stop), k_cmp, v_cmp, block_size, scale,
+                                                    offset + stop)
+            if lse is None:
+                lse = lse_rows.new_empty(*lse_rows.shape[:2], num_rows)
+            lse[:, :, start:stop] = lse_rows
+            del lse_rows
+    for start, stop in spans:
+        q_rows = query_rows(start, stop)
+        keys = offset + stop  # the keys at or before the chunk's last row: all that selection and window read
+        if saved_cmp is None:
+            o_cmp, _ = ops.compression_attention(q_rows, k_cmp, v_cmp, block_size, scale, keys)
+        else:
+            o_cmp, saved_cmp = saved_cmp, None
+        block_indices = ops.select_blocks(q_rows, k_cmp, lse, block_count, block_size, scale, keys, start)
+        o_slc = ops.selected_attention(q_rows, k[:, :keys], v[:, :keys], block_indices, block_size, scale)
+        del block_indices
+        o_swd = ops.window_attention(q_rows, k[:, :keys], v[:, :keys], window_size, scale)
+        out = ops.mix_branches(o_cmp, o_slc, o_swd, gate_rows(start, stop))
+        del o_cmp, o_slc, o_swd, q_rows
+        emit(start, stop, out)
 
 
 def dense_attention(
@@ -412,6 +504,10 @@ def dense_attention(
     return torch.cat(outs, dim=1)
 
 
+REFERENCE_BRANCHES = NSABranches(compress_kv, compression_attention, select_blocks, selected_attention,
+                                 window_attention, mix_branches)
+
+
 def mask_mixed_inputs(q, k, v, gate_logits, query_vision: torch.Tensor, key_vision: torch.Tensor):
     """The mixed path's NSA inputs: queries, gate logits, keys and values of text positions are zeroed.
 
@@ -422,9 +518,39 @@ def mask_mixed_inputs(q, k, v, gate_logits, query_vision: torch.Tensor, key_visi
     Returns:
         ``(q, k, v, gate_logits)`` masked (``v`` None when given None).
     """
-    query_mask = query_vision[None, :, None, None]
-    key_mask = key_vision[None, :, None, None]
-    return q * query_mask, k * key_mask, None if v is None else v * key_mask, gate_logits * query_mask
+    masked_v = None if v is None else _vision_rows(v, key_vision)
+    return _vision_rows(q, query_vision), _vision_rows(k, key_vision), masked_v, _vision_rows(gate_logits, query_vision)
+
+
+def _vision_rows(x: torch.Tensor, vision: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[1, T, H, *]`` with the rows of text positions (``vision`` bool ``[T]`` False) zeroed."""
+    return x * vision[None, :, None, None]
+
+
+def _add_nsa_in_chunks(target, rows, q, k, v, gate_logits, vision, mixed, padded_heads, chunk_rows, branches,
+                       nsa_kwargs) -> None:
+    """One sample's NSA part, built and folded chunk by chunk and added into ``target`` ``[Tq, Hq, D]`` at
+    ``rows`` (a slice or index tensor of the sample's real rows); inputs as in :func:`hybrid_attention`'s loop:
+    q ``[1, m, Hq, D]``, k/v ``[1, n, Hkv, D]``, gate_logits ``[1, m, Hq, 3]``, vision ``[n]``."""
+    num_heads, num_rows = q.shape[2], q.shape[1]
+    query_vision = vision[-num_rows:]
+    if mixed:
+        k, v = _vision_rows(k, vision), _vision_rows(v, vision)
+
+    def masked(x, start, stop):
+        return _vision_rows(x[:, start:stop], query_vision[start:stop]) if mixed else x[:, start:stop]
+
+    def emit(start, stop, out):
+        folded = fold_heads(out, num_heads)[0].to(target.dtype)
+        if isinstance(rows, slice):
+            target[start:stop].add_(folded)
+        else:
+            target.index_add_(0, rows[start:stop], folded)
+
+    nsa_attention_in_chunks(
+        lambda start, stop: pad_heads(masked(q, start, stop), padded_heads),
+        lambda start, stop: pad_heads(torch.sigmoid(masked(gate_logits, start, stop)), padded_heads),
+        num_rows, k, v, emit, chunk_rows=chunk_rows, branches=branches, **nsa_kwargs)
 
 
 def hybrid_attention(
@@ -442,6 +568,8 @@ def hybrid_attention(
     return_intermediates: bool = False,
     nsa_fn=None,
     dense_fn=None,
+    query_chunk: int | None = None,
+    nsa_branches: NSABranches | None = None,
 ):
     """The VideoNSA attention of one text decoder layer (reference-semantics sections 2-5).
 
@@ -459,6 +587,10 @@ def hybrid_attention(
         nsa_fn: the NSA implementation (:func:`nsa_attention` signature); defaults to this module's.
         dense_fn: ``dense_fn(q [B, Hq, Tq, D]) -> [B, Tq, Hq, D]``, causal GQA attention over ``key``/``value``
             honouring the padding; defaults to :func:`dense_attention`.
+        query_chunk: when set and nothing needs gradients, the NSA part runs over chunks of this many query rows
+            (:func:`nsa_attention_in_chunks` with ``nsa_branches``), each chunk's output added in place: the padded
+            64-head query, gates and branch outputs exist for one chunk at a time. Same values.
+        nsa_branches: the backend's NSA steps for the chunked NSA part (this module's by default).
 
     Returns:
         ``[B, Tq, Hq, D]`` (the input of ``o_proj``); with ``return_intermediates``, also a list with one dict
@@ -489,7 +621,15 @@ def hybrid_attention(
     # Dense part: the whole query for dense-path samples, the text-masked query for mixed samples.
     dense_query_mask = torch.where(mixed[:, None], ~query_vision, torch.ones_like(query_vision))
     dense_out = dense_fn(query * dense_query_mask[:, None, :, None])
-    out = dense_out * ~(uses_nsa & all_vision)[:, None, None, None]
+    in_chunks = query_chunk is not None and not return_intermediates and not any(
+        t.requires_grad for t in (query, key, value, gate_logits))
+    if in_chunks:  # nothing needs gradients: the NSA part is added into the dense part's rows in place
+        out = dense_out
+        for b in range(batch):
+            if nsa_samples[b] and not mixed_samples[b]:
+                out[b].zero_()  # every real token is vision: NSA only
+    else:
+        out = dense_out * ~(uses_nsa & all_vision)[:, None, None, None]
 
     intermediates = [None] * batch
     nsa_rows = []
@@ -508,14 +648,16 @@ def hybrid_attention(
             k_b, v_b = key[b : b + 1].transpose(1, 2), value[b : b + 1].transpose(1, 2)
             logits = gate_logits[b : b + 1]
             vision = token_is_vision[b]
+        nsa_kwargs = dict(block_count=block_count, block_size=block_size, window_size=window_size, scale=scale)
+        if in_chunks:
+            _add_nsa_in_chunks(out[b], rows, q_b, k_b, v_b, logits, vision, mixed_samples[b], padded_heads,
+                               query_chunk, nsa_branches, nsa_kwargs)
+            continue
         if mixed_samples[b]:
             q_b, k_b, v_b, logits = mask_mixed_inputs(q_b, k_b, v_b, logits, vision[-q_b.shape[1] :], vision)
         gates = pad_heads(torch.sigmoid(logits), padded_heads)
-        result = nsa_fn(
-            pad_heads(q_b, padded_heads), k_b, v_b, gates,
-            block_count=block_count, block_size=block_size, window_size=window_size, scale=scale,
-            **({"return_intermediates": True} if return_intermediates else {}),
-        )
+        result = nsa_fn(pad_heads(q_b, padded_heads), k_b, v_b, gates, **nsa_kwargs,
+                        **({"return_intermediates": True} if return_intermediates else {}))
         nsa_out, extra = result if return_intermediates else (result, None)
         nsa_rows.append((b, rows, fold_heads(nsa_out, num_heads)[0]))
         if return_intermediates:

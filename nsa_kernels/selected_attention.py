@@ -258,7 +258,7 @@ def selected_attention_fwd(q, k, v, block_indices, block_size, scale, rows_per_t
     bd = check_dim(D)
     bh = head_block(group)
     if rows_per_tile is None:
-        rows_per_tile = launch.selected_rows_per_tile if Tq <= launch.selected_tile_max_rows else 1
+        rows_per_tile = launch.selected_schedule(Tq)
     strides = (*q.stride(), *k.stride(), *v.stride())
     common = dict(P=P, HKV=HKV, GROUP=group, D=D, S=S, BS=block_size, BH=bh, BD=bd, PREC=dot_precision(q.dtype),
                   num_stages=launch.selected_stages)

@@ -83,7 +83,7 @@ def _topk_kernel(
     q, k, lse, out,
     sqb, sqt, sqh, sqd,
     skb, skn, skh, skd,
-    Tq, OFF, NB, scale,
+    Tq, OFF, NB, scale, LSE_ROW0, LSE_T,
     P: tl.constexpr, HKV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, S: tl.constexpr,
     BS: tl.constexpr, LOG_BC: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr, R: tl.constexpr,
     PREC: tl.constexpr,
@@ -106,8 +106,9 @@ def _topk_kernel(
                  mask=line_ok[:, None] & dmask[None, :], other=0.0)
     # as the released kernel: q is scaled and rounded back to its dtype before the product
     bq = (bq * scale).to(bq.dtype)
-    # the misread log-sum-exp: element P * r + j of this sample's flat [P, Tq] array
-    b_lse = tl.load(lse + b * P * Tq + row_of * P + g * GROUP + head_of, mask=line_ok, other=0.0)
+    # the misread log-sum-exp: element P * r + j of this sample's flat [P, LSE_T] array, r counted from the
+    # first row of the pass (LSE_ROW0 > 0 when this call holds a later chunk of the pass's rows)
+    b_lse = tl.load(lse + b * P * LSE_T + (row_of + LSE_ROW0) * P + g * GROUP + head_of, mask=line_ok, other=0.0)
     line_cur = (row_of + OFF) // BS  # current block of each tile line's row
     rows = pid_r * R + tl.arange(0, R)
     row_ok = rows < Tq
@@ -135,14 +136,16 @@ def _topk_kernel(
              mask=row_ok[:, None] & (lane < S)[None, :])
 
 
-def select_blocks(q, k_cmp, lse, block_count, block_size, scale=None, num_keys=None, launch=DEFAULT_LAUNCH):
+def select_blocks(q, k_cmp, lse, block_count, block_size, scale=None, num_keys=None, lse_row_offset=0,
+                  launch=DEFAULT_LAUNCH):
     """Triton top-k block selection.
 
     Args:
         q: ``[B, Tq, P, D]`` (any strides; all P heads, zero padded heads included: they take part in the
-            scores); k_cmp: ``[B, NB, Hkv, D]``; lse: ``[B, P, Tq]`` float32 contiguous, from the compression
-            branch.
+            scores); k_cmp: ``[B, NB, Hkv, D]``; lse: ``[B, P, T]`` float32 contiguous, from the compression
+            branch, for every query row of the pass (``T = Tq`` unless ``q`` is a chunk of the pass's rows).
         num_keys: length of the key range (``Tq`` when omitted).
+        lse_row_offset: row of the pass that ``q``'s first row is (``lse`` is misread by pass row).
 
     Returns:
         int32 ``[B, Tq, Hkv, S]``, ``S = next_power_of_2(block_count)``.
@@ -157,7 +160,11 @@ def select_blocks(q, k_cmp, lse, block_count, block_size, scale=None, num_keys=N
     if S > block_size:
         raise ValueError(f"block_count {block_count} needs S={S} <= block_size={block_size}")
     lse = lse.contiguous()
-    assert lse.dtype == torch.float32 and lse.shape == (B, P, Tq)
+    lse_row_offset = int(lse_row_offset)
+    if lse.dtype != torch.float32 or lse.dim() != 3 or lse.shape[:2] != (B, P) or not (
+            0 <= lse_row_offset and lse_row_offset + Tq <= lse.shape[2]):
+        raise ValueError(f"lse must be float32 [{B}, {P}, T] with T >= lse_row_offset + Tq = {lse_row_offset + Tq}; "
+                         f"got {lse.dtype} {tuple(lse.shape)}")
     out = torch.empty(B, Tq, HKV, S, device=q.device, dtype=torch.int32)
     bd = check_dim(D)
     group = P // HKV
@@ -165,7 +172,7 @@ def select_blocks(q, k_cmp, lse, block_count, block_size, scale=None, num_keys=N
     _topk_kernel[(triton.cdiv(Tq, rows), B * HKV)](
         q, k_cmp, lse, out,
         *q.stride(), *k_cmp.stride(),
-        Tq, num_keys - Tq, NB, float(scale),
+        Tq, num_keys - Tq, NB, float(scale), lse_row_offset, lse.shape[2],
         P=P, HKV=HKV, GROUP=group, D=D, S=S, BS=block_size, LOG_BC=log_bc, BH=head_block(group), BD=bd,
         R=rows, PREC=dot_precision(q.dtype), num_warps=launch.topk_warps, num_stages=2,
     )

@@ -42,10 +42,11 @@ __all__ = [
 ]
 
 
-def select_blocks(q, k_cmp, lse, block_count, block_size, scale, num_keys=None):
+def select_blocks(q, k_cmp, lse, block_count, block_size, scale, num_keys=None, lse_row_offset=0):
     """Reference signature; int32 ``[B, Tq, Hkv, next_pow2(block_count)]``. The choice is discrete: no gradient."""
     with torch.no_grad():
-        return _select_blocks(q.detach(), k_cmp.detach(), lse, block_count, block_size, scale, num_keys)
+        return _select_blocks(q.detach(), k_cmp.detach(), lse, block_count, block_size, scale, num_keys,
+                              lse_row_offset)
 
 
 def _active_heads(q: torch.Tensor, gates: torch.Tensor) -> int:
@@ -80,36 +81,57 @@ def nsa_attention(q, k, v, gates, *, block_count, block_size, window_size, scale
     block_indices = select_blocks(q, k_cmp, lse, block_count, block_size, scale, num_keys)
     o_slc = selected_attention(q, k, v, block_indices, block_size, scale, launch=launch)
     o_swd = window_attention(q, k, v, window_size, scale, active)
-    out = mix_branches(o_cmp, o_slc, o_swd, gates.to(q.dtype))
+    out = mix_branches(o_cmp, o_slc, o_swd, gates)
     if not return_intermediates:
         return out
     return out, dict(k_cmp=k_cmp, v_cmp=v_cmp, lse_cmp=lse, block_indices=block_indices, o_cmp=o_cmp,
                      o_slc=o_slc, o_swd=o_swd)
 
 
-def _prefix_mean(v_t: torch.Tensor, key_valid: torch.Tensor | None, group: int, rows_pos: torch.Tensor):
-    """Running mean of the visible values: ``v_t`` ``[B, Tk, Hkv, D]`` -> ``[B, Tq, Hkv*group, D]`` at
-    positions ``rows_pos`` (``[Tq]``), float32 accumulation."""
+# rows per step of the elementwise work on [Tq, H, D] tensors in a pass without gradients (bounded temporaries)
+_ROW_STEP = 16384
+
+
+def _row_spans(num_rows: int, step: int):
+    return [(start, min(num_rows, start + step)) for start in range(0, num_rows, step)]
+
+
+def _zero_rows(q_t: torch.Tensor) -> torch.Tensor:
+    """bool ``[B, Tq]``: rows of ``q_t`` ``[B, Tq, H, D]`` that are all zero (computed a few rows at a time)."""
+    with torch.no_grad():
+        parts = [(q_t[:, a:e] == 0).flatten(2).all(dim=2) for a, e in _row_spans(q_t.shape[1], _ROW_STEP)]
+    return torch.cat(parts, dim=1) if parts else q_t.new_zeros(q_t.shape[:2], dtype=torch.bool)
+
+
+def _prefix_means(v_t: torch.Tensor, key_valid: torch.Tensor | None, group: int):
+    """Running mean of the visible values as a function of rows: ``v_t`` ``[B, Tk, Hkv, D]`` -> ``means(rows_pos)``
+    giving ``[B, len(rows_pos), Hkv * group, D]`` in ``v_t``'s dtype (float32 sums)."""
     vf = v_t.float()
     if key_valid is not None:
         w = key_valid.to(torch.float32)
         vf = vf * w[:, :, None, None]
-        counts = torch.cumsum(w, dim=1)[:, rows_pos]  # [B, Tq]
+        counts = torch.cumsum(w, dim=1)
     else:
-        counts = (rows_pos + 1).to(torch.float32)[None, :].expand(v_t.shape[0], -1)
+        counts = None
     # scan along the innermost axis: CUDA's scan over an outer axis runs one thread per column, far slower
     sums = torch.cumsum(vf.permute(0, 2, 3, 1).contiguous(), dim=-1).permute(0, 3, 1, 2)
-    sums = sums[:, rows_pos]  # [B, Tq, Hkv, D]
-    mean = sums / counts.clamp_min(1.0)[:, :, None, None]
-    return mean.repeat_interleave(group, dim=2).to(v_t.dtype)
+    del vf
+
+    def means(rows_pos):
+        rows_count = (rows_pos + 1).to(torch.float32)[None, :] if counts is None else counts[:, rows_pos]
+        mean = sums[:, rows_pos] / rows_count.clamp_min(1.0)[:, :, None, None]
+        return mean.repeat_interleave(group, dim=2).to(v_t.dtype)
+
+    return means
 
 
 def dense_attention(q, k, v, scale, key_padding_mask=None):
     """Causal GQA attention, the reference's ``dense_attention`` contract.
 
-    Rows whose query is all zero (the text-masked query at vision rows) get the running mean of the visible
-    values, exactly what attention with a zero query returns, with no attention run and no gradient to their
-    query: meant for queries zeroed by a mask.
+    Rows whose query is all zero (the text-masked query at vision rows of the mixed path) get the running mean of
+    the visible values, exactly what attention with a zero query returns, with no attention run and no gradient to
+    their query: meant for queries zeroed by a mask. Without gradients the output is built in place, a few rows at
+    a time, so that no temporary of the output's size exists beside it.
 
     Args:
         q: ``[B, Hq, Tq, D]``; k, v: ``[B, Hkv, Tk, D]``; query row ``r`` at position ``Tk - Tq + r``.
@@ -122,10 +144,10 @@ def dense_attention(q, k, v, scale, key_padding_mask=None):
     Hkv, Tk = k.shape[1], k.shape[2]
     group = Hq // Hkv
     dev = q.device
+    in_place = not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
     q_t, k_t, v_t = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     pos_all = torch.arange(Tq, device=dev) + (Tk - Tq)
-    with torch.no_grad():
-        zero_rows = (q_t == 0).all(dim=3).all(dim=2)
+    zero_rows = _zero_rows(q_t)
     row_real = torch.ones(B, Tq, dtype=torch.bool, device=dev) if key_padding_mask is None else \
         key_padding_mask[:, Tk - Tq:]
     attend = row_real & ~zero_rows
@@ -136,7 +158,7 @@ def dense_attention(q, k, v, scale, key_padding_mask=None):
     if n_att == Tq:  # some sample attends with every row: run all rows in place of a gather
         out = band_attention(q_t, k_t, v_t, scale, None, None, key_padding_mask)
         if not all_attend:
-            out = out * attend[:, :, None, None]
+            out = out.mul_(attend[:, :, None, None]) if in_place else out * attend[:, :, None, None]
     else:
         out = torch.zeros(B, Tq, Hq, D, device=dev, dtype=q.dtype)
     if 0 < n_att < Tq:
@@ -147,15 +169,34 @@ def dense_attention(q, k, v, scale, key_padding_mask=None):
         q_g = torch.gather(q_t, 1, order[:, :, None, None].expand(B, n_att, Hq, D))
         o_g = band_attention(q_g, k_t, v_t, scale, None, positions, key_padding_mask)
         o_g = o_g * took[:, :, None, None]
-        out = out.scatter_add(1, order[:, :, None, None].expand(B, n_att, Hq, D), o_g.to(out.dtype))
+        index = order[:, :, None, None].expand(B, n_att, Hq, D)
+        out = out.scatter_add_(1, index, o_g.to(out.dtype)) if in_place else out.scatter_add(1, index, o_g.to(out.dtype))
     if any_means:
-        means = _prefix_mean(v_t, key_padding_mask, group, pos_all)
-        out = out + means * means_needed[:, :, None, None].to(means.dtype)
+        means = _prefix_means(v_t, key_padding_mask, group)
+        if in_place:
+            for a, e in _row_spans(Tq, _ROW_STEP):
+                out[:, a:e] += means(pos_all[a:e]) * means_needed[:, a:e, None, None].to(out.dtype)
+        else:
+            out = out + means(pos_all) * means_needed[:, :, None, None].to(out.dtype)
     return out
 
 
+def nsa_branches(active_heads: int, pass_rows: int, launch=DEFAULT_LAUNCH) -> _ref.NSABranches:
+    """The Triton NSA steps for ``reference.nsa_attention_in_chunks``: heads from ``active_heads`` on skipped (see
+    :func:`nsa_attention`), the selected-attention schedule chosen for a pass of ``pass_rows`` query rows."""
+    return _ref.NSABranches(
+        compress_kv=compress_kv,
+        compression_attention=functools.partial(compression_attention, active_heads=active_heads),
+        select_blocks=select_blocks,
+        selected_attention=functools.partial(selected_attention, rows_per_tile=launch.selected_schedule(pass_rows),
+                                             launch=launch),
+        window_attention=functools.partial(window_attention, active_heads=active_heads),
+        mix_branches=mix_branches,
+    )
+
+
 def hybrid_attention(query, key, value, gate_logits, token_is_vision, attention_mask=None, *, block_size=64,
-                     block_count=32, window_size=256, scale=None, return_intermediates=False,
+                     block_count=32, window_size=256, scale=None, return_intermediates=False, query_chunk=None,
                      launch=DEFAULT_LAUNCH):
     """``reference.hybrid_attention`` with the Triton NSA and dense attention (same signature and result)."""
     head_dim = query.shape[-1]
@@ -165,8 +206,10 @@ def hybrid_attention(query, key, value, gate_logits, token_is_vision, attention_
         return dense_attention(q, key, value, sc, attention_mask)
 
     # the padded heads 2*Hq.. have constant zero queries and gates: skip them (see nsa_attention)
-    nsa_fn = functools.partial(nsa_attention, active_heads=2 * query.shape[1], launch=launch)
+    active = 2 * query.shape[1]
+    nsa_fn = functools.partial(nsa_attention, active_heads=active, launch=launch)
     return _ref.hybrid_attention(query, key, value, gate_logits, token_is_vision, attention_mask,
                                  block_size=block_size, block_count=block_count, window_size=window_size,
                                  scale=sc, return_intermediates=return_intermediates, nsa_fn=nsa_fn,
-                                 dense_fn=dense_fn)
+                                 dense_fn=dense_fn, query_chunk=query_chunk,
+                                 nsa_branches=nsa_branches(active, query.shape[2], launch))

@@ -357,6 +357,34 @@ def small_hybrid_mixed_padded():
 
 
 @check
+def hybrid_in_query_chunks():
+    """hybrid_attention with its NSA part in query chunks (two passes, the misread lse indexed by pass row): the
+    same bits as in one piece, and the reference's values; a padded mixed batch and a pass continuing a cache."""
+    from nsa_kernels import reference as R
+    from nsa_kernels import triton_nsa as TN
+
+    B, Hq, Hkv, T, D = 2, 2, 1, 230, 16
+    kw = dict(block_size=16, block_count=4, window_size=24)
+    msgs = []
+    for num_q in (T, 150):
+        query, key, value = _rand(B, Hq, num_q, D, seed=41), _rand(B, Hkv, T, D, seed=42), _rand(B, Hkv, T, D, seed=43)
+        logits = _rand(B, num_q, Hq, 3, seed=44)
+        vis = torch.zeros(B, T, dtype=torch.bool)
+        vis[:, 6:200] = True
+        vis[:, 100] = False
+        mask = torch.ones(B, T, dtype=torch.bool)
+        mask[1, :5] = False
+        with torch.no_grad():
+            whole = TN.hybrid_attention(query, key, value, logits, vis, mask, **kw)
+            pieces = TN.hybrid_attention(query, key, value, logits, vis, mask, query_chunk=64, **kw)
+            ref = R.hybrid_attention(query, key, value, logits, vis, mask, **kw)
+        if not torch.equal(pieces, whole):
+            raise AssertionError(f"Tq={num_q}: chunked differs from one piece by {(pieces - whole).abs().max():.3g}")
+        msgs.append(f"Tq={num_q}: chunks == whole; " + _close("vs reference", pieces, ref, 2e-5))
+    return "; ".join(msgs)
+
+
+@check
 def dense_text_only_and_padding():
     from nsa_kernels import reference as R
     from nsa_kernels import triton_nsa as TN

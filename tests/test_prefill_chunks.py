@@ -129,3 +129,71 @@ def test_the_key_round_trips_and_is_shared_by_the_top_level_config(tmp_path):
     assert VideoNSAConfig.from_pretrained(tmp_path).prefill_chunk_tokens == 4096
     config.prefill_chunk_tokens = None
     assert config.text_config.prefill_chunk_tokens is None
+
+
+LONG_PROMPT = [5, (12, 8, 8), 9]  # 5 text | 192 video tokens (+ start/end) | 9 text: 208 tokens, 13 blocks of 16
+
+
+def counting_branches(monkeypatch):
+    """Count the reference's compression-attention calls (one per NSA query chunk and pass) while the test runs."""
+    import dataclasses
+
+    from nsa_kernels import reference
+
+    calls = []
+    original = reference.REFERENCE_BRANCHES.compression_attention
+
+    def counted(q, *args, **kwargs):
+        calls.append(q.shape[1])
+        return original(q, *args, **kwargs)
+
+    monkeypatch.setattr(reference, "REFERENCE_BRANCHES",
+                        dataclasses.replace(reference.REFERENCE_BRANCHES, compression_attention=counted))
+    return calls
+
+
+def test_long_pass_runs_its_nsa_part_and_vision_tower_in_pieces_with_the_same_result(monkeypatch):
+    """208 tokens in pieces of 64: the NSA part of each layer runs its two passes over 4 query chunks (the padded
+    64-head query and branch outputs exist for 64 rows at a time), the vision tower over pieces of at most 64
+    tokens; logits, hidden states and cache equal the unchunked pass's."""
+    model = tiny_model(num_layers=2, nsa_block_count=2)
+    inputs = left_pad_batch([video_prompt(LONG_PROMPT, seed=6), video_prompt([30, (8, 8, 8), 3], seed=7)])
+    expected = forward(model, inputs, None)
+    calls = counting_branches(monkeypatch)
+    output = forward(model, inputs, 64)
+    assert_same_pass(output, expected)
+    first, second = [64, 64, 64, 16], [64, 64, 35]  # 208 and 163 real rows
+    assert calls == (first * 2 + second * 2) * 2  # per layer: sample 0's lse pass and branch pass, then sample 1's
+    # the tower's own hidden states (output_hidden_states) exist only for a whole pass: without them, pieces
+    tower_calls = []
+    model.model.visual.register_forward_hook(lambda module, args, output: tower_calls.append(args[0].shape[0]))
+    model.model.rope_deltas = None
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    torch.testing.assert_close(logits, expected.logits, rtol=1e-5, atol=1e-5)
+    assert tower_calls == [4 * 64] * 5  # 12 + 8 temporal patches of 64 patches (16 merged tokens): 4 per piece
+    assert all(layer.self_attn.last_path.startswith("hybrid") for layer in model.model.language_model.layers)
+
+
+def test_reference_nsa_part_in_query_chunks_equals_one_piece():
+    """reference.hybrid_attention with query_chunk on a batch holding a mixed, an all-vision, a dense and a padded
+    sample, for a whole pass and for a pass continuing a cache (Tq < Tk); float64, so any difference is a bug."""
+    from nsa_kernels import reference
+
+    torch.manual_seed(0)
+    batch, heads, kv_heads, length, dim = 4, 2, 1, 300, 8
+    key, value = torch.randn(2, batch, kv_heads, length, dim, dtype=torch.float64)
+    vision = torch.zeros(batch, length, dtype=torch.bool)
+    vision[0, 10:280] = True  # mixed
+    vision[1] = True  # all vision
+    vision[3, 40:] = True  # mixed, left padded
+    mask = torch.ones(batch, length, dtype=torch.bool)
+    mask[3, :40] = False
+    settings = dict(block_size=16, block_count=4, window_size=32)
+    for num_q in (length, 170):
+        query = torch.randn(batch, heads, num_q, dim, dtype=torch.float64)
+        logits = torch.randn(batch, num_q, heads, 3, dtype=torch.float64)
+        whole = reference.hybrid_attention(query, key, value, logits, vision, mask, **settings)
+        for chunk in (64, 100):
+            pieces = reference.hybrid_attention(query, key, value, logits, vision, mask, query_chunk=chunk, **settings)
+            torch.testing.assert_close(pieces, whole, rtol=1e-12, atol=1e-12)

@@ -74,33 +74,10 @@ def _pooled(features) -> torch.Tensor:
 
 
 def video_features(model, pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor, max_tokens=None):
-    """The vision tower's merged tokens for every video, computed over pieces of at most ``max_tokens`` tokens.
-
-    Pieces are cut between temporal patches: Qwen2.5-VL's vision attention (full and windowed) never crosses a
-    temporal patch, and its patch embedding, rotary embedding and merger are per patch, so a piece's tokens are
-    those of the whole video. ``max_tokens=None`` encodes each video in one call.
-
-    Returns:
-        ``[total video tokens, hidden]`` in the order of ``video_grid_thw``.
-    """
-    inner = model.model
-    merge = inner.visual.spatial_merge_size
-    outputs, row = [], 0
-    for t, h, w in video_grid_thw.tolist():
-        patches_per_step = h * w
-        tokens_per_step = patches_per_step // merge**2
-        step = t if not max_tokens else max(1, int(max_tokens) // tokens_per_step)
-        for first in range(0, t, step):
-            count = min(step, t - first)
-            piece = pixel_values_videos[row + first * patches_per_step : row + (first + count) * patches_per_step]
-            grid = torch.tensor([[count, h, w]], dtype=video_grid_thw.dtype, device=video_grid_thw.device)
-            outputs.append(_pooled(inner.get_video_features(piece, grid, return_dict=True)))
-        row += t * patches_per_step
-    if row != pixel_values_videos.shape[0]:
-        raise ValueError(
-            f"video_grid_thw describes {row} patches but pixel_values_videos has {pixel_values_videos.shape[0]} rows"
-        )
-    return torch.cat(outputs, dim=0)
+    """The vision tower's merged tokens ``[total video tokens, hidden]`` for every video, computed over pieces of at
+    most ``max_tokens`` tokens cut between temporal patches (``VideoNSAModel.video_features_in_pieces``; ``None``:
+    each video in one call)."""
+    return model.model.video_features_in_pieces(pixel_values_videos, video_grid_thw, max_tokens)
 
 
 def _input_embeddings(model, inputs: dict, vision_chunk_size) -> torch.Tensor:

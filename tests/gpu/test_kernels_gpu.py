@@ -264,3 +264,23 @@ def test_selected_union_tiles_match_rows(dtype, rows_per_tile):
             assert torch.isfinite(o_tile).all()
             assert _rel(o_tile, o_row) < tol, (kind, _rel(o_tile, o_row))
             assert _rel(lse_tile[..., :56], lse_row[..., :56]) < 1e-5
+
+
+@pytest.mark.parametrize("T", [40000, 300000])
+def test_hybrid_in_query_chunks_equals_one_piece(T):
+    """The hybrid layer of the 7B (28 / 4 heads, a text | video | text prompt, video-like inputs) with its NSA part
+    in query chunks of 8192 rows gives the bits of the whole-query pass (300K: beyond int32 element offsets of the
+    padded query, where the misread log-sum-exp of a chunk's rows lies in other chunks)."""
+    from videonsa.video_like import video_like_qkv
+
+    q, k, v = video_like_qkv(T, 28, HKV, D, seed=5, prefix=100)
+    g = torch.Generator(device=DEV).manual_seed(6)
+    logits = torch.randn(1, T, 28, 3, device=DEV, generator=g, dtype=torch.bfloat16)
+    vision = torch.zeros(1, T, dtype=torch.bool, device=DEV)
+    vision[:, 100:T - 40] = True
+    kw = dict(block_size=BS, block_count=BC, window_size=W)
+    with torch.no_grad():
+        pieces = TN.hybrid_attention(q, k, v, logits, vision, None, query_chunk=8192, **kw)
+        whole = TN.hybrid_attention(q, k, v, logits, vision, None, **kw)
+    assert torch.isfinite(pieces).all()
+    assert torch.equal(pieces, whole)
