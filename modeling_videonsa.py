@@ -871,7 +871,8 @@ class VideoNSAModel(Qwen2_5_VLModel):
             row += t * patches_per_step
         if row != pixel_values_videos.shape[0]:
             raise ValueError(
-                f"video_grid_thw describes {row} patches but pixel_values_videos has {pixel_values_videos.shape[0]} rows"
+                f"video_grid_thw describes {row} patches but pixel_values_videos has "
+                f"{pixel_values_videos.shape[0]} rows"
             )
         return torch.cat(outputs, dim=0)
 

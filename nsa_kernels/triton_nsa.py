@@ -170,7 +170,8 @@ def dense_attention(q, k, v, scale, key_padding_mask=None):
         o_g = band_attention(q_g, k_t, v_t, scale, None, positions, key_padding_mask)
         o_g = o_g * took[:, :, None, None]
         index = order[:, :, None, None].expand(B, n_att, Hq, D)
-        out = out.scatter_add_(1, index, o_g.to(out.dtype)) if in_place else out.scatter_add(1, index, o_g.to(out.dtype))
+        scatter = out.scatter_add_ if in_place else out.scatter_add
+        out = scatter(1, index, o_g.to(out.dtype))
     if any_means:
         means = _prefix_means(v_t, key_padding_mask, group)
         if in_place:
