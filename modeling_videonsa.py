@@ -480,10 +480,10 @@ class VideoNSAAttention(Qwen2_5_VLAttention):
                 self.config._attn_implementation, eager_attention_forward
             )
 
-            def dense_fn(dense_query):
+            def dense_fn(query_all, zero_rows):
                 output, weights["dense"] = dense_interface(
                     self,
-                    dense_query,
+                    query_all * ~zero_rows[:, None, :, None],
                     key,
                     value,
                     attention_mask,

@@ -354,8 +354,9 @@ def bench_layer(T, reps, naive_max):
     query, key, value, logits, vision = layer_inputs(T)
     kw = dict(block_size=BS, block_count=BC, window_size=W)
 
-    def authors_dense(q):
+    def authors_dense(q, zero_rows):
         # dense attention over every query; zero (text-masked) queries average all visible values
+        q = q * ~zero_rows[:, None, :, None]
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
             return F.scaled_dot_product_attention(q, key, value, is_causal=True, enable_gqa=True).transpose(1, 2)
 

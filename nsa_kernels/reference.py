@@ -585,8 +585,10 @@ def hybrid_attention(
         token_is_vision: bool ``[B, Tk]`` for every key position.
         attention_mask: bool ``[B, Tk]``, True for real tokens; None when nothing is padded.
         nsa_fn: the NSA implementation (:func:`nsa_attention` signature); defaults to this module's.
-        dense_fn: ``dense_fn(q [B, Hq, Tq, D]) -> [B, Tq, Hq, D]``, causal GQA attention over ``key``/``value``
-            honouring the padding; defaults to :func:`dense_attention`.
+        dense_fn: ``dense_fn(q [B, Hq, Tq, D], zero_rows bool [B, Tq]) -> [B, Tq, Hq, D]``, causal GQA attention
+            over ``key``/``value`` honouring the padding, of the query with the ``zero_rows`` rows zeroed (the
+            vision rows of mixed samples: no masked copy of the query is made here); defaults to
+            :func:`dense_attention` of the masked query.
         query_chunk: when set and nothing needs gradients, the NSA part runs over chunks of this many query rows
             (:func:`nsa_attention_in_chunks` with ``nsa_branches``), each chunk's output added in place: the padded
             64-head query, gates and branch outputs exist for one chunk at a time. Same values.
@@ -607,8 +609,8 @@ def hybrid_attention(
     if not padded:
         attention_mask = torch.ones(batch, num_keys, dtype=torch.bool, device=query.device)
     if dense_fn is None:
-        def dense_fn(q):
-            return dense_attention(q, key, value, scale, attention_mask)
+        def dense_fn(q, zero_rows):
+            return dense_attention(q * ~zero_rows[:, None, :, None], key, value, scale, attention_mask)
 
     query_valid = attention_mask[:, num_keys - num_q :]
     query_vision = token_is_vision[:, num_keys - num_q :] & query_valid
@@ -619,8 +621,7 @@ def hybrid_attention(
     nsa_samples, mixed_samples = torch.stack([uses_nsa, mixed]).tolist()
 
     # Dense part: the whole query for dense-path samples, the text-masked query for mixed samples.
-    dense_query_mask = torch.where(mixed[:, None], ~query_vision, torch.ones_like(query_vision))
-    dense_out = dense_fn(query * dense_query_mask[:, None, :, None])
+    dense_out = dense_fn(query, mixed[:, None] & query_vision)
     in_chunks = query_chunk is not None and not return_intermediates and not any(
         t.requires_grad for t in (query, key, value, gate_logits))
     if in_chunks:  # nothing needs gradients: the NSA part is added into the dense part's rows in place

@@ -125,12 +125,12 @@ def _prefix_means(v_t: torch.Tensor, key_valid: torch.Tensor | None, group: int)
     return means
 
 
-def dense_attention(q, k, v, scale, key_padding_mask=None):
+def dense_attention(q, k, v, scale, key_padding_mask=None, zero_rows=None):
     """Causal GQA attention, the reference's ``dense_attention`` contract.
 
-    Rows whose query is all zero (the text-masked query at vision rows of the mixed path) get the running mean of
-    the visible values, exactly what attention with a zero query returns, with no attention run and no gradient to
-    their query: meant for queries zeroed by a mask. Without gradients the output is built in place, a few rows at
+    Rows whose query is all zero (the text-masked query at vision rows of the mixed path), or that ``zero_rows``
+    (bool ``[B, Tq]``) declares zero whatever ``q`` holds there, get the running mean of the visible values, exactly
+    what attention with a zero query returns, with no attention run and no gradient to their query. Without gradients the output is built in place, a few rows at
     a time, so that no temporary of the output's size exists beside it.
 
     Args:
@@ -147,7 +147,7 @@ def dense_attention(q, k, v, scale, key_padding_mask=None):
     in_place = not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
     q_t, k_t, v_t = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     pos_all = torch.arange(Tq, device=dev) + (Tk - Tq)
-    zero_rows = _zero_rows(q_t)
+    zero_rows = _zero_rows(q_t) if zero_rows is None else zero_rows
     row_real = torch.ones(B, Tq, dtype=torch.bool, device=dev) if key_padding_mask is None else \
         key_padding_mask[:, Tk - Tq:]
     attend = row_real & ~zero_rows
@@ -203,8 +203,8 @@ def hybrid_attention(query, key, value, gate_logits, token_is_vision, attention_
     head_dim = query.shape[-1]
     sc = head_dim ** -0.5 if scale is None else scale
 
-    def dense_fn(q):
-        return dense_attention(q, key, value, sc, attention_mask)
+    def dense_fn(q, zero_rows):
+        return dense_attention(q, key, value, sc, attention_mask, zero_rows)
 
     # the padded heads 2*Hq.. have constant zero queries and gates: skip them (see nsa_attention)
     active = 2 * query.shape[1]
