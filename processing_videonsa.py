@@ -369,7 +369,7 @@ def parse_max_memory(max_memory) -> int:
         if re.fullmatch(r"\d+\s*[KMGkmg]b", text):
             raise MemoryBudgetError(
                 f"max_memory={max_memory!r}: a lowercase 'b' means bits in transformers' size strings; write "
-                f"{text[:-1] + 'B'!r} for bytes."
+                f"{text[:-2] + text[-2].upper() + 'B'!r} for bytes."
             )
         try:
             memory = convert_file_size_to_int(text)
@@ -486,6 +486,9 @@ class _Budget:
 
 # The per-call knobs of the budget, popped from `__call__`'s kwargs.
 _BUDGET_KNOBS = ("max_context_tokens", "max_memory", "weights", "answer_tokens")
+# `from_pretrained` kwargs that are this processor's settings: never handed to the tokenizer (which would keep them
+# in its init kwargs and save them) or the image and video processors.
+_OWN_KWARGS = (*_BUDGET_KNOBS, "reduce_fps_to_fit", "nsa_block_size", "model_config")
 _NO_MODEL_CONFIG = (
     "Memory planning needs the model's architecture: pass `model_config=` (the model's config, or its config.json "
     "as a dict) or load the processor with `from_pretrained` from the model's repository or folder (it reads the "
@@ -653,6 +656,7 @@ class VideoNSAProcessor(Qwen2_5_VLProcessor):
 
         subfolder = kwargs.pop("subfolder", "")
         given = kwargs.pop("video_processor", None)  # not a tokenizer or image processor setting
+        kwargs = {key: value for key, value in kwargs.items() if key not in _OWN_KWARGS}
         loaders = {
             "image_processor": lambda: AutoImageProcessor.from_pretrained(
                 pretrained_model_name_or_path, subfolder=subfolder, **kwargs
@@ -675,6 +679,7 @@ class VideoNSAProcessor(Qwen2_5_VLProcessor):
         # Popped, not passed on: transformers would hand a `video_processor=` kwarg to the tokenizer, which loads first
         # and would keep it in its init kwargs (then `save_pretrained` fails to serialise it).
         video_processor = kwargs.pop("video_processor", None)
+        own = {key: kwargs.pop(key) for key in _OWN_KWARGS if key in kwargs}  # the processor's, for it alone
         used = set()
         if video_processor is None:
             video_processor, unused = cls._load_video_processor(
@@ -684,7 +689,7 @@ class VideoNSAProcessor(Qwen2_5_VLProcessor):
         processor_dict = {**processor_dict, "video_processor": video_processor}
         processor_dict, kwargs = super()._resolve_subprocessors(pretrained_model_name_or_path, processor_dict, **kwargs)
         # as transformers does for the sub-processors it loads: what the video processor used is not the processor's
-        return processor_dict, {key: value for key, value in kwargs.items() if key not in used}
+        return processor_dict, {**{key: value for key, value in kwargs.items() if key not in used}, **own}
 
     # ------------------------------------------------------------------ calling
 
