@@ -455,19 +455,24 @@ class _Budget:
             num_tokens, self.model_config, weights or self.weights, self.answer_tokens, batch_size
         )
 
-    def limit_text(self, num_tokens: int, batch_size: int) -> str:
-        """What a prompt of `num_tokens` is above, in words: `max_context_tokens=...` or the memory and its estimate."""
+    def limit_text(self, batch_size: int) -> str:
+        """What a prompt is above, in words: `max_context_tokens=...`, or the tokens that fit in the memory."""
         if not self.memory_binds(batch_size):
             return f"max_context_tokens={self.context_tokens:,}"
-        terms = self.estimate(num_tokens, batch_size)
         batch = f" for a batch of {batch_size} prompts" if batch_size > 1 else ""
         return (
             f"the {self.memory_tokens(batch_size):,} prompt tokens that fit in max_memory={self.memory_given!r} "
-            f"({_gib(self.memory)}) with {self.weights} weights{batch}: the estimated memory at {num_tokens:,} tokens "
-            f"is {_gib(sum(terms.values()))} (weights {_gib(terms['weights'])}, KV cache {_gib(terms['kv_cache'])} "
-            f"for the prompt and {self.answer_tokens:,} answer tokens, working set {_gib(terms['working_set'])}, "
-            f"fixed overhead {_gib(terms['fixed_overhead'])}; max_context_tokens={self.context_tokens:,} is not "
-            "the limit here)"
+            f"({_gib(self.memory)}) with {self.weights} weights{batch}"
+        )
+
+    def estimate_text(self, num_tokens: int, batch_size: int) -> str:
+        """The estimate at `num_tokens` and its terms, in words."""
+        terms = self.estimate(num_tokens, batch_size)
+        return (
+            f"By the estimate, {num_tokens:,} tokens need {_gib(sum(terms.values()))}: weights "
+            f"{_gib(terms['weights'])}, KV cache {_gib(terms['kv_cache'])} (prompt and {self.answer_tokens:,} answer "
+            f"tokens), working set {_gib(terms['working_set'])}, fixed overhead {_gib(terms['fixed_overhead'])}; "
+            f"max_context_tokens={self.context_tokens:,} is not the limit here."
         )
 
     def memory_knobs(self, num_tokens: int, batch_size: int) -> list[str]:
@@ -744,13 +749,13 @@ class VideoNSAProcessor(Qwen2_5_VLProcessor):
                 for i, plan in enumerate(new_plans)
                 if plan.sampled and plan.sampled_fps
             )
-            now = f"{new_tokens:,} tokens"
-            if budget.memory is not None:
-                now += f", about {_gib(sum(budget.estimate(new_tokens, fit.batch_size).values()))} by the estimate"
+            estimate = ""
+            if budget.memory_binds(fit.batch_size):
+                estimate = " " + budget.estimate_text(new_tokens, fit.batch_size)
             warnings.warn(
                 f"The prompt would be {fit.num_tokens:,} tokens at {fit.requested_fps:g} fps, above "
-                f"{budget.limit_text(fit.num_tokens, fit.batch_size)}: reduce_fps_to_fit=True lowered the sampling "
-                f"rate to fps={fit.fps_fit:g} ({effective}); the prompt is now {now}.",
+                f"{budget.limit_text(fit.batch_size)}: reduce_fps_to_fit=True lowered the sampling rate to "
+                f"fps={fit.fps_fit:g} ({effective}); the prompt is now {new_tokens:,} tokens.{estimate}",
                 FpsReducedWarning,
                 stacklevel=3,
             )
@@ -931,10 +936,13 @@ class VideoNSAProcessor(Qwen2_5_VLProcessor):
         _, max_pixels = vp.pixel_bounds(videos_kwargs)
         memory_bound = budget.memory_binds(fit.batch_size)
         lines = [
-            f"The prompt would be {total:,} tokens, above {budget.limit_text(total, fit.batch_size)} "
+            f"The prompt would be {total:,} tokens, above {budget.limit_text(fit.batch_size)} "
             f"(text and images: {fixed:,} tokens; videos: {total - fixed:,} tokens)."
         ]
-        if memory_bound and fit.limit == 0:
+        if memory_bound:
+            lines.append(budget.estimate_text(total, fit.batch_size))
+        weights_alone = memory_bound and fit.limit == 0
+        if weights_alone:
             lines.append(
                 f"Not even an empty prompt fits: the {budget.weights} weights, the KV cache of {budget.answer_tokens:,} "
                 f"answer tokens and the fixed overhead need {_gib(sum(budget.estimate(0, fit.batch_size).values()))}."
@@ -958,6 +966,8 @@ class VideoNSAProcessor(Qwen2_5_VLProcessor):
             "`num_frames`",
             f"lower the pixels per frame with `max_pixels` / size['longest_edge'] (now {max_pixels:,})",
         ]
+        if weights_alone:  # fewer frames or pixels cannot help
+            return "\n".join(lines) + "\nTo fit: " + "; ".join(budget.memory_knobs(total, fit.batch_size)) + "."
         if memory_bound:
             knobs.extend(budget.memory_knobs(total, fit.batch_size))
         else:

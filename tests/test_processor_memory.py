@@ -287,7 +287,8 @@ def test_memory_cap_lowers_fps_to_fit_and_says_so(tokenizer, clip):
     assert estimate_prefill_memory(tokens, PRESET_7B) <= processor.max_memory
     message = str(record[0].message)
     assert "169 tokens at 4 fps" in message and "the 100 prompt tokens that fit in max_memory=" in message
-    assert "with bf16 weights" in message and f"{2 * grid_t} frames" in message and "by the estimate" in message
+    assert "with bf16 weights" in message and f"{2 * grid_t} frames" in message
+    assert f"By the estimate, {tokens} tokens need" in message
     # the same cap per call, on a processor without one
     plain = VideoNSAProcessor(tokenizer=tokenizer, model_config=PRESET_7B)
     with pytest.warns(FpsReducedWarning):
@@ -303,8 +304,8 @@ def test_memory_error_names_the_memory_the_estimate_and_the_knobs(tokenizer, cli
     message = str(error.value)
     estimate = estimate_prefill_memory(169, PRESET_7B)
     assert f"The prompt would be 169 tokens, above the 100 prompt tokens that fit in max_memory={memory}" in message
-    assert f"the estimated memory at 169 tokens is {estimate / GIB:,.2f} GiB" in message
-    assert "KV cache" in message and "1,024 answer tokens" in message
+    assert f"By the estimate, 169 tokens need {estimate / GIB:,.2f} GiB: weights 16.13 GiB, KV cache" in message
+    assert "(prompt and 1,024 answer tokens)" in message
     assert "max_context_tokens=131,072 is not the limit here" in message
     assert "Frames that fit, at fps=" in message
     for knob in ("`fps`", "`max_pixels`", "weights='nf4'", "a larger `max_memory`", "reduce_fps_to_fit"):
@@ -331,6 +332,17 @@ def test_effective_budget_is_the_smaller_limit(tokenizer, clip):
     with pytest.raises(ContextBudgetExceededError, match="169 tokens, above the 168 prompt tokens"):
         processor(text=PROMPT, videos=clip, max_memory=memory_for(168), answer_tokens=pv.DEFAULT_ANSWER_TOKENS - fewer + 1)
     processor(text=PROMPT, videos=clip, max_memory=memory_for(168), answer_tokens=pv.DEFAULT_ANSWER_TOKENS - fewer)
+
+
+def test_weights_that_do_not_fit_name_only_the_memory_knobs(tokenizer, clip):
+    processor = VideoNSAProcessor(tokenizer=tokenizer, model_config=PRESET_7B, max_memory="16GiB")
+    with pytest.raises(ContextBudgetExceededError) as error:
+        processor(text=PROMPT, videos=clip, reduce_fps_to_fit=True)
+    message = str(error.value)
+    assert "the 0 prompt tokens that fit in max_memory='16GiB' (16.00 GiB)" in message
+    assert "Not even an empty prompt fits: the bf16 weights" in message
+    assert "`weights='nf4'` fits" in message and "a larger `max_memory` (now '16GiB'" in message
+    assert "`fps`" not in message and "`max_pixels`" not in message
 
 
 def test_memory_is_for_the_whole_batch(tokenizer, clip):
