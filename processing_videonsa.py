@@ -217,14 +217,18 @@ def _architecture(model_config) -> _Architecture:
                 "config.json (as a dict) or its config object as `model_config`."
             )
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise MemoryBudgetError(f"The model config's `{keys[0]}` ({where}) must be a positive integer, got {value!r}.")
+            raise MemoryBudgetError(
+                f"The model config's `{keys[0]}` ({where}) must be a positive integer, got {value!r}."
+            )
         return value
 
     in_text = "looked in text_config and at the top level"
     heads = size(text, in_text, "num_attention_heads")
     hidden = size(text, in_text, "hidden_size")
     if hidden % heads:
-        raise MemoryBudgetError(f"The model config's hidden_size ({hidden}) is not a multiple of num_attention_heads ({heads}).")
+        raise MemoryBudgetError(
+            f"The model config's hidden_size ({hidden}) is not a multiple of num_attention_heads ({heads})."
+        )
     if not vision:
         raise MemoryBudgetError(
             "The model config has no `vision_config`, needed to count the vision tower's weights: pass the model's "
@@ -478,7 +482,8 @@ class _Budget:
     def memory_knobs(self, num_tokens: int, batch_size: int) -> list[str]:
         """The memory knobs, with what each would allow."""
         smaller = [
-            f"`weights={fmt!r}` fits {max_prompt_tokens(self.memory, self.model_config, fmt, self.answer_tokens, batch_size):,} tokens"
+            f"`weights={fmt!r}` fits "
+            f"{max_prompt_tokens(self.memory, self.model_config, fmt, self.answer_tokens, batch_size):,} tokens"
             for fmt in WEIGHT_FORMATS[WEIGHT_FORMATS.index(self.weights) + 1 :]
         ]
         knobs = []
@@ -943,9 +948,10 @@ class VideoNSAProcessor(Qwen2_5_VLProcessor):
             lines.append(budget.estimate_text(total, fit.batch_size))
         weights_alone = memory_bound and fit.limit == 0
         if weights_alone:
+            base = sum(budget.estimate(0, fit.batch_size).values())
             lines.append(
-                f"Not even an empty prompt fits: the {budget.weights} weights, the KV cache of {budget.answer_tokens:,} "
-                f"answer tokens and the fixed overhead need {_gib(sum(budget.estimate(0, fit.batch_size).values()))}."
+                f"Not even an empty prompt fits: the {budget.weights} weights, the KV cache of "
+                f"{budget.answer_tokens:,} answer tokens and the fixed overhead need {_gib(base)}."
             )
         for i in video_ids:
             plan = plans[i]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import warnings
 
 import pytest
 import torch
@@ -33,6 +32,7 @@ from videonsa.testing import make_tokenizer, tiny_config, tiny_model, write_vide
 from videonsa.training.presets import PRESET_7B
 
 GB, GIB = 10**9, 2**30
+DEFAULT_ANSWER = pv.DEFAULT_ANSWER_TOKENS
 QUANTIZED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -222,7 +222,7 @@ def test_bad_memory_values_raise(value, pattern):
 
 def test_auto_memory_needs_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(MemoryBudgetError, match="'auto' reads the total memory of the current CUDA device.*not available"):
+    with pytest.raises(MemoryBudgetError, match="'auto' reads the total memory of the current CUDA device.*not avail"):
         pv.parse_max_memory("auto")
 
     class Properties:
@@ -330,8 +330,8 @@ def test_effective_budget_is_the_smaller_limit(tokenizer, clip):
     per_prompt_token = memory_for(1) - memory_for(0)
     fewer = -(-per_prompt_token // pv.kv_cache_bytes_per_token(PRESET_7B))
     with pytest.raises(ContextBudgetExceededError, match="169 tokens, above the 168 prompt tokens"):
-        processor(text=PROMPT, videos=clip, max_memory=memory_for(168), answer_tokens=pv.DEFAULT_ANSWER_TOKENS - fewer + 1)
-    processor(text=PROMPT, videos=clip, max_memory=memory_for(168), answer_tokens=pv.DEFAULT_ANSWER_TOKENS - fewer)
+        processor(text=PROMPT, videos=clip, max_memory=memory_for(168), answer_tokens=DEFAULT_ANSWER - fewer + 1)
+    processor(text=PROMPT, videos=clip, max_memory=memory_for(168), answer_tokens=DEFAULT_ANSWER - fewer)
 
 
 def test_weights_that_do_not_fit_name_only_the_memory_knobs(tokenizer, clip):
@@ -409,7 +409,8 @@ def test_auto_memory_is_read_at_call_time(tokenizer, clip, monkeypatch):
 
 
 def test_from_pretrained_reads_the_model_config_and_saves_the_knobs(tokenizer, clip, tmp_path):
-    VideoNSAProcessor(tokenizer=tokenizer, max_memory="24GB", weights="int8", answer_tokens=256).save_pretrained(tmp_path)
+    processor = VideoNSAProcessor(tokenizer=tokenizer, max_memory="24GB", weights="int8", answer_tokens=256)
+    processor.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "processor_config.json").read_text())
     assert (saved["max_memory"], saved["weights"], saved["answer_tokens"]) == ("24GB", "int8", 256)
     assert "model_config" not in saved and "_model_config" not in saved
@@ -429,7 +430,7 @@ def test_from_pretrained_reads_the_model_config_and_saves_the_knobs(tokenizer, c
     assert not {"max_memory", "max_context_tokens"} & set(loaded.tokenizer.init_kwargs)
     given = VideoNSAProcessor.from_pretrained(tmp_path, model_config=tiny_config())  # a given config wins
     assert given.model_config == tiny_config().to_dict() and "model_config" not in given.tokenizer.init_kwargs
-    with pytest.raises(ContextBudgetExceededError, match="the 100 prompt tokens that fit in max_memory=.* int8 weights"):
+    with pytest.raises(ContextBudgetExceededError, match="the 100 prompt tokens that fit in max_memory=.* int8 weight"):
         loaded(text=PROMPT, videos=clip)
     loaded.save_pretrained(tmp_path / "again")
     assert "model_config" not in json.loads((tmp_path / "again" / "processor_config.json").read_text())
