@@ -24,6 +24,7 @@ compiled with ``torch.compile(fullgraph=True)`` (a pass with vision tokens canno
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib
 import inspect
@@ -919,6 +920,65 @@ def _write_file(path: Path, data: bytes) -> None:
     os.replace(staging, path)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Quantized loading (bitsandbytes, FineGrainedFP8)
+# ----------------------------------------------------------------------------------------------------------
+# Modules left unquantized (in the checkpoint dtype) when a quantization config does not name its own list: the
+# vision tower (feeds every video token; under 3% of the weights), lm_head (as transformers keeps it) and the gate
+# MLPs, whose logits are divided by nsa_gate_temperature (0.3), amplifying their error. Patterns as transformers
+# matches them: a prefix of the module name at a name boundary, or a suffix. Why and measurements: model_card.md.
+UNQUANTIZED_MODULES = ("model.visual", "lm_head", "g_proj_1", "g_proj_2")
+
+# FP8 matrix products need compute capability 8.9 (Ada) or newer; transformers quietly dequantizes to bf16 below.
+_FP8_CAPABILITY = (8, 9)
+
+
+def _skip_field(quantization_config) -> str:
+    # bitsandbytes calls its list llm_int8_skip_modules (4-bit too); the other methods modules_to_not_convert
+    return "llm_int8_skip_modules" if quantization_config.quant_method == "bitsandbytes" else "modules_to_not_convert"
+
+
+def with_unquantized_defaults(quantization_config):
+    """``quantization_config`` (a ``QuantizationConfigMixin`` or its dict) with :data:`UNQUANTIZED_MODULES` as its
+    list of modules to keep unquantized when it names none; a config that names one (even ``[]``) is returned as
+    given: the user's list wins. Also raises ValueError for FP8 without an FP8-capable CUDA GPU."""
+    from transformers.quantizers.auto import AutoQuantizationConfig
+
+    if isinstance(quantization_config, dict):
+        quantization_config = AutoQuantizationConfig.from_dict(dict(quantization_config))
+    check_quantization(quantization_config)
+    field = _skip_field(quantization_config)
+    if not hasattr(quantization_config, field) or getattr(quantization_config, field) is not None:
+        return quantization_config
+    quantization_config = copy.deepcopy(quantization_config)  # the caller's object may be reused for other models
+    setattr(quantization_config, field, list(UNQUANTIZED_MODULES))
+    return quantization_config
+
+
+def check_quantization(quantization_config) -> None:
+    """Raise ValueError for a quantization this machine cannot run: FP8 (``FineGrainedFP8Config``, unless it only
+    dequantizes) needs a CUDA GPU of compute capability 8.9 or newer, or an Intel XPU, as transformers' FP8 kernels
+    do. transformers would fail without a GPU and silently load bf16 weights on an older one."""
+    if quantization_config.quant_method != "fp8" or getattr(quantization_config, "dequantize", False):
+        return
+    if torch.cuda.is_available():
+        capability = torch.cuda.get_device_capability()
+        if capability >= _FP8_CAPABILITY:
+            return
+        found = f"{torch.cuda.get_device_name()} has compute capability {capability[0]}.{capability[1]}"
+    elif hasattr(torch, "xpu") and torch.xpu.is_available():
+        return
+    else:
+        found = "this machine has no CUDA GPU"
+    raise ValueError(
+        f"FineGrainedFP8Config quantizes the weights to FP8, which needs a CUDA GPU of compute capability "
+        f"{_FP8_CAPABILITY[0]}.{_FP8_CAPABILITY[1]} or newer (Ada, Hopper, Blackwell: L4, H100, H200, ...), but "
+        f"{found}. Use bitsandbytes instead, which also runs on CPU and older GPUs: "
+        "quantization_config=BitsAndBytesConfig(load_in_4bit=True) or BitsAndBytesConfig(load_in_8bit=True) "
+        "(videonsa.loading.quantization_config('nf4') / ('int8'))."
+    )
+
+
 class VideoNSAForConditionalGeneration(Qwen2_5_VLForConditionalGeneration, GenerationMixin):
     """VideoNSA for video/image + text to text generation; ``generate`` and training work as for Qwen2.5-VL.
 
@@ -983,8 +1043,14 @@ class VideoNSAForConditionalGeneration(Qwen2_5_VLForConditionalGeneration, Gener
         (``model_type`` "qwen2_5_vl") is converted by ``videonsa_config_dict`` and the weights' 4.x key layout is
         mapped, so the gate MLPs and NSA settings load. A Qwen2.5-VL checkpoint without gate MLPs loads with the
         gates initialised as transformers initialises linear layers (normal weights, zero biases: every gate near
-        0.5), as the authors started training; a warning says so."""
+        0.5), as the authors started training; a warning says so.
+
+        A ``quantization_config`` (bitsandbytes 4-/8-bit, ``FineGrainedFP8Config``) that names no modules to keep
+        unquantized keeps :data:`UNQUANTIZED_MODULES` (vision tower, lm_head, gate MLPs) in the checkpoint dtype and
+        quantizes the text decoder's projections; FP8 without an FP8-capable GPU is a ValueError."""
         output_loading_info = kwargs.pop("output_loading_info", False)
+        if kwargs.get("quantization_config") is not None:
+            kwargs["quantization_config"] = with_unquantized_defaults(kwargs["quantization_config"])
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
         gates = sorted(key for key in info["missing_keys"] if is_gate_key(key))
         if gates:
