@@ -979,6 +979,34 @@ def check_quantization(quantization_config) -> None:
     )
 
 
+def check_cpu_4bit_layers(model) -> None:
+    """Raise ValueError, naming the layers, where bitsandbytes' CPU kernel cannot run a 4-bit layer of ``model``.
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks each 4-bit weight for its kernel on the first call, which needs
+    out_features a multiple of 32 and in_features a multiple of the quantization block (64); other layers fail
+    there with a bare assertion or reshape error. The gates' second layer (3 x 28 = 84 outputs in the 7B) and the
+    vision MLP (3,420 inner units) are such layers: the default keeps them unquantized."""
+    try:
+        from bitsandbytes.functional import has_avx512bf16
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:  # an older bitsandbytes without that kernel
+        return
+    bad = [
+        f"{name} ({module.out_features} x {module.in_features})"
+        for name, module in model.named_modules()
+        if isinstance(module, Linear4bit)
+        and module.weight.device.type == "cpu"
+        and (module.out_features % 32 or module.in_features % module.weight.blocksize)
+    ]
+    if bad and has_avx512bf16():
+        raise ValueError(
+            f"bitsandbytes' 4-bit CPU kernel cannot run {len(bad)} layers of this model: {', '.join(bad[:4])}"
+            f"{', ...' if len(bad) > 4 else ''}. It needs out_features a multiple of 32 and in_features a multiple "
+            "of the quantization block (64). Keep them unquantized (llm_int8_skip_modules; left unset, it keeps "
+            f"{list(UNQUANTIZED_MODULES)}), load in 8-bit, or load on a CUDA GPU."
+        )
+
+
 class VideoNSAForConditionalGeneration(Qwen2_5_VLForConditionalGeneration, GenerationMixin):
     """VideoNSA for video/image + text to text generation; ``generate`` and training work as for Qwen2.5-VL.
 
@@ -1047,11 +1075,14 @@ class VideoNSAForConditionalGeneration(Qwen2_5_VLForConditionalGeneration, Gener
 
         A ``quantization_config`` (bitsandbytes 4-/8-bit, ``FineGrainedFP8Config``) that names no modules to keep
         unquantized keeps :data:`UNQUANTIZED_MODULES` (vision tower, lm_head, gate MLPs) in the checkpoint dtype and
-        quantizes the text decoder's projections; FP8 without an FP8-capable GPU is a ValueError."""
+        quantizes the text decoder's projections; FP8 without an FP8-capable GPU, and 4-bit layers that
+        bitsandbytes' CPU kernel cannot run, are ValueErrors."""
         output_loading_info = kwargs.pop("output_loading_info", False)
         if kwargs.get("quantization_config") is not None:
             kwargs["quantization_config"] = with_unquantized_defaults(kwargs["quantization_config"])
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        if getattr(model, "is_loaded_in_4bit", False):
+            check_cpu_4bit_layers(model)
         gates = sorted(key for key in info["missing_keys"] if is_gate_key(key))
         if gates:
             logger.warning(

@@ -270,3 +270,16 @@ def test_fp8_without_an_fp8_gpu_is_a_clear_error(plain_checkpoint, monkeypatch):
     with pytest.raises(ValueError, match=wanted) as raised:
         modeling_videonsa.check_quantization(FineGrainedFP8Config())
     assert "NVIDIA A100-SXM4-80GB has compute capability 8.0" in str(raised.value)
+
+
+def test_4bit_layers_the_cpu_kernel_cannot_run_are_named_at_load(checkpoints, bnb):
+    """Quantizing the gates in 4-bit on CPU: bitsandbytes' AVX512-BF16 kernel would fail on the first call with a
+    bare assertion (g_proj_2 has 3 x 28 = 84 outputs, not a multiple of 32); loading says which layers and why."""
+    _require_cpu_path(bnb, "nf4")
+    if not bnb.functional.has_avx512bf16():
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes runs 4-bit layers of any shape through its other path")
+    folder, _ = checkpoints["nf4"]
+    with pytest.raises(ValueError, match=r"cannot run 2 layers of this model: model\.language_model\.layers\.0\.self_attn"
+                                         r"\.g_proj_2 \(84 x 448\), .*llm_int8_skip_modules"):
+        VideoNSAForConditionalGeneration.from_pretrained(
+            folder, quantization_config=_bnb_config("nf4", llm_int8_skip_modules=["model.visual", "lm_head"]))
