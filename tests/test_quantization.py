@@ -16,7 +16,7 @@ from torch import nn
 import modeling_videonsa
 from modeling_videonsa import UNQUANTIZED_MODULES, VideoNSAForConditionalGeneration, with_unquantized_defaults
 from videonsa import loading
-from videonsa.testing import tiny_model, video_prompt
+from videonsa.testing import on_quantization_grid, tiny_model, video_prompt
 
 # bitsandbytes' CPU kernel for 4-bit weights packs out_features in groups of 32 and in_features in blocks of 64:
 # the text decoder's widths here are multiples of both (448 = 28 heads x 16), as the 7B's are.
@@ -63,29 +63,13 @@ def _require_cpu_path(bnb, mode):
         pytest.skip(f"bitsandbytes {bnb.__version__} has no CPU path for {mode}: {error}")
 
 
-def _on_grid(model, mode, bnb):
-    """Round the weights that get quantized (text decoder projections, gates excepted) onto ``mode``'s grid."""
-    with torch.no_grad():
-        for name, module in model.model.language_model.named_modules():
-            if type(module) is not nn.Linear or "g_proj" in name:
-                continue
-            weight = module.weight
-            if mode == "nf4":
-                packed, state = bnb.functional.quantize_4bit(weight.data.contiguous(), blocksize=64, quant_type="nf4")
-                weight.copy_(bnb.functional.dequantize_4bit(packed, state))
-            else:  # LLM.int8: one absmax scale per output row
-                scale = weight.abs().amax(dim=1, keepdim=True) / 127
-                weight.copy_(torch.round(weight / scale) * scale)
-    return model
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, bnb):
     """``{mode: (folder, unquantized model)}``: tiny checkpoints whose quantized layers' weights are on the grid."""
     root = tmp_path_factory.mktemp("quant")
     folders = {}
     for mode in ("nf4", "int8"):
-        model = _on_grid(tiny_model(**TEXT), mode, bnb)
+        model = on_quantization_grid(tiny_model(**TEXT), mode)
         model.save_pretrained(root / mode)
         folders[mode] = (str(root / mode), model)
     return folders

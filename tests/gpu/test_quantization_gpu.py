@@ -9,14 +9,12 @@ so the remaining error is the backend's arithmetic (FP8 also quantizes the activ
 
 import pytest
 import torch
-from torch import nn
-
 if not torch.cuda.is_available():
     pytest.skip("no CUDA device", allow_module_level=True)
 pytest.importorskip("triton")
 
 from modeling_videonsa import UNQUANTIZED_MODULES, VideoNSAForConditionalGeneration  # noqa: E402
-from videonsa.testing import tiny_model, video_prompt  # noqa: E402
+from videonsa.testing import on_quantization_grid, tiny_model, video_prompt  # noqa: E402
 
 HEAD_DIM = 64  # the NSA kernels take head dim 64 or 128; 28 heads as in the 7B; widths are multiples of 128
 TEXT = dict(hidden_size=28 * HEAD_DIM, intermediate_size=256, nsa_block_size=64, nsa_block_count=4,
@@ -26,29 +24,7 @@ PROMPT = [20, (4, 16, 16), 10]  # 256 video tokens: 4 NSA blocks
 NEW_TOKENS = 4
 # Of the largest |logit| (~3). A CPU emulation of the FP8 scheme measured ~8% with off-grid weights.
 RELATIVE_TOL = {"fp8": 0.12, "nf4": 0.05}
-FP8_SCALE = 2.0**-12  # every tile's absmax becomes 448 * 2**-12, so its scale is a power of two
 HAS_FP8 = torch.cuda.get_device_capability() >= (8, 9)
-
-
-def _on_grid(model, mode):
-    with torch.no_grad():
-        for name, module in model.model.language_model.named_modules():
-            if type(module) is not nn.Linear or "g_proj" in name:
-                continue
-            weight = module.weight
-            if mode == "fp8":
-                rows, cols = weight.shape
-                tiles = weight.reshape(rows // 128, 128, cols // 128, 128)
-                tiles = tiles / tiles.abs().amax(dim=(1, 3), keepdim=True) * 448.0  # each tile spans [-448, 448]
-                tiles = tiles.to(torch.float8_e4m3fn).float()
-                weight.copy_(tiles.reshape(rows, cols) * FP8_SCALE)
-            else:
-                import bitsandbytes.functional as bnb_functional
-
-                packed, state = bnb_functional.quantize_4bit(weight.data.cuda().contiguous(), blocksize=64,
-                                                             quant_type="nf4")
-                weight.copy_(bnb_functional.dequantize_4bit(packed, state).cpu())
-    return model
 
 
 def _config(mode):
@@ -73,7 +49,7 @@ def folders(tmp_path_factory):
     for mode in ("fp8", "nf4"):
         if (mode == "fp8" and not HAS_FP8) or (mode == "nf4" and not _bnb_importable()):
             continue
-        _on_grid(tiny_model(**TEXT), mode).save_pretrained(root / mode)
+        on_quantization_grid(tiny_model(**TEXT), mode).save_pretrained(root / mode)
         result[mode] = str(root / mode)
     return result
 
