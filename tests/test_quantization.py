@@ -16,7 +16,7 @@ from torch import nn
 import modeling_videonsa
 from modeling_videonsa import UNQUANTIZED_MODULES, VideoNSAForConditionalGeneration, with_unquantized_defaults
 from videonsa import loading
-from videonsa.testing import on_quantization_grid, tiny_model, video_prompt
+from videonsa.testing import on_quantization_grid, tiny_config, tiny_model, video_prompt
 
 # bitsandbytes' CPU kernel for 4-bit weights packs out_features in groups of 32 and in_features in blocks of 64:
 # the text decoder's widths here are multiples of both (448 = 28 heads x 16), as the 7B's are.
@@ -29,7 +29,7 @@ ANSWER_ATOL = {"nf4": 0.02, "int8": 0.03}
 PROMPT = [5, (2, 8, 8), 5]  # 5 text, a video of 32 merged tokens (2 NSA blocks of 16), 5 text
 PROMPT_SEED = 4  # greedy margins >= 0.076 over the 6 generated tokens (checked below, not assumed)
 NEW_TOKENS = 6
-BNB_CLASS = {"nf4": "Linear4bit", "int8": "Linear8bitLt"}
+QUANTIZED_CLASS = {"nf4": "Linear4bit", "int8": "Linear8bitLt", "fp8": "FP8Linear"}
 
 
 def _bnb_config(mode, **overrides):
@@ -79,16 +79,16 @@ def _module_types(model):
     return {name: type(module).__name__ for name, module in model.named_modules()}
 
 
-def _assert_default_split(model, mode):
-    """Text decoder projections quantized; vision tower, lm_head and gate MLPs plain nn.Linear."""
+def assert_default_split(model, mode):
+    """Text decoder projections quantized (``mode``'s class); vision tower, lm_head and gate MLPs plain nn.Linear."""
     types = _module_types(model)
     projections = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     decoder = {n for n in types if ".language_model.layers." in n and n.rsplit(".", 1)[-1] in projections}
-    assert {n for n, t in types.items() if t == BNB_CLASS[mode]} == decoder and len(decoder) == 2 * 7
+    assert {n for n, t in types.items() if t == QUANTIZED_CLASS[mode]} == decoder and len(decoder) == 2 * 7
     kept = [n for n in types if n == "lm_head" or n.endswith((".g_proj_1", ".g_proj_2"))]
     assert len(kept) == 1 + 2 * 2 and {types[n] for n in kept} == {"Linear"}
     vision = {t for n, t in types.items() if n.startswith("model.visual.")}
-    assert "Linear" in vision and not vision & set(BNB_CLASS.values())
+    assert "Linear" in vision and not vision & set(QUANTIZED_CLASS.values())
 
 
 def _greedy(model, inputs):
@@ -108,7 +108,7 @@ def test_quantized_checkpoint_generates_as_unquantized(checkpoints, bnb, mode):
     model = AutoModel.from_pretrained(folder, trust_remote_code=True, quantization_config=_bnb_config(mode)).eval()
     assert type(model).__module__.startswith("transformers_modules")
     assert model.config.quantization_config.llm_int8_skip_modules == list(UNQUANTIZED_MODULES)
-    _assert_default_split(model, mode)
+    assert_default_split(model, mode)
 
     inputs = video_prompt(PROMPT, seed=PROMPT_SEED)
     with torch.no_grad():
@@ -282,3 +282,17 @@ def test_training_the_quantized_weights_without_adapters_is_an_error(checkpoints
     model = VideoNSAForConditionalGeneration.from_pretrained(folder, quantization_config=_bnb_config("int8"))
     with pytest.raises(ValueError, match="purely quantized models. Please attach trainable adapters"):
         VideoNSATrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True))
+
+
+def test_fp8_converts_the_same_layers():
+    """transformers' FP8 quantizer (its module replacement, which needs no GPU) on the model skeleton, with the
+    config from_pretrained builds: FP8Linear exactly where bitsandbytes quantizes, everything else plain."""
+    from transformers import FineGrainedFP8Config
+    from transformers.quantizers.quantizer_finegrained_fp8 import FineGrainedFP8HfQuantizer
+
+    config = with_unquantized_defaults(FineGrainedFP8Config(dequantize=True))
+    config.dequantize = False  # (dequantize only skips the GPU check above; loading would convert the same)
+    with torch.device("meta"):
+        model = VideoNSAForConditionalGeneration(tiny_config(**TEXT))
+    FineGrainedFP8HfQuantizer(config, pre_quantized=False).preprocess_model(model, device_map=None)
+    assert_default_split(model, "fp8")

@@ -9,11 +9,14 @@ so the remaining error is the backend's arithmetic (FP8 also quantizes the activ
 
 import pytest
 import torch
+
 if not torch.cuda.is_available():
     pytest.skip("no CUDA device", allow_module_level=True)
 pytest.importorskip("triton")
 
 from modeling_videonsa import UNQUANTIZED_MODULES, VideoNSAForConditionalGeneration  # noqa: E402
+from test_quantization import assert_default_split  # noqa: E402 (tests/ is on sys.path: tests/conftest.py)
+from videonsa.loading import quantization_config  # noqa: E402
 from videonsa.testing import on_quantization_grid, tiny_model, video_prompt  # noqa: E402
 
 HEAD_DIM = 64  # the NSA kernels take head dim 64 or 128; 28 heads as in the 7B; widths are multiples of 128
@@ -27,14 +30,6 @@ RELATIVE_TOL = {"fp8": 0.12, "nf4": 0.05}
 HAS_FP8 = torch.cuda.get_device_capability() >= (8, 9)
 
 
-def _config(mode):
-    from transformers import BitsAndBytesConfig, FineGrainedFP8Config
-
-    if mode == "fp8":
-        return FineGrainedFP8Config()
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
-
-
 def _require(mode):
     if mode == "fp8" and not HAS_FP8:
         pytest.skip(f"{torch.cuda.get_device_name()} has no FP8 (compute capability < 8.9)")
@@ -42,49 +37,24 @@ def _require(mode):
         pytest.importorskip("bitsandbytes")
 
 
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("quant_gpu")
-    result = {}
-    for mode in ("fp8", "nf4"):
-        if (mode == "fp8" and not HAS_FP8) or (mode == "nf4" and not _bnb_importable()):
-            continue
-        on_quantization_grid(tiny_model(**TEXT), mode).save_pretrained(root / mode)
-        result[mode] = str(root / mode)
-    return result
-
-
-def _bnb_importable():
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _load(folder, mode=None):
-    kwargs = {} if mode is None else {"quantization_config": _config(mode)}
+    kwargs = {} if mode is None else {"quantization_config": quantization_config(mode, torch.bfloat16)}
     return VideoNSAForConditionalGeneration.from_pretrained(folder, dtype=torch.bfloat16, device_map="cuda",
                                                             **kwargs).eval()
 
 
 def _assert_default_split(model, mode):
-    quantized_type = "FP8Linear" if mode == "fp8" else "Linear4bit"
-    types = {name: type(module).__name__ for name, module in model.named_modules()}
-    projections = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    decoder = {n for n in types if ".language_model.layers." in n and n.rsplit(".", 1)[-1] in projections}
-    assert {n for n, t in types.items() if t == quantized_type} == decoder
-    kept = [n for n in types if n == "lm_head" or n.endswith((".g_proj_1", ".g_proj_2"))]
-    assert {types[n] for n in kept} == {"Linear"}
-    assert not any(t == quantized_type for n, t in types.items() if n.startswith("model.visual."))
-    assert list(UNQUANTIZED_MODULES) in (getattr(model.config.quantization_config, "modules_to_not_convert", None),
-                                         getattr(model.config.quantization_config, "llm_int8_skip_modules", None))
+    assert_default_split(model, mode)
+    config = model.config.quantization_config
+    assert getattr(config, "modules_to_not_convert" if mode == "fp8" else "llm_int8_skip_modules") == \
+        list(UNQUANTIZED_MODULES)
 
 
 @pytest.mark.parametrize("mode", ["fp8", "nf4"])
-def test_quantized_model_on_cuda_matches_bf16(folders, mode):
+def test_quantized_model_on_cuda_matches_bf16(tmp_path, mode):
     _require(mode)
-    reference, model = _load(folders[mode]), _load(folders[mode], mode)
+    on_quantization_grid(tiny_model(**TEXT), mode).save_pretrained(tmp_path)
+    reference, model = _load(tmp_path), _load(tmp_path, mode)
     _assert_default_split(model, mode)
     inputs = {k: v.cuda() for k, v in video_prompt(PROMPT, seed=0).items()}
     with torch.no_grad():
