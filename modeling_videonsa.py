@@ -1007,6 +1007,23 @@ def check_cpu_4bit_layers(model) -> None:
         )
 
 
+def check_4bit_weights_saveable(model) -> None:
+    """Raise ValueError where saving would write corrupt 4-bit weights: bitsandbytes' AVX512-BF16 CPU kernel repacks
+    a 4-bit weight on its first call and rounds its block scales to bf16, and converting that back for saving is not
+    exact in bitsandbytes 0.50.2 (README, "Quantized weights")."""
+    packed = [
+        name
+        for name, module in model.named_modules()
+        if getattr(getattr(getattr(module, "weight", None), "quant_state", None), "packing_format_for_cpu", False)
+    ]
+    if packed:
+        raise ValueError(
+            f"The 4-bit weights of {len(packed)} layers (e.g. {packed[0]}) were repacked for bitsandbytes' CPU kernel "
+            "when the model ran on CPU; that layout does not convert back exactly, so saving would write corrupt "
+            "weights. Save the quantized model before running it on CPU (or load it again and save it then)."
+        )
+
+
 class VideoNSAForConditionalGeneration(Qwen2_5_VLForConditionalGeneration, GenerationMixin):
     """VideoNSA for video/image + text to text generation; ``generate`` and training work as for Qwen2.5-VL.
 
@@ -1038,7 +1055,9 @@ class VideoNSAForConditionalGeneration(Qwen2_5_VLForConditionalGeneration, Gener
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save weights (in the released checkpoint's key layout) and config as usual, plus the code files and
-        ``nsa_kernels/`` so the folder loads alone."""
+        ``nsa_kernels/`` so the folder loads alone. 4-bit weights repacked for bitsandbytes' CPU kernel (after a
+        run on CPU) cannot be saved exactly: that is a ValueError (:func:`check_4bit_weights_saveable`)."""
+        check_4bit_weights_saveable(self)
         # transformers reverts the renamings it recorded when loading. Under DeepSpeed ZeRO-3 it records every known
         # renaming, used or not, and reverting its unused legacy ones writes `model.model.*` keys that no loader
         # maps back (transformers 5.23): the text decoder would load as random weights. Ours are the whole story.

@@ -296,3 +296,24 @@ def test_fp8_converts_the_same_layers():
         model = VideoNSAForConditionalGeneration(tiny_config(**TEXT))
     FineGrainedFP8HfQuantizer(config, pre_quantized=False).preprocess_model(model, device_map=None)
     assert_default_split(model, "fp8")
+
+
+@pytest.mark.parametrize("mode", ["nf4", "int8"])
+def test_quantized_model_saves_and_loads_back(checkpoints, bnb, mode, tmp_path):
+    """save_pretrained of a quantized model writes its quantized weights and config (the default list included);
+    from_pretrained loads them back without a quantization_config: same layers, same logits."""
+    _require_cpu_path(bnb, mode)
+    folder, _ = checkpoints[mode]
+    model = VideoNSAForConditionalGeneration.from_pretrained(folder, quantization_config=_bnb_config(mode))
+    model.save_pretrained(tmp_path)
+    again = VideoNSAForConditionalGeneration.from_pretrained(tmp_path)
+    assert again.config.quantization_config.llm_int8_skip_modules == list(UNQUANTIZED_MODULES)
+    assert_default_split(again, mode)
+    inputs = video_prompt(PROMPT, seed=PROMPT_SEED)
+    with torch.no_grad():
+        assert torch.equal(again(**inputs).logits, model(**inputs).logits)
+    if mode == "nf4" and bnb.functional.has_avx512bf16():
+        # the run above repacked the 4-bit weights for the CPU kernel: saving them now is refused
+        with pytest.raises(ValueError, match=r"repacked for bitsandbytes' CPU kernel .* Save the quantized model before"):
+            model.save_pretrained(tmp_path / "after-a-run")
+        assert not (tmp_path / "after-a-run" / "model.safetensors").exists()
