@@ -933,22 +933,23 @@ UNQUANTIZED_MODULES = ("model.visual", "lm_head", "g_proj_1", "g_proj_2")
 _FP8_CAPABILITY = (8, 9)
 
 
-def _skip_field(quantization_config) -> str:
-    # bitsandbytes calls its list llm_int8_skip_modules (4-bit too); the other methods modules_to_not_convert
-    return "llm_int8_skip_modules" if quantization_config.quant_method == "bitsandbytes" else "modules_to_not_convert"
+# Where each quantization method whose matching of module names UNQUANTIZED_MODULES is written for keeps its list
+# (bitsandbytes calls it llm_int8_skip_modules, for 4-bit too); other methods' configs are passed on as given.
+_SKIP_FIELDS = {"bitsandbytes": "llm_int8_skip_modules", "fp8": "modules_to_not_convert"}
 
 
 def with_unquantized_defaults(quantization_config):
     """``quantization_config`` (a ``QuantizationConfigMixin`` or its dict) with :data:`UNQUANTIZED_MODULES` as its
-    list of modules to keep unquantized when it names none; a config that names one (even ``[]``) is returned as
-    given: the user's list wins. Also raises ValueError for FP8 without an FP8-capable CUDA GPU."""
+    list of modules to keep unquantized when it is a bitsandbytes or FP8 config that names none; a config that names
+    one (even ``[]``) is returned as given: the user's list wins. Also raises ValueError for FP8 without an
+    FP8-capable CUDA GPU."""
     from transformers.quantizers.auto import AutoQuantizationConfig
 
     if isinstance(quantization_config, dict):
         quantization_config = AutoQuantizationConfig.from_dict(dict(quantization_config))
     check_quantization(quantization_config)
-    field = _skip_field(quantization_config)
-    if not hasattr(quantization_config, field) or getattr(quantization_config, field) is not None:
+    field = _SKIP_FIELDS.get(quantization_config.quant_method)
+    if field is None or getattr(quantization_config, field, None) is not None:
         return quantization_config
     quantization_config = copy.deepcopy(quantization_config)  # the caller's object may be reused for other models
     setattr(quantization_config, field, list(UNQUANTIZED_MODULES))

@@ -197,6 +197,10 @@ def test_default_unquantized_modules_fill_only_an_unset_list():
     assert fp8.modules_to_not_convert == list(UNQUANTIZED_MODULES)
     assert with_unquantized_defaults(FineGrainedFP8Config(dequantize=True, modules_to_not_convert=["lm_head"])) \
         .modules_to_not_convert == ["lm_head"]
+    # other methods match module names their own way: their configs pass unchanged
+    from transformers import QuantoConfig
+
+    assert with_unquantized_defaults(QuantoConfig()).modules_to_not_convert is None
 
 
 def test_default_patterns_name_exactly_the_documented_modules():
