@@ -924,7 +924,7 @@ def _write_file(path: Path, data: bytes) -> None:
 # Quantized loading (bitsandbytes, FineGrainedFP8)
 # ----------------------------------------------------------------------------------------------------------
 # Modules left unquantized (in the checkpoint dtype) when a quantization config does not name its own list: the
-# vision tower (feeds every video token; under 3% of the weights), lm_head (as transformers keeps it) and the gate
+# vision tower (feeds every video token; 8% of the weights), lm_head (as transformers keeps it) and the gate
 # MLPs, whose logits are divided by nsa_gate_temperature (0.3), amplifying their error. Patterns as transformers
 # matches them: a prefix of the module name at a name boundary, or a suffix. Why and measurements: model_card.md.
 UNQUANTIZED_MODULES = ("model.visual", "lm_head", "g_proj_1", "g_proj_2")
@@ -975,8 +975,7 @@ def check_quantization(quantization_config) -> None:
         f"FineGrainedFP8Config quantizes the weights to FP8, which needs a CUDA GPU of compute capability "
         f"{_FP8_CAPABILITY[0]}.{_FP8_CAPABILITY[1]} or newer (Ada, Hopper, Blackwell: L4, H100, H200, ...), but "
         f"{found}. Use bitsandbytes instead, which also runs on CPU and older GPUs: "
-        "quantization_config=BitsAndBytesConfig(load_in_4bit=True) or BitsAndBytesConfig(load_in_8bit=True) "
-        "(videonsa.loading.quantization_config('nf4') / ('int8'))."
+        "quantization_config=BitsAndBytesConfig(load_in_4bit=True) or BitsAndBytesConfig(load_in_8bit=True)."
     )
 
 
