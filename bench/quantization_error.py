@@ -19,9 +19,10 @@ import torch
 from modeling_videonsa import UNQUANTIZED_MODULES, VideoNSAForConditionalGeneration
 from videonsa.testing import tiny_model, video_prompt
 
-# text widths that bitsandbytes' CPU 4-bit kernel packs (out in groups of 32, in in blocks of 64); 28 heads of 16
-TEXT = dict(hidden_size=448, intermediate_size=128,
-            rope_parameters={"rope_type": "default", "mrope_section": [4, 2, 2], "rope_theta": 10000.0})
+# 28 heads of 32: widths that bitsandbytes' CPU 4-bit kernel packs (outputs in groups of 32, inputs in blocks of 64)
+# and that FP8's 128 x 128 tiles divide
+TEXT = dict(hidden_size=28 * 32, intermediate_size=128,
+            rope_parameters={"rope_type": "default", "mrope_section": [8, 4, 4], "rope_theta": 10000.0})
 VARIANTS = {
     "default (vision, lm_head, gates kept)": list(UNQUANTIZED_MODULES),
     "gates quantized too": [m for m in UNQUANTIZED_MODULES if not m.startswith("g_proj")],
