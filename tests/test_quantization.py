@@ -321,3 +321,17 @@ def test_quantized_model_saves_and_loads_back(checkpoints, bnb, mode, tmp_path):
         with pytest.raises(ValueError, match=r"repacked for bitsandbytes' CPU kernel .* Save the quantized model before"):
             model.save_pretrained(tmp_path / "after-a-run")
         assert not (tmp_path / "after-a-run" / "model.safetensors").exists()
+
+
+def test_loaders_take_a_quantization_name(bnb, tmp_path):
+    """videonsa.loading's quantization= on a Hub-layout folder (AutoModel with its code, and its processor)."""
+    from videonsa.testing import build_tiny_checkpoint
+
+    _require_cpu_path(bnb, "int8")
+    folder = build_tiny_checkpoint(tmp_path / "tiny")
+    model, processor = loading.load_checkpoint(folder, quantization="int8", dtype=torch.float32)
+    assert type(model).__module__.startswith("transformers_modules") and type(processor).__name__ == "VideoNSAProcessor"
+    assert_default_split(model, "int8")
+    model, _ = loading.load_videonsa(folder, quantization="int8")
+    assert type(model) is VideoNSAForConditionalGeneration
+    assert_default_split(model, "int8")
