@@ -24,6 +24,7 @@ compiled with ``torch.compile(fullgraph=True)`` (a pass with vision tokens canno
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib
 import inspect
@@ -995,6 +996,110 @@ def _write_file(path: Path, data: bytes) -> None:
     os.replace(staging, path)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Quantized loading (bitsandbytes, FineGrainedFP8)
+# ----------------------------------------------------------------------------------------------------------
+# Modules left unquantized (in the checkpoint dtype) when a quantization config does not name its own list: the
+# vision tower (feeds every video token; 8% of the weights), lm_head (as transformers keeps it) and the gate
+# MLPs, whose logits are divided by nsa_gate_temperature (0.3), amplifying their error. Patterns as transformers
+# matches them: a prefix of the module name at a name boundary, or a suffix. Why and measurements: model_card.md.
+UNQUANTIZED_MODULES = ("model.visual", "lm_head", "g_proj_1", "g_proj_2")
+
+# FP8 matrix products need compute capability 8.9 (Ada) or newer; transformers quietly dequantizes to bf16 below.
+_FP8_CAPABILITY = (8, 9)
+
+
+# Where each quantization method whose matching of module names UNQUANTIZED_MODULES is written for keeps its list
+# (bitsandbytes calls it llm_int8_skip_modules, for 4-bit too); other methods' configs are passed on as given.
+_SKIP_FIELDS = {"bitsandbytes": "llm_int8_skip_modules", "fp8": "modules_to_not_convert"}
+
+
+def with_unquantized_defaults(quantization_config):
+    """``quantization_config`` (a ``QuantizationConfigMixin`` or its dict) with :data:`UNQUANTIZED_MODULES` as its
+    list of modules to keep unquantized when it is a bitsandbytes or FP8 config that names none; a config that names
+    one (even ``[]``) is returned as given: the user's list wins. Also raises ValueError for FP8 without an
+    FP8-capable CUDA GPU."""
+    from transformers.quantizers.auto import AutoQuantizationConfig
+
+    if isinstance(quantization_config, dict):
+        quantization_config = AutoQuantizationConfig.from_dict(dict(quantization_config))
+    check_quantization(quantization_config)
+    field = _SKIP_FIELDS.get(quantization_config.quant_method)
+    if field is None or getattr(quantization_config, field, None) is not None:
+        return quantization_config
+    quantization_config = copy.deepcopy(quantization_config)  # the caller's object may be reused for other models
+    setattr(quantization_config, field, list(UNQUANTIZED_MODULES))
+    return quantization_config
+
+
+def check_quantization(quantization_config) -> None:
+    """Raise ValueError for a quantization this machine cannot run: FP8 (``FineGrainedFP8Config``, unless it only
+    dequantizes) needs a CUDA GPU of compute capability 8.9 or newer, or an Intel XPU, as transformers' FP8 kernels
+    do. transformers would fail without a GPU and silently load bf16 weights on an older one."""
+    if quantization_config.quant_method != "fp8" or getattr(quantization_config, "dequantize", False):
+        return
+    if torch.cuda.is_available():
+        capability = torch.cuda.get_device_capability()
+        if capability >= _FP8_CAPABILITY:
+            return
+        found = f"{torch.cuda.get_device_name()} has compute capability {capability[0]}.{capability[1]}"
+    elif hasattr(torch, "xpu") and torch.xpu.is_available():
+        return
+    else:
+        found = "this machine has no CUDA GPU"
+    raise ValueError(
+        f"FineGrainedFP8Config quantizes the weights to FP8, which needs a CUDA GPU of compute capability "
+        f"{_FP8_CAPABILITY[0]}.{_FP8_CAPABILITY[1]} or newer (Ada, Hopper, Blackwell: L4, H100, H200, ...), but "
+        f"{found}. Use bitsandbytes instead, which also runs on CPU and older GPUs: "
+        "quantization_config=BitsAndBytesConfig(load_in_4bit=True) or BitsAndBytesConfig(load_in_8bit=True)."
+    )
+
+
+def check_cpu_4bit_layers(model) -> None:
+    """Raise ValueError, naming the layers, where bitsandbytes' CPU kernel cannot run a 4-bit layer of ``model``.
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks each 4-bit weight for its kernel on the first call, which needs
+    out_features a multiple of 32 and in_features a multiple of the quantization block (64); other layers fail
+    there with a bare assertion or reshape error. The gates' second layer (3 x 28 = 84 outputs in the 7B) and the
+    vision MLP (3,420 inner units) are such layers: the default keeps them unquantized."""
+    try:
+        from bitsandbytes.functional import has_avx512bf16
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:  # an older bitsandbytes without that kernel
+        return
+    bad = [
+        f"{name} ({module.out_features} x {module.in_features})"
+        for name, module in model.named_modules()
+        if isinstance(module, Linear4bit)
+        and module.weight.device.type == "cpu"
+        and (module.out_features % 32 or module.in_features % module.weight.blocksize)
+    ]
+    if bad and has_avx512bf16():
+        raise ValueError(
+            f"bitsandbytes' 4-bit CPU kernel cannot run {len(bad)} layers of this model: {', '.join(bad[:4])}"
+            f"{', ...' if len(bad) > 4 else ''}. It needs out_features a multiple of 32 and in_features a multiple "
+            "of the quantization block (64). Keep them unquantized (llm_int8_skip_modules; left unset, it keeps "
+            f"{list(UNQUANTIZED_MODULES)}), load in 8-bit, or load on a CUDA GPU."
+        )
+
+
+def check_4bit_weights_saveable(model) -> None:
+    """Raise ValueError where saving would write corrupt 4-bit weights: bitsandbytes' AVX512-BF16 CPU kernel repacks
+    a 4-bit weight on its first call and rounds its block scales to bf16, and converting that back for saving is not
+    exact in bitsandbytes 0.50.2 (README, "Quantized weights")."""
+    packed = [
+        name
+        for name, module in model.named_modules()
+        if getattr(getattr(getattr(module, "weight", None), "quant_state", None), "packing_format_for_cpu", False)
+    ]
+    if packed:
+        raise ValueError(
+            f"The 4-bit weights of {len(packed)} layers (e.g. {packed[0]}) were repacked for bitsandbytes' CPU kernel "
+            "when the model ran on CPU; that layout does not convert back exactly, so saving would write corrupt "
+            "weights. Save the quantized model before running it on CPU (or load it again and save it then)."
+        )
+
+
 class VideoNSAForConditionalGeneration(Qwen2_5_VLForConditionalGeneration, GenerationMixin):
     """VideoNSA for video/image + text to text generation; ``generate`` and training work as for Qwen2.5-VL.
 
@@ -1026,7 +1131,9 @@ class VideoNSAForConditionalGeneration(Qwen2_5_VLForConditionalGeneration, Gener
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save weights (in the released checkpoint's key layout) and config as usual, plus the code files and
-        ``nsa_kernels/`` so the folder loads alone."""
+        ``nsa_kernels/`` so the folder loads alone. 4-bit weights repacked for bitsandbytes' CPU kernel (after a
+        run on CPU) cannot be saved exactly: that is a ValueError (:func:`check_4bit_weights_saveable`)."""
+        check_4bit_weights_saveable(self)
         # transformers reverts the renamings it recorded when loading. Under DeepSpeed ZeRO-3 it records every known
         # renaming, used or not, and reverting its unused legacy ones writes `model.model.*` keys that no loader
         # maps back (transformers 5.23): the text decoder would load as random weights. Ours are the whole story.
@@ -1059,9 +1166,18 @@ class VideoNSAForConditionalGeneration(Qwen2_5_VLForConditionalGeneration, Gener
         (``model_type`` "qwen2_5_vl") is converted by ``videonsa_config_dict`` and the weights' 4.x key layout is
         mapped, so the gate MLPs and NSA settings load. A Qwen2.5-VL checkpoint without gate MLPs loads with the
         gates initialised as transformers initialises linear layers (normal weights, zero biases: every gate near
-        0.5), as the authors started training; a warning says so."""
+        0.5), as the authors started training; a warning says so.
+
+        A ``quantization_config`` (bitsandbytes 4-/8-bit, ``FineGrainedFP8Config``) that names no modules to keep
+        unquantized keeps :data:`UNQUANTIZED_MODULES` (vision tower, lm_head, gate MLPs) in the checkpoint dtype and
+        quantizes the text decoder's projections; FP8 without an FP8-capable GPU, and 4-bit layers that
+        bitsandbytes' CPU kernel cannot run, are ValueErrors."""
         output_loading_info = kwargs.pop("output_loading_info", False)
+        if kwargs.get("quantization_config") is not None:
+            kwargs["quantization_config"] = with_unquantized_defaults(kwargs["quantization_config"])
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        if getattr(model, "is_loaded_in_4bit", False):
+            check_cpu_4bit_layers(model)
         gates = sorted(key for key in info["missing_keys"] if is_gate_key(key))
         if gates:
             logger.warning(

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up ./.venv and ./.venv-tf517 (scripts/setup.sh) and runs the CPU test suite under the newest pinned
-# transformers, then the model and generation tests again under the oldest supported one (5.17), then the lmms-eval
-# tests in their own environment (scripts/test_eval.sh: lmms-eval pins packages the main set-up cannot take).
+# transformers, then the model, generation and quantization tests again under the oldest supported one (5.17), then
+# the lmms-eval tests in their own environment (scripts/test_eval.sh: lmms-eval pins packages the main set-up cannot
+# take).
 # Extra arguments go to pytest; with arguments, only the first run happens.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,8 +22,8 @@ run() {
 status=0
 run .venv/bin/python -m pytest -q --ignore=tests/test_eval.py "$@" || status=$?
 if [ "$#" -eq 0 ]; then
-  echo "== the model and generation tests under the oldest supported transformers (.venv-tf517)"
-  run env PYTHONPATH="$PWD/.venv-tf517" .venv/bin/python -m pytest -q tests/test_model.py tests/test_generation.py || status=$?
+  echo "== the model, generation and quantization tests under the oldest supported transformers (.venv-tf517)"
+  run env PYTHONPATH="$PWD/.venv-tf517" .venv/bin/python -m pytest -q tests/test_model.py tests/test_generation.py tests/test_quantization.py || status=$?
   echo "== the lmms-eval tests (.venv-eval)"
   bash scripts/test_eval.sh || status=$?
 fi

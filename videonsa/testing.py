@@ -47,7 +47,7 @@ def tiny_config(num_layers: int = 2, **text_overrides) -> VideoNSAConfig:
         hidden_size=32,
         intermediate_size=36,  # not a multiple of 8, like the released 3,420: exercises VideoNSAVisionMLP's padding
         num_heads=2,
-        out_hidden_size=224,
+        out_hidden_size=text["hidden_size"],  # the merger projects into the text decoder's width
         patch_size=14,
         spatial_merge_size=2,
         temporal_patch_size=2,
@@ -237,3 +237,37 @@ def build_tiny_checkpoint(path: str | os.PathLike, seed: int = 0) -> str:
     model.save_pretrained(path)
     VideoNSAProcessor(tokenizer=tokenizer).save_pretrained(path)
     return str(path)
+
+
+def on_quantization_grid(model, mode: str):
+    """Round the weights of ``model`` that a quantized load converts (the text decoder's projections, gate MLPs
+    excepted: see ``modeling_videonsa.UNQUANTIZED_MODULES``) onto the grid of ``mode``, so that quantizing them loses
+    nothing and a quantized model can be compared with this one at the backend's arithmetic precision.
+
+    ``"nf4"``: bitsandbytes' NF4 blocks of 64 (needs bitsandbytes); ``"int8"``: LLM.int8's absmax scale per output
+    row; ``"fp8"``: e4m3 in 128 x 128 tiles, every tile rescaled to the absmax 448 * 2**-12 so that its scale is a
+    power of two and the weights are exact in bf16 too. Returns ``model``.
+    """
+    from torch import nn
+
+    with torch.no_grad():
+        for name, module in model.model.language_model.named_modules():
+            if type(module) is not nn.Linear or "g_proj" in name:
+                continue
+            weight = module.weight
+            if mode == "nf4":
+                from bitsandbytes import functional
+
+                packed, state = functional.quantize_4bit(weight.data.contiguous(), blocksize=64, quant_type="nf4")
+                weight.copy_(functional.dequantize_4bit(packed, state))
+            elif mode == "int8":
+                scale = weight.abs().amax(dim=1, keepdim=True) / 127
+                weight.copy_(torch.round(weight / scale) * scale)
+            elif mode == "fp8":
+                rows, cols = weight.shape
+                tiles = weight.reshape(rows // 128, 128, cols // 128, 128)
+                tiles = tiles / tiles.abs().amax(dim=(1, 3), keepdim=True) * 448.0
+                weight.copy_(tiles.to(torch.float8_e4m3fn).float().reshape(rows, cols) * 2.0**-12)
+            else:
+                raise ValueError(f"mode must be 'nf4', 'int8' or 'fp8', got {mode!r}")
+    return model
