@@ -401,24 +401,7 @@ class VideoNSAAttention(Qwen2_5_VLAttention):
         return chunk
 
     def project_qkv(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]):
-        """``[B, T, hidden]`` -> query ``[B, Hq, T, D]``, key and value ``[B, Hkv, T, D]``, RoPE applied.
-
-        In a pass computed in pieces (:meth:`_rows_per_piece`) the projections and RoPE run over row pieces written
-        into the outputs, so their float32 temporaries exist for one piece at a time."""
-        chunk = self._rows_per_piece(hidden_states)
-        if chunk is not None:
-            batch, length = hidden_states.shape[:2]
-            cos, sin = position_embeddings
-            query = key = value = None
-            for start in range(0, length, chunk):
-                rows = slice(start, start + chunk)
-                q_rows, k_rows, v_rows = self.project_qkv(
-                    hidden_states[:, rows], (cos[:, rows], sin[:, rows]))  # [B, H, rows, D] each
-                if query is None:
-                    query, key, value = (x.new_empty(batch, length, x.shape[1], x.shape[3]).transpose(1, 2)
-                                         for x in (q_rows, k_rows, v_rows))
-                query[:, :, rows], key[:, :, rows], value[:, :, rows] = q_rows, k_rows, v_rows
-            return query, key, value
+        """``[B, T, hidden]`` -> query ``[B, Hq, T, D]``, key and value ``[B, Hkv, T, D]``, RoPE applied."""
         shape = (*hidden_states.shape[:2], -1, self.head_dim)
         query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
         key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
@@ -431,6 +414,28 @@ class VideoNSAAttention(Qwen2_5_VLAttention):
             query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
         return query, key, value
 
+    def _project_in_pieces(self, hidden_states, position_embeddings, chunk: int, input_norm=None):
+        """:meth:`project_qkv` and :meth:`gate_logits` over row pieces of ``chunk`` tokens written into whole-sequence
+        outputs, so that their temporaries (float32 RoPE, the gate MLP's hidden-wide layer) exist for one piece at a
+        time; ``input_norm`` (the layer's input norm, when ``hidden_states`` come before it) runs piece by piece too.
+        Returns query ``[B, Hq, T, D]``, key, value ``[B, Hkv, T, D]`` and gate logits ``[B, T, Hq, 3]``."""
+        batch, length = hidden_states.shape[:2]
+        cos, sin = position_embeddings
+        outputs = None
+        for start in range(0, length, chunk):
+            rows = slice(start, start + chunk)
+            piece = hidden_states[:, rows] if input_norm is None else input_norm(hidden_states[:, rows])
+            q_rows, k_rows, v_rows = self.project_qkv(piece, (cos[:, rows], sin[:, rows]))  # [B, H, rows, D]
+            gates = self.gate_logits(piece)
+            if outputs is None:
+                outputs = [x.new_empty(batch, length, x.shape[1], x.shape[3]).transpose(1, 2)
+                           for x in (q_rows, k_rows, v_rows)]
+                outputs.append(gates.new_empty(batch, length, *gates.shape[2:]))
+            for whole, part in zip(outputs, (q_rows, k_rows, v_rows)):
+                whole[:, :, rows] = part
+            outputs[3][:, rows] = gates
+        return tuple(outputs)
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -439,13 +444,18 @@ class VideoNSAAttention(Qwen2_5_VLAttention):
         cache=None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         videonsa_tokens: VideoNSATokens | None = None,
+        input_norm: nn.Module | None = None,
         **kwargs,
     ):
         """``hidden_states`` ``[B, T, hidden]`` -> (``[B, T, hidden]``, attention weights or None). The KV cache comes
-        as ``cache`` or ``past_key_values``; ``videonsa_tokens`` is None for a dense pass."""
+        as ``cache`` or ``past_key_values``; ``videonsa_tokens`` is None for a dense pass. With ``input_norm``,
+        ``hidden_states`` are the layer's input before that norm, which a pass in pieces applies piece by piece (no
+        normed copy of the whole sequence)."""
         cache = resolve_cache(cache, kwargs)
         if videonsa_tokens is None or not self.config.nsa_enabled:
             self.last_path = "dense"
+            if input_norm is not None:
+                hidden_states = input_norm(hidden_states)
             return super().forward(
                 hidden_states,
                 attention_mask=attention_mask,
@@ -455,7 +465,15 @@ class VideoNSAAttention(Qwen2_5_VLAttention):
                 **kwargs,
             )
         batch, length, _ = hidden_states.shape
-        query, key, value = self.project_qkv(hidden_states, position_embeddings)
+        chunk = self._rows_per_piece(hidden_states)
+        if chunk is not None:
+            query, key, value, gate_logits = self._project_in_pieces(hidden_states, position_embeddings, chunk,
+                                                                     input_norm)
+        else:
+            if input_norm is not None:
+                hidden_states = input_norm(hidden_states)
+            query, key, value = self.project_qkv(hidden_states, position_embeddings)
+            gate_logits = self.gate_logits(hidden_states)
         num_keys = videonsa_tokens.is_vision.shape[1]
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
@@ -509,7 +527,7 @@ class VideoNSAAttention(Qwen2_5_VLAttention):
             query,
             key,
             value,
-            self.gate_logits(hidden_states),
+            gate_logits,
             videonsa_tokens.is_vision,
             videonsa_tokens.key_padding_mask,
             block_size=self.config.nsa_block_size,
@@ -520,7 +538,6 @@ class VideoNSAAttention(Qwen2_5_VLAttention):
             **dense_kwargs,
         )
         output = output.reshape(batch, length, -1)
-        chunk = self._rows_per_piece(hidden_states)
         if chunk is None or output.shape[-1] != self.o_proj.out_features or not output.is_contiguous():
             return self.o_proj(output), weights.get("dense")
         for start in range(0, length, chunk):  # in place, a piece at a time: no second tensor of this size
@@ -567,11 +584,10 @@ class VideoNSADecoderLayer(Qwen2_5_VLDecoderLayer):
                 **kwargs,
             )
         length = hidden_states.shape[1]
-        normed = torch.empty_like(hidden_states)
-        for start in range(0, length, chunk):
-            normed[:, start : start + chunk] = self.input_layernorm(hidden_states[:, start : start + chunk])
+        # the input norm runs piece by piece inside the attention, with the projections
         output, _ = self.self_attn(
-            hidden_states=normed,
+            hidden_states=hidden_states,
+            input_norm=self.input_layernorm,
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=use_cache,
@@ -579,7 +595,6 @@ class VideoNSADecoderLayer(Qwen2_5_VLDecoderLayer):
             **{CACHE_ARG: cache},
             **kwargs,
         )
-        del normed
         # The attention output is this layer's own tensor: the residual goes into it, leaving the input (which the
         # caller may still hold, e.g. as a recorded hidden state) unchanged.
         output.add_(hidden_states)
