@@ -74,6 +74,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (  # noqa: E402
     Qwen2_5_VLMLP,
     Qwen2_5_VLModel,
     Qwen2_5_VLPreTrainedModel,
+    Qwen2_5_VLRMSNorm,
     Qwen2_5_VLTextModel,
     Qwen2_5_VLVisionAttention,
     apply_rotary_pos_emb,
@@ -604,6 +605,28 @@ class VideoNSADecoderLayer(Qwen2_5_VLDecoderLayer):
         return output
 
 
+class VideoNSAFinalNorm(Qwen2_5_VLRMSNorm):
+    """The text decoder's final RMS norm; in a pass in pieces (``config.prefill_chunk_tokens``, no gradients) it runs
+    piece by piece, so that its float32 temporaries exist for one piece, not the whole sequence."""
+
+    def __init__(self, config: VideoNSATextConfig):
+        super().__init__(config.hidden_size, eps=config.rms_norm_eps)
+        self.config = config
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """``[B, T, hidden]`` -> ``[B, T, hidden]``."""
+        chunk, length = self.config.prefill_chunk_tokens, hidden_states.shape[1]
+        if chunk is None or length <= chunk or torch.is_grad_enabled():
+            return super().forward(hidden_states)
+        output = None
+        for start in range(0, length, chunk):
+            piece = super().forward(hidden_states[:, start : start + chunk])
+            if output is None:
+                output = piece.new_empty(*hidden_states.shape[:2], piece.shape[2])
+            output[:, start : start + chunk] = piece
+        return output
+
+
 class VideoNSATextModel(Qwen2_5_VLTextModel):
     """Qwen2.5-VL's text decoder with :class:`VideoNSADecoderLayer` s; types the tokens once per forward."""
 
@@ -615,6 +638,7 @@ class VideoNSATextModel(Qwen2_5_VLTextModel):
         self.layers = nn.ModuleList(
             [VideoNSADecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
         )
+        self.norm = VideoNSAFinalNorm(config)
         self.post_init()
 
     def forward(
@@ -1056,6 +1080,7 @@ def check_quantization(quantization_config) -> None:
     if torch.cuda.is_available():
         capability = torch.cuda.get_device_capability()
         if capability >= _FP8_CAPABILITY:
+            _check_fp8_kernel_available()
             return
         found = f"{torch.cuda.get_device_name()} has compute capability {capability[0]}.{capability[1]}"
     elif hasattr(torch, "xpu") and torch.xpu.is_available():
@@ -1068,6 +1093,21 @@ def check_quantization(quantization_config) -> None:
         f"{found}. Use bitsandbytes instead, which also runs on CPU and older GPUs: "
         "quantization_config=BitsAndBytesConfig(load_in_4bit=True) or BitsAndBytesConfig(load_in_8bit=True)."
     )
+
+
+def _check_fp8_kernel_available() -> None:
+    """transformers runs FP8 matrix products with the Hub kernel ``kernels-community/finegrained-fp8`` through the
+    ``kernels`` package; without it the first forward fails deep inside generate. Say so at load time."""
+    from transformers.integrations.hub_kernels import _MISSING_KERNELS_MESSAGE
+    from transformers.utils.import_utils import is_kernels_available
+
+    if not is_kernels_available():
+        raise ValueError(
+            "FineGrainedFP8Config runs its matrix products with the Hub kernel kernels-community/finegrained-fp8, "
+            f"which transformers loads through the `kernels` package: {_MISSING_KERNELS_MESSAGE}, on a machine that "
+            "can reach the Hub (or has the kernel in its Hugging Face cache). Without it use bitsandbytes: "
+            "quantization_config=BitsAndBytesConfig(load_in_8bit=True) or BitsAndBytesConfig(load_in_4bit=True)."
+        )
 
 
 def check_cpu_4bit_layers(model) -> None:

@@ -20,7 +20,7 @@ Caps (``--cap``): a card's usable memory, i.e. what ``torch.cuda.mem_get_info`` 
 context (~0.5 GiB): ``80GB`` = 78.7 GiB (H100 80GB: 79.2 GiB total), ``24GB`` = 23.1 GiB (RTX 4090: 23.65 GiB
 total), or ``<n>GiB``.
 
-    python bench/bench_memory.py --cells bf16@80GB:131072,327680 bf16@24GB:65536 nf4@24GB:131072
+    python bench/bench_memory.py --cells bf16@80GB:131072,327680 bf16@24GB/4096:65536 nf4@24GB/4096:131072
     python bench/bench_memory.py --cells bf16@24GB:4096 --layers 2 --answer-tokens 4    # smoke test
 
 Results go to stdout as they come and, rewritten after every cell, to ``--out`` (markdown + JSON; default
@@ -55,18 +55,21 @@ def parse_cap(text: str) -> float:
     raise argparse.ArgumentTypeError(f"unknown cap {text!r}: use one of {sorted(CAPS)} or '<n>GiB'")
 
 
-def parse_cells(specs):
-    """``fmt@cap:len,len`` -> ``[(fmt, cap name, cap bytes, [lengths])]`` in the order given."""
+def parse_cells(specs, default_chunk: int):
+    """``fmt@cap[/chunk]:len,len`` -> ``[(fmt, cap name, cap bytes, chunk, [lengths])]`` in the order given."""
     cells = []
     for spec in specs:
         try:
             head, lengths = spec.split(":")
             fmt, cap = head.split("@")
-        except ValueError:
-            raise SystemExit(f"--cells entries look like bf16@80GB:131072,327680; got {spec!r}") from None
+            cap, _, chunk = cap.partition("/")
+            cells.append((fmt, cap, parse_cap(cap), int(chunk) if chunk else default_chunk,
+                          [int(x) for x in lengths.split(",") if x]))
+        except (ValueError, argparse.ArgumentTypeError) as error:
+            raise SystemExit(f"--cells entries look like bf16@80GB:131072,327680 or nf4@24GB/4096:65536; got {spec!r} "
+                             f"({error})") from None
         if fmt not in FORMATS:
             raise SystemExit(f"unknown weight format {fmt!r} in {spec!r}; choose among {FORMATS}")
-        cells.append((fmt, cap, parse_cap(cap), [int(x) for x in lengths.split(",") if x]))
     return cells
 
 
@@ -201,18 +204,18 @@ def render(meta: dict, results: list, accuracy: dict) -> str:
         f"Date: {meta['date']}; device: {meta['device']}; torch {meta['torch']}, transformers {meta['transformers']}",
         f"Command: {meta['command']}",
         f"Model: VideoNSA 7B architecture ({meta['layers']} text layers), random weights; generate with "
-        f"prefill_chunk_tokens={meta['chunk']}, {meta['answer_tokens']} answer tokens, pixels on "
+        f"prefill_chunk_tokens per cell (default {meta['chunk']}), {meta['answer_tokens']} answer tokens, pixels on "
         f"{meta['pixels_on']}; weights: "
         + ", ".join(f"{k} {v:.2f} GB" for k, v in meta["weights_gb"].items()),
         "",
-        "| weights | cap | video tokens | frames (4 fps) | fits | prefill s | decode tok/s | peak prefill GB "
+        "| weights | cap | chunk | video tokens | frames (4 fps) | fits | prefill s | decode tok/s | peak prefill GB "
         "| peak prefill+answer GB | path |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for cell in results:
         fits = "yes" if cell.get("fits") else f"no ({cell.get('error', '')[:60]})"
         lines.append(
-            f"| {cell['format']} | {cell['cap']} | {cell['length']} | {cell['length'] // 32} | {fits} | "
+            f"| {cell['format']} | {cell['cap']} | {cell.get('chunk', '')} | {cell['length']} | {cell['length'] // 32} | {fits} | "
             f"{e2e.fmt(cell.get('prefill_s'))} | {e2e.fmt(cell.get('decode_tok_s'), 1)} | "
             f"{e2e.fmt(cell.get('prefill_peak_gb'), 1)} | {e2e.fmt(cell.get('peak_gb'), 1)} | {cell.get('path', '')} |")
     if accuracy:
@@ -240,7 +243,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cells", nargs="+", required=True, help="weights@cap:len,len,... (see above)")
     parser.add_argument("--answer-tokens", type=int, default=64)
-    parser.add_argument("--chunk", type=int, default=8192, help="config.prefill_chunk_tokens")
+    parser.add_argument("--chunk", type=int, default=8192,
+                        help="config.prefill_chunk_tokens of cells that name none (fmt@cap/chunk:...)")
     parser.add_argument("--layers", type=int, default=28)
     parser.add_argument("--pixels-on", choices=("cuda", "cpu"), default="cuda",
                         help="where the prompt's pixels wait (the processor's output moved with .to('cuda'), or left "
@@ -252,7 +256,7 @@ def parse_args(argv=None):
                         help="where the random bf16 weights are saved for the quantized formats (a temp dir)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    args.cells = parse_cells(args.cells)
+    args.cells = parse_cells(args.cells, args.chunk)
     if args.out is None and os.environ.get("OUT"):
         args.out = os.path.join(os.environ["OUT"], "bench_memory.md")
     return args
@@ -270,18 +274,18 @@ def main(argv=None):
                 layers=args.layers, chunk=args.chunk, pixels_on=args.pixels_on, answer_tokens=args.answer_tokens,
                 accuracy_tokens=args.accuracy_tokens, weights_gb={})
     results, accuracy = [], {}
-    quantized = [fmt for fmt in dict.fromkeys(c[0] for c in args.cells) if fmt not in ("bf16", "dense")]
+    quantized = [fmt for fmt in dict.fromkeys(cell[0] for cell in args.cells) if fmt not in ("bf16", "dense")]
 
     def run_cells(model, formats):
-        for fmt, cap_name, cap, lengths in args.cells:
+        for fmt, cap_name, cap, chunk, lengths in args.cells:
             if fmt not in formats:
                 continue
             model.config.nsa_enabled = fmt != "dense"
             for length in lengths:
                 set_cap(cap)
-                cell = dict(format=fmt, cap=cap_name, cap_gib=cap / GIB, length=length)
+                cell = dict(format=fmt, cap=cap_name, cap_gib=cap / GIB, chunk=chunk, length=length)
                 try:
-                    cell.update(run_cell(model, length, args.answer_tokens, args.chunk, args.pixels_on))
+                    cell.update(run_cell(model, length, args.answer_tokens, chunk, args.pixels_on))
                 except Exception as error:  # noqa: BLE001 - one failing cell must not lose the others
                     cell.update(fits=False, error=f"{type(error).__name__}: {str(error)[:200]}")
                 set_cap(None)
@@ -316,9 +320,13 @@ def main(argv=None):
             meta["weights_gb"][fmt] = torch.cuda.memory_allocated() / 1e9
             print(f"loaded {fmt} in {time.perf_counter() - start:.1f} s: {meta['weights_gb'][fmt]:.2f} GB", flush=True)
             if reference is not None:
-                accuracy[fmt] = compare(accuracy_run(model, args.accuracy_tokens, args.accuracy_answer, args.chunk),
-                                        reference)
-                print(f"{fmt} accuracy: {accuracy[fmt]}", flush=True)
+                try:
+                    accuracy[fmt] = compare(accuracy_run(model, args.accuracy_tokens, args.accuracy_answer,
+                                                         args.chunk), reference)
+                except Exception as error:  # noqa: BLE001 - reported, the cells still run
+                    results.append(dict(format=fmt, cap="-", length=0, fits=False,
+                                        error=f"accuracy run failed: {type(error).__name__}: {str(error)[:160]}"))
+                print(f"{fmt} accuracy: {accuracy.get(fmt, results[-1])}", flush=True)
             run_cells(model, (fmt,))
             del model
             _free()

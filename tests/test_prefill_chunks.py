@@ -175,6 +175,24 @@ def test_long_pass_runs_its_nsa_part_and_vision_tower_in_pieces_with_the_same_re
     assert all(layer.self_attn.last_path.startswith("hybrid") for layer in model.model.language_model.layers)
 
 
+def test_final_norm_runs_in_pieces_with_the_same_result(monkeypatch):
+    """The text model's final RMS norm of a pass in pieces: float32 temporaries for one piece at a time."""
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
+
+    model = tiny_model(num_layers=1)
+    norm = model.model.language_model.norm
+    hidden = torch.randn(2, 150, model.config.text_config.hidden_size)
+    with torch.no_grad():
+        whole = norm(hidden)
+        rows, original = [], modeling_qwen2_5_vl.Qwen2_5_VLRMSNorm.forward
+        monkeypatch.setattr(modeling_qwen2_5_vl.Qwen2_5_VLRMSNorm, "forward",
+                            lambda self, x: rows.append(x.shape[1]) or original(self, x))
+        model.config.prefill_chunk_tokens = 64
+        pieces = norm(hidden)
+    assert rows == [64, 64, 22]
+    torch.testing.assert_close(pieces, whole, rtol=0, atol=0)
+
+
 def test_reference_nsa_part_in_query_chunks_equals_one_piece():
     """reference.hybrid_attention with query_chunk on a batch holding a mixed, an all-vision, a dense and a padded
     sample, for a whole pass and for a pass continuing a cache (Tq < Tk); float64, so any difference is a bug."""

@@ -262,6 +262,21 @@ def test_fp8_without_an_fp8_gpu_is_a_clear_error(plain_checkpoint, monkeypatch):
     assert "NVIDIA A100-SXM4-80GB has compute capability 8.0" in str(raised.value)
 
 
+def test_fp8_on_an_fp8_gpu_without_the_hub_kernel_is_a_clear_error(monkeypatch):
+    """transformers' FP8 matrix products come from the Hub kernel kernels-community/finegrained-fp8 through the
+    `kernels` package: without it the load stops and says what to install (instead of failing in the first forward)."""
+    from transformers import FineGrainedFP8Config
+    from transformers.utils import import_utils
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(import_utils, "is_kernels_available", lambda *args, **kwargs: False)
+    with pytest.raises(ValueError, match=r"kernels-community/finegrained-fp8.*`kernels`.*BitsAndBytesConfig"):
+        modeling_videonsa.check_quantization(FineGrainedFP8Config())
+    monkeypatch.setattr(import_utils, "is_kernels_available", lambda *args, **kwargs: True)
+    modeling_videonsa.check_quantization(FineGrainedFP8Config())  # an H100 / H200 with the kernel: accepted
+
+
 def test_4bit_layers_the_cpu_kernel_cannot_run_are_named_at_load(checkpoints, bnb):
     """Quantizing the gates in 4-bit on CPU: bitsandbytes' AVX512-BF16 kernel would fail on the first call with a
     bare assertion (g_proj_2 has 3 x 28 = 84 outputs, not a multiple of 32); loading says which layers and why."""

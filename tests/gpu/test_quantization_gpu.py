@@ -33,6 +33,12 @@ HAS_FP8 = torch.cuda.get_device_capability() >= (8, 9)
 def _require(mode):
     if mode == "fp8" and not HAS_FP8:
         pytest.skip(f"{torch.cuda.get_device_name()} has no FP8 (compute capability < 8.9)")
+    if mode == "fp8":
+        from transformers.utils.import_utils import is_kernels_available
+
+        if not is_kernels_available():
+            pytest.skip("transformers' FP8 matmul is the Hub kernel kernels-community/finegrained-fp8, loaded through "
+                        "the `kernels` package, which this machine lacks (and it cannot reach the Hub)")
     if mode == "nf4":
         pytest.importorskip("bitsandbytes")
 
