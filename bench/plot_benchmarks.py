@@ -1,4 +1,4 @@
-"""Plot the recorded benchmarks (``docs/results/*.json``) into ``docs/benchmarks.png``.
+"""Plot the recorded benchmarks (``docs/results/*.json``) into ``docs/benchmarks.png`` and ``docs/memory.png``.
 
 Left: one layer's attention, forward, against the number of tokens, as the user compares it: the dense model's
 attention (28 query / 4 kv heads, SDPA flash and cuDNN) and VideoNSA's hybrid layer on random and video-like inputs
@@ -6,7 +6,10 @@ attention (28 query / 4 kv heads, SDPA flash and cuDNN) and VideoNSA's hybrid la
 number of video tokens, VideoNSA and the same weights with dense attention, split into vision tower and text decoder
 (``bench/bench_end_to_end.py``, H100).
 
-    python bench/plot_benchmarks.py [--results docs/results] [--out docs/benchmarks.png]
+``docs/memory.png``: peak GPU memory of a 7B prompt with a 64-token answer against the number of video tokens, per
+weight format, with the 24 GB and 80 GB caps it was run under (``bench/bench_memory.py``, H200).
+
+    python bench/plot_benchmarks.py [--results docs/results] [--out docs/benchmarks.png] [--memory-out docs/memory.png]
 """
 
 from __future__ import annotations
@@ -24,6 +27,42 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 LAYER_RUN = "h200_layer_2026-12-03.json"
+MEMORY_RUNS = ("h200_memory_2026-12-03_run1.json", "h200_memory_2026-12-03_run3.json")
+
+
+def plot_memory(results_dir, out):
+    """Peak memory (allocated, GB) against video tokens per weight format and run; failed cells as crosses at the
+    memory reached."""
+    fig, axis = plt.subplots(figsize=(7.5, 4.5))
+    for run in MEMORY_RUNS:
+        data = json.load(open(os.path.join(results_dir, run)))
+        tag = "pixels on GPU, before the final-norm pieces" if data["meta"].get("pixels_on", "cuda") == "cuda" else \
+            "pixels on CPU"
+        series = {}
+        for cell in data["results"]:
+            if not cell.get("length"):
+                continue
+            key = (cell["format"], cell["fits"])
+            series.setdefault(key, []).append((cell["length"], cell.get("peak_gb")))
+        for (fmt, fits), points in sorted(series.items()):
+            points.sort()
+            xs, ys = [p[0] for p in points], [p[1] for p in points]
+            if fits:
+                axis.plot(xs, ys, marker="o", label=f"{fmt} ({tag})", linestyle="-" if "CPU" in tag else ":")
+            else:
+                axis.scatter(xs, ys, marker="x", color="k", label=f"{fmt}: out of memory at the cap ({tag})")
+    for cap, name in ((78.7 * 2**30 / 1e9, "80 GB cap"), (23.15 * 2**30 / 1e9, "24 GB cap")):
+        axis.axhline(cap, color="0.5", linewidth=0.8)
+        axis.text(300000, cap + 0.8, name, fontsize=8, color="0.3")
+    axis.set(xlabel="video tokens (32 per frame at the released 4 fps)", ylabel="peak GPU memory (GB)",
+             title="VideoNSA 7B: prompt + 64-token answer, prefill_chunk_tokens set (H200, 2026-12-03)")
+    ticks = [16384, 65536, 131072, 196608, 262144, 327680, 393216]
+    axis.set_xticks(ticks, [f"{t // 1024}K" for t in ticks])
+    axis.grid(True, alpha=0.3)
+    axis.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
 
 
 def attention_series(results_dir):
@@ -49,7 +88,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", default=os.path.join(ROOT, "docs", "results"))
     parser.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks.png"))
+    parser.add_argument("--memory-out", default=os.path.join(ROOT, "docs", "memory.png"))
     args = parser.parse_args(argv)
+    plot_memory(args.results, args.memory_out)
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     for label, (xs, ys) in attention_series(args.results).items():

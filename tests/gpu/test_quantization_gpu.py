@@ -1,4 +1,4 @@
-"""Quantized VideoNSA on CUDA: FP8 (``FineGrainedFP8Config``, transformers' Triton kernels) and bitsandbytes NF4,
+"""Quantized VideoNSA on CUDA: FP8 (``FineGrainedFP8Config``, the Hub kernel transformers loads) and bitsandbytes NF4,
 with the Triton NSA backend on the quantized projections, against the bf16 model.
 
 Run on a CUDA machine from the repository root: ``python -m pytest tests/gpu -q -s``. Skips without CUDA; the FP8
