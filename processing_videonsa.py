@@ -130,8 +130,9 @@ WEIGHT_FORMATS = ("bf16", "fp8", "int8", "nf4")
 DEFAULT_ANSWER_TOKENS = 1024
 # The prefill's working set beyond the weights and the KV cache, for a pass in pieces (prefill_chunk_tokens 4096-8192)
 # with the pixels left on the CPU: WORK_HIDDEN_VECTORS_PER_TOKEN bf16 vectors of hidden_size per prompt token, plus
-# FIXED_OVERHEAD_BYTES (CUDA context, pieces' workspaces, allocator). Fitted on H200, 2026-12-03, to peaks of 7B prefills
-# of 64K-320K tokens in bf16, int8 and nf4 (docs/benchmarks.md, "Memory planner calibration"); within 0.7 GB above.
+# FIXED_OVERHEAD_BYTES (CUDA context, pieces' workspaces, allocator). Fitted on H200, 2026-12-03, to peaks of 7B
+# prefills of 64K-320K tokens in bf16, int8 and nf4 (docs/benchmarks.md, "Memory planner calibration"): the estimate
+# lies within 0.7 GB above each.
 WORK_HIDDEN_VECTORS_PER_TOKEN = 6
 FIXED_OVERHEAD_BYTES = 1 * 2**30
 _BF16 = 2  # bytes per value: weights that stay unquantized, the KV cache and activations

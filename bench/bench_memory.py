@@ -215,7 +215,8 @@ def render(meta: dict, results: list, accuracy: dict) -> str:
     for cell in results:
         fits = "yes" if cell.get("fits") else f"no ({cell.get('error', '')[:60]})"
         lines.append(
-            f"| {cell['format']} | {cell['cap']} | {cell.get('chunk', '')} | {cell['length']} | {cell['length'] // 32} | {fits} | "
+            f"| {cell['format']} | {cell['cap']} | {cell.get('chunk', '')} | {cell['length']} | "
+            f"{cell['length'] // 32} | {fits} | "
             f"{e2e.fmt(cell.get('prefill_s'))} | {e2e.fmt(cell.get('decode_tok_s'), 1)} | "
             f"{e2e.fmt(cell.get('prefill_peak_gb'), 1)} | {e2e.fmt(cell.get('peak_gb'), 1)} | {cell.get('path', '')} |")
     if accuracy:

@@ -130,8 +130,9 @@ def dense_attention(q, k, v, scale, key_padding_mask=None, zero_rows=None):
 
     Rows whose query is all zero (the text-masked query at vision rows of the mixed path), or that ``zero_rows``
     (bool ``[B, Tq]``) declares zero whatever ``q`` holds there, get the running mean of the visible values, exactly
-    what attention with a zero query returns, with no attention run and no gradient to their query. Without gradients the output is built in place, a few rows at
-    a time, so that no temporary of the output's size exists beside it.
+    what attention with a zero query returns, with no attention run and no gradient to their query. Without
+    gradients the output is built in place, a few rows at a time, so that no temporary of the output's size exists
+    beside it.
 
     Args:
         q: ``[B, Hq, Tq, D]``; k, v: ``[B, Hkv, Tk, D]``; query row ``r`` at position ``Tk - Tq + r``.
