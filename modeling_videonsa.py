@@ -696,6 +696,8 @@ class VideoNSATextModel(Qwen2_5_VLTextModel):
                 "Run passes with images or videos (the prefill) eagerly and compile only the decode steps.",
             )
             return None
+        if not bool(new.any()):  # no vision token at all (every decode step): dense, with one host sync
+            return None
         past = int(cache.get_seq_length()) if cache is not None else 0
         padding = _key_padding_mask(attention_mask, batch, past + length, _static_capacity(cache))
         real_new = new if padding is None else new & padding[:, past:]
