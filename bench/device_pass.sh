@@ -16,8 +16,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 [ "${TESTS_TIMEOUT:-200}" = 0 ] || timeout "${TESTS_TIMEOUT:-200}" python -m pytest -q -p no:cacheprovider tests/gpu/test_quantization_gpu.py \
   "tests/gpu/test_kernels_gpu.py::test_hybrid_in_query_chunks_equals_one_piece[40000]" tests/gpu/test_model_gpu.py \
   2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
-# expandable segments: long prompts allocate many large, differently sized buffers; without them the caching
-# allocator's fragmentation costs ~1 GB under a 24 GB cap (docs/benchmarks.md)
+# expandable segments: long prompts allocate many large, differently sized buffers, which the caching allocator
+# otherwise keeps in separate segments (the README recommends it on small cards)
 PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True} timeout "${BENCH_TIMEOUT:-420}" \
   python bench/bench_memory.py --pixels-on cpu --cells ${CELLS:-bf16@24GB/4096:65536,81920 bf16@80GB:131072,327680 \
   nf4@24GB/4096:131072,163840 int8@24GB/4096:65536} --out "$OUT/bench_memory.md" 2>&1 | grep -vE "Warning|warn\(" | tail -40
