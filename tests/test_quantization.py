@@ -122,7 +122,8 @@ def test_quantized_checkpoint_generates_as_unquantized(checkpoints, bnb, mode):
     tokens, logits = _greedy(model, inputs)
     top2 = expected_logits.topk(2, dim=-1).values
     margins = top2[..., 0] - top2[..., 1]
-    assert margins.min() > 2 * ANSWER_ATOL[mode], f"the prompt's greedy margins {margins} no longer make the test meaningful"
+    assert margins.min() > 2 * ANSWER_ATOL[mode], \
+        f"the prompt's greedy margins {margins} no longer make the test meaningful"
     torch.testing.assert_close(logits, expected_logits, atol=ANSWER_ATOL[mode], rtol=0)
     assert tokens.tolist() == expected_tokens.tolist()
 
@@ -249,7 +250,8 @@ def test_fp8_without_an_fp8_gpu_is_a_clear_error(plain_checkpoint, monkeypatch):
     wanted = r"compute capability 8\.9 or newer .* Use bitsandbytes instead"
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match=wanted + r".*") as raised:
-            VideoNSAForConditionalGeneration.from_pretrained(plain_checkpoint, quantization_config=FineGrainedFP8Config())
+            VideoNSAForConditionalGeneration.from_pretrained(plain_checkpoint,
+                                                             quantization_config=FineGrainedFP8Config())
         assert "this machine has no CUDA GPU" in str(raised.value)
         with pytest.raises(ValueError, match=wanted):
             loading.load_videonsa(plain_checkpoint, quantization="fp8")
@@ -284,8 +286,9 @@ def test_4bit_layers_the_cpu_kernel_cannot_run_are_named_at_load(checkpoints, bn
     if not bnb.functional.has_avx512bf16():
         pytest.skip("this CPU has no AVX512-BF16: bitsandbytes runs 4-bit layers of any shape through its other path")
     folder, _ = checkpoints["nf4"]
-    with pytest.raises(ValueError, match=r"cannot run 2 layers of this model: model\.language_model\.layers\.0\.self_attn"
-                                         r"\.g_proj_2 \(84 x 448\), .*llm_int8_skip_modules"):
+    with pytest.raises(ValueError,
+                       match=r"cannot run 2 layers of this model: model\.language_model\.layers\.0\.self_attn"
+                             r"\.g_proj_2 \(84 x 448\), .*llm_int8_skip_modules"):
         VideoNSAForConditionalGeneration.from_pretrained(
             folder, quantization_config=_bnb_config("nf4", llm_int8_skip_modules=["model.visual", "lm_head"]))
 
@@ -333,7 +336,8 @@ def test_quantized_model_saves_and_loads_back(checkpoints, bnb, mode, tmp_path):
         assert torch.equal(again(**inputs).logits, model(**inputs).logits)
     if mode == "nf4" and bnb.functional.has_avx512bf16():
         # the run above repacked the 4-bit weights for the CPU kernel: saving them now is refused
-        with pytest.raises(ValueError, match=r"repacked for bitsandbytes' CPU kernel .* Save the quantized model before"):
+        with pytest.raises(ValueError,
+                           match=r"repacked for bitsandbytes' CPU kernel .* Save the quantized model before"):
             model.save_pretrained(tmp_path / "after-a-run")
         assert not (tmp_path / "after-a-run" / "model.safetensors").exists()
 
