@@ -367,6 +367,15 @@ def _remember_token_types(cache, new: torch.Tensor) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # Attention, decoder layer, text model
 # ----------------------------------------------------------------------------------------------------------
+def rows_per_piece(config: VideoNSATextConfig, length: int) -> int | None:
+    """Rows per piece of a pass of ``length`` tokens: ``config.prefill_chunk_tokens`` when the pass runs in pieces (the
+    key is set, no gradients are recorded, and the pass is longer than one piece), else None (one piece)."""
+    chunk = config.prefill_chunk_tokens
+    if chunk is None or length <= chunk or torch.is_grad_enabled():
+        return None
+    return chunk
+
+
 class VideoNSAAttention(Qwen2_5_VLAttention):
     """Qwen2.5-VL's attention plus the gate MLP of VideoNSA.
 
@@ -392,14 +401,6 @@ class VideoNSAAttention(Qwen2_5_VLAttention):
         """``[B, T, hidden]`` -> ``[B, T, num_heads, 3]`` gate logits (before vision masking and sigmoid)."""
         logits = self.g_proj_2(F.gelu(self.g_proj_1(hidden_states)))
         return logits.view(*hidden_states.shape[:2], self.num_heads, 3) / self.config.nsa_gate_temperature
-
-    def _rows_per_piece(self, hidden_states: torch.Tensor) -> int | None:
-        """``config.prefill_chunk_tokens`` when this pass may be computed in pieces of rows (no gradients, longer
-        than one piece), else None."""
-        chunk = self.config.prefill_chunk_tokens
-        if chunk is None or hidden_states.shape[1] <= chunk or torch.is_grad_enabled():
-            return None
-        return chunk
 
     def project_qkv(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]):
         """``[B, T, hidden]`` -> query ``[B, Hq, T, D]``, key and value ``[B, Hkv, T, D]``, RoPE applied."""
@@ -466,7 +467,7 @@ class VideoNSAAttention(Qwen2_5_VLAttention):
                 **kwargs,
             )
         batch, length, _ = hidden_states.shape
-        chunk = self._rows_per_piece(hidden_states)
+        chunk = rows_per_piece(self.config, length)
         if chunk is not None:
             query, key, value, gate_logits = self._project_in_pieces(hidden_states, position_embeddings, chunk,
                                                                      input_norm)
@@ -573,8 +574,8 @@ class VideoNSADecoderLayer(Qwen2_5_VLDecoderLayer):
         for the backward pass whatever the chunking, so the layer then runs unchunked.
         """
         cache = resolve_cache(cache, kwargs)
-        chunk = self.self_attn.config.prefill_chunk_tokens
-        if chunk is None or hidden_states.shape[1] <= chunk or torch.is_grad_enabled():
+        chunk = rows_per_piece(self.self_attn.config, hidden_states.shape[1])
+        if chunk is None:
             return super().forward(
                 hidden_states,
                 attention_mask=attention_mask,
@@ -615,8 +616,9 @@ class VideoNSAFinalNorm(Qwen2_5_VLRMSNorm):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """``[B, T, hidden]`` -> ``[B, T, hidden]``."""
-        chunk, length = self.config.prefill_chunk_tokens, hidden_states.shape[1]
-        if chunk is None or length <= chunk or torch.is_grad_enabled():
+        length = hidden_states.shape[1]
+        chunk = rows_per_piece(self.config, length)
+        if chunk is None:
             return super().forward(hidden_states)
         output = None
         for start in range(0, length, chunk):
@@ -880,8 +882,9 @@ class VideoNSAModel(Qwen2_5_VLModel):
         """Qwen2.5-VL's; in a pass without gradients and with ``text_config.prefill_chunk_tokens`` set, the tower runs
         over pieces of at most that many merged tokens (:meth:`video_features_in_pieces`), whose pooled outputs are
         returned (``last_hidden_state`` is then None: it would be the tower's whole unmerged sequence)."""
-        chunk = self.config.text_config.prefill_chunk_tokens
-        if chunk is None or torch.is_grad_enabled() or video_grid_thw is None or kwargs.get("output_hidden_states"):
+        merged_tokens = pixel_values_videos.shape[0] // self.visual.spatial_merge_size**2
+        chunk = rows_per_piece(self.config.text_config, merged_tokens)
+        if chunk is None or video_grid_thw is None or kwargs.get("output_hidden_states"):
             return super().get_video_features(pixel_values_videos, video_grid_thw, **kwargs)
         pooled = self.video_features_in_pieces(pixel_values_videos, video_grid_thw, chunk)
         sizes = (video_grid_thw.prod(-1) // self.visual.spatial_merge_size**2).tolist()
