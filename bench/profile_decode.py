@@ -13,23 +13,23 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
-import bench_end_to_end as e2e  # the sibling script (this folder is on sys.path when a script here runs)
+import bench_end_to_end as e2e  # the sibling scripts (this folder is on sys.path when a script here runs)
 import torch
+from bench_memory import FirstTokenClock
 from transformers import LogitsProcessorList
 
 
-class StepClock:
-    """Notes the time of every generation step; with ``profiler``, starts it at the first step (after the prefill),
-    so that only decode steps are profiled."""
+class StepClock(FirstTokenClock):
+    """``bench_memory``'s step clock; with ``profiler``, also starts it at the first step (after the prefill), so
+    that only decode steps are profiled."""
 
     def __init__(self, profiler=None):
-        self.times, self.profiler = [], profiler
+        super().__init__()
+        self.profiler = profiler
 
     def __call__(self, input_ids, scores):
-        torch.cuda.synchronize()
-        self.times.append(time.perf_counter())
+        scores = super().__call__(input_ids, scores)
         if self.profiler is not None and len(self.times) == 1:
             self.profiler.start()
         return scores
