@@ -4,28 +4,20 @@ The released attention function is not causal across blocks: compression attends
 LATER block, and the log-sum-exp that selection misreads indexes the whole pass (README, "What the attention
 computes"). A prefill that continues a KV cache chunk by chunk therefore cannot give the one-pass numbers in a
 model with more than one layer. :func:`chunked_prefill` instead runs the one pass through the model with
-``config.prefill_chunk_tokens = chunk_size`` (``VideoNSADecoderLayer``'s own chunked pass):
-
-* the token-wise parts of every decoder layer (the two RMS norms, the residual adds and the MLP, whose 18,944-wide
-  activations dominate the memory of a long pass) run over chunks of ``chunk_size`` tokens;
-* the attention of every layer runs over the whole sequence through the layer's own ``VideoNSAAttention``
-  (so the hybrid NSA / dense choice, the kernels and the KV cache are exactly the model's); the NSA path and the
-  kernels are query-chunked internally, and the dense branch goes through the model's attention interface;
-* the vision tower runs over pieces of at most ``vision_chunk_size`` video tokens, cut between temporal patches
-  (Qwen2.5-VL's vision attention never crosses a temporal patch, so the cut changes nothing);
-* only the last position goes through ``lm_head`` (``logits_to_keep=1``).
-
-Setting ``model.config.prefill_chunk_tokens`` alone gives the first two for ``model(**inputs)`` and ``generate``;
-this module adds the vision tower in pieces and a prefill that returns its cache.
+``config.prefill_chunk_tokens = chunk_size``, the model's own pass in pieces (README, "Long videos"): every
+token-wise part of a layer, the NSA part of its attention (query chunks) and the final norm run over pieces of
+``chunk_size`` tokens, and only the last position goes through ``lm_head`` (``logits_to_keep=1``). What this
+module adds to ``model(**inputs)`` with that key set: the vision tower over pieces of ``vision_chunk_size`` video
+tokens (the model's own pieces follow ``chunk_size``), computed here before the pass, and a prefill that returns its
+cache.
 
 Every step computes the same function as ``model(**inputs)``; the results agree to float rounding (matrix
 products over fewer rows may round differently). The returned ``DynamicCache`` holds every layer's keys and
 values and the token types VideoNSA remembers, so ``model.generate(past_key_values=cache, ...)`` (or
 :func:`chunked_generate`) continues from it with dense decode steps, as after an ordinary prefill.
 
-Peak memory of a pass is roughly: weights + KV cache (``2 * layers * kv_heads * head_dim`` values per token) + a
-few ``[tokens, hidden]`` buffers + the attention's working set (the NSA branches on the padded 64-head layout)
-+ the MLP of one chunk, instead of the MLP of the whole sequence.
+Peak memory of a pass is roughly: weights + KV cache (``2 * layers * kv_heads * head_dim`` values per token) +
+about six ``[tokens, hidden]`` bf16 buffers + one piece's working set (docs/benchmarks.md, "what fits where").
 
     from videonsa.long_context import chunked_prefill, chunked_generate
     logits, cache = chunked_prefill(model, **inputs, chunk_size=8192)   # logits: [batch, vocab] of the last token
