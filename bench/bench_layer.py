@@ -10,8 +10,8 @@ text tokens):
   on video-like ones (``videonsa/video_like.py``).
 
 Forward under ``no_grad`` and forward + backward. Kernel diagnostics from the same run (padded 64-head layout,
-never a headline): selected attention per row against tiles of R rows over the union of their blocks, and the
-mean union size per tile.
+never a headline): selected attention under each schedule of ``--selected`` (one row per program, tiles of R rows
+over the union of their blocks, see :func:`schedule`), and the mean union size per tile.
 
     python bench/bench_layer.py --lengths 8192,16384,32768,65536,131072 --out docs/results/h200_layer.md
 """
@@ -78,32 +78,53 @@ def dense_rows(T, reps):
     return out
 
 
-def hybrid_rows(T, reps, kinds, rows_per_tile):
+def schedule(variant, T):
+    """The selected-attention schedule named by ``variant`` as launch settings for a pass of ``T`` rows: "default"
+    (the library's rule), "row" (one row per program), "union<R>" (tiles of R rows over the union of their
+    blocks); a "+tma" suffix fetches the per-row kernels' blocks (forward and dq) with the tensor memory
+    accelerator, "-tma" with pointer loads."""
     import dataclasses
+    import re
 
+    from nsa_kernels import triton_nsa as TN
+
+    match = re.fullmatch(r"(default|row|union(\d))([+-]tma)?", variant)
+    if not match:
+        raise SystemExit(f"unknown selected-attention schedule {variant!r} (default, row, union<R>; +tma or -tma)")
+    base, rows, tma = match.groups()
+    launch = TN.DEFAULT_LAUNCH
+    if tma:
+        launch = dataclasses.replace(launch, selected_tma=tma == "+tma")
+    if base == "row":
+        return dataclasses.replace(launch, selected_tile_max_rows=0)
+    if rows:
+        return dataclasses.replace(launch, selected_rows_per_tile=int(rows), selected_tile_max_rows=T)
+    return launch
+
+
+def hybrid_rows(T, reps, kinds, variant):
     from nsa_kernels import triton_nsa as TN
 
     out = {}
     for kind in kinds:
         q, k, v, logits, vision = layer_inputs(T, kind)
-        launch = TN.DEFAULT_LAUNCH if rows_per_tile is None else dataclasses.replace(
-            TN.DEFAULT_LAUNCH, selected_rows_per_tile=rows_per_tile, selected_tile_max_rows=T)
-        kw = dict(block_size=BS, block_count=BC, window_size=W, launch=launch)
+        kw = dict(block_size=BS, block_count=BC, window_size=W, launch=schedule(variant, T))
 
         def run(q, k, v, logits):
             return TN.hybrid_attention(q, k, v, logits, vision, **kw)
 
         name = f"hybrid ({kind})"
         out[name] = fwd_and_train_ms(run, (q, k, v, logits), reps)
-        print(f"  T={T} {name} [{rows_per_tile or 'default'}]: {out[name]}", flush=True)
+        print(f"  T={T} {name} [{variant}]: {out[name]}", flush=True)
     return out
 
 
-def selected_diagnostics(T, reps, kinds, tile_rows):
-    """Selected attention alone on the layer's real block choice: per row vs tiles of R rows; union sizes."""
+def selected_diagnostics(T, reps, kinds, variants):
+    """Selected attention alone on the layer's real block choice, per schedule (see :func:`schedule`): ms, largest
+    difference to one row per program, and the mean union size of the tiles."""
     from nsa_kernels import triton_nsa as TN
     from nsa_kernels.reference import pad_heads
-    from nsa_kernels.selected_attention import selected_attention_fwd, tile_unions
+    from nsa_kernels.selected_attention import selected_attention_bwd_kernels, selected_attention_fwd, tile_unions
 
     out = {}
     for kind in kinds:
@@ -111,19 +132,29 @@ def selected_diagnostics(T, reps, kinds, tile_rows):
         vis = vision[0][None, :, None, None]
         q64 = pad_heads(q.transpose(1, 2) * vis, 64).contiguous()
         kt, vt = (k.transpose(1, 2) * vis).contiguous(), (v.transpose(1, 2) * vis).contiguous()
+        row = {}
         with torch.no_grad():
             kc, vc = TN.compress_kv(kt, BS), TN.compress_kv(vt, BS)
             _, lse = TN.compression_attention(q64, kc, vc, BS, D**-0.5, T)
             bi = TN.select_blocks(q64, kc, lse, BC, BS, D**-0.5, T)
-            row = {"per-row ms": timed(lambda: selected_attention_fwd(q64, kt, vt, bi, BS, D**-0.5, 1), reps)}
             ref = selected_attention_fwd(q64, kt, vt, bi, BS, D**-0.5, 1)[0].float()
-            for R in tile_rows:
-                row[f"R={R} ms"] = timed(lambda R=R: selected_attention_fwd(q64, kt, vt, bi, BS, D**-0.5, R), reps)
-                got = selected_attention_fwd(q64, kt, vt, bi, BS, D**-0.5, R)[0].float()
-                row[f"R={R} max rel diff"] = float((got - ref).abs().max() / ref.abs().max())
-                ids, bits, count = tile_unions(bi, R)
-                row[f"R={R} mean blocks"] = float(count.float().mean())
-                row[f"R={R} build ms"] = timed(lambda R=R: tile_unions(bi, R), reps)
+            for variant in variants:
+                if variant.startswith("dq"):  # the dq half of the backward, per row: "dq" or "dq+tma"
+                    launch = schedule("row" + variant[2:], T)
+                    o, lse_s = selected_attention_fwd(q64, kt, vt, bi, BS, D**-0.5, 1)
+                    run_dq = selected_attention_bwd_kernels(q64, kt, vt, bi, o, lse_s, torch.randn_like(o), BS,
+                                                            D**-0.5, launch=launch)[0]
+                    row[f"{variant} ms"] = timed(run_dq, reps)
+                    continue
+                launch = schedule(variant, T)
+                R = launch.selected_schedule(T)
+                row[f"{variant} ms"] = timed(lambda: selected_attention_fwd(q64, kt, vt, bi, BS, D**-0.5, R,
+                                                                            launch), reps)
+                got = selected_attention_fwd(q64, kt, vt, bi, BS, D**-0.5, R, launch)[0].float()
+                row[f"{variant} max rel diff"] = float((got - ref).abs().max() / ref.abs().max())
+                if R > 1 and f"R={R} mean blocks" not in row:
+                    row[f"R={R} mean blocks"] = float(tile_unions(bi, R)[2].float().mean())
+                    row[f"R={R} build ms"] = timed(lambda: tile_unions(bi, R), reps)
         out[kind] = row
         print(f"  T={T} selected {kind}: {row}", flush=True)
     return out
@@ -134,16 +165,17 @@ def main():
     ap.add_argument("--lengths", default="8192,16384,32768,65536,131072")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--kinds", default="random,video-like")
-    ap.add_argument("--rows-per-tile", default="default",
-                    help="selected-attention forward rows per program of the hybrid rows: 'default' (the launch "
-                         "settings' rule), or numbers (1 = per row) forced at every length")
-    ap.add_argument("--tile-rows", default="2,4,8", help="R values of the union-tile diagnostics (empty: none)")
+    ap.add_argument("--schedules", default="default",
+                    help="selected-attention schedules of the hybrid rows, comma-separated: 'default' (the library's "
+                         "rule) or a schedule forced at every length (row, union<R>; +tma / -tma)")
+    ap.add_argument("--selected", default="row,row+tma,union4,dq,dq+tma",
+                    help="schedules of the selected-attention kernel diagnostic (empty: none)")
     ap.add_argument("--skip-dense", action="store_true")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     lengths = [int(x) for x in args.lengths.split(",") if x]
     kinds = [x for x in args.kinds.split(",") if x]
-    tile_rows = [int(x) for x in args.tile_rows.split(",") if x]
+    variants = [x for x in args.selected.split(",") if x]
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     import triton
 
@@ -151,11 +183,10 @@ def main():
     results = {}
     for T in lengths:
         row = {} if args.skip_dense else dense_rows(T, args.reps)
-        for choice in args.rows_per_tile.split(","):
-            rows_per_tile = None if choice == "default" else int(choice)
-            for name, e in hybrid_rows(T, args.reps, kinds, rows_per_tile).items():
-                row[name if rows_per_tile is None else f"{name} [R={rows_per_tile}]"] = e
-        results[T] = {"rows": row, "selected": selected_diagnostics(T, args.reps, kinds, tile_rows) if tile_rows else {}}
+        for choice in args.schedules.split(","):
+            for name, e in hybrid_rows(T, args.reps, kinds, choice).items():
+                row[name if choice == "default" else f"{name} [{choice}]"] = e
+        results[T] = {"rows": row, "selected": selected_diagnostics(T, args.reps, kinds, variants) if variants else {}}
         torch.cuda.empty_cache()
 
     cmd = " ".join(["python bench/bench_layer.py"] + sys.argv[1:])
@@ -178,16 +209,18 @@ def main():
             lines.append(f"| {T} | {name} | {e['fwd_ms']:.2f} | {e['fwdbwd_ms']:.2f} | "
                          f"{ratio(e['fwd_ms'], flash.get('fwd_ms'))} | {ratio(e['fwd_ms'], cudnn.get('fwd_ms'))} | "
                          f"{ratio(e['fwdbwd_ms'], cudnn.get('fwdbwd_ms'))} |")
-    if tile_rows:
-        lines += ["", "Kernel diagnostic (padded 64-head layout): selected attention forward in ms, one row per "
-                  "program vs tiles of R rows over the union of their blocks (union build included; mean distinct "
-                  "blocks per tile and kv head in brackets).", "",
-                  "| T | input | per row | " + " | ".join(f"R={R} (blocks)" for R in tile_rows) + " |",
-                  "|---|---|---|" + "---|" * len(tile_rows)]
+    if variants:
+        tile_sizes = sorted({int(key[2:].split()[0]) for res in results.values() for d in res["selected"].values()
+                             for key in d if key.startswith("R=") and key.endswith("mean blocks")})
+        lines += ["", "Kernel diagnostic (padded 64-head layout): selected attention forward in ms per schedule "
+                  "(union build included); mean distinct blocks per tile of R rows and kv head after them.", "",
+                  "| T | input | " + " | ".join(variants) + " | " + " | ".join(f"blocks R={R}" for R in tile_sizes)
+                  + " |", "|---|---|" + "---|" * (len(variants) + len(tile_sizes))]
         for T, res in results.items():
             for kind, d in res["selected"].items():
-                cells = [f"{d[f'R={R} ms']:.2f} ({d[f'R={R} mean blocks']:.0f})" for R in tile_rows]
-                lines.append(f"| {T} | {kind} | {d['per-row ms']:.2f} | " + " | ".join(cells) + " |")
+                cells = [f"{d[f'{v} ms']:.2f}" for v in variants]
+                cells += [f"{d.get(f'R={R} mean blocks', float('nan')):.0f}" for R in tile_sizes]
+                lines.append(f"| {T} | {kind} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     print("\n" + table, flush=True)
     if args.out:

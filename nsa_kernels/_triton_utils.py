@@ -75,6 +75,7 @@ class LaunchSettings:
     selected_warps: int = 2  # one row x one kv group per program, forward and dq
     selected_rows_per_tile: int = 4  # forward, short prompts: tiles of 4 rows over the union of their blocks ...
     selected_tile_max_rows: int = 8192  # ... up to this many query rows; one row per program beyond
+    selected_tma: bool = False  # per-row kernels: key/value blocks by the tensor memory accelerator (Hopper on)
     selected_stages: int = 2
     selected_dkv_rows: int = 64  # (row, head) pairs per step of the selected dk/dv kernel
     selected_dkv_warps: int = 4

@@ -13,6 +13,10 @@ Forward, two schedules of the same function:
   queries select many of the same blocks, so a tile loads far fewer key/value tiles than its rows would
   alone, at the price of computing every union block for all R x G rows.
 
+The per-row kernels (forward and dq) can fetch their blocks with Hopper's tensor memory accelerator instead of
+pointer loads (``LaunchSettings.selected_tma``; off by default: it measured within a few percent of the pointer
+loads, both at the rate the memory system delivers scattered blocks, ``docs/benchmarks.md``).
+
 dq: one program per (row, kv head). dk/dv: the
 (row, slot) pairs are inverted into per-block lists of rows with a sort in torch, the lists are cut into
 work items of at most ``_ROWS_PER_ITEM`` rows, and one program per item accumulates dk/dv of its block
@@ -24,11 +28,27 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ._triton_utils import (DEFAULT_LAUNCH, LOG2E, check_dim, dkv_step, dot_precision, dq_step, head_block, load_group_query,
-                           load_kv_tile, online_softmax_step, row_group_program)
+from ._triton_utils import (DEFAULT_LAUNCH, LOG2E, check_dim, dkv_step, dot_precision, dq_step, head_block,
+                           interpreting, load_group_query, load_kv_tile, online_softmax_step, row_group_program)
 
 _ROWS_PER_ITEM = 256
+
+
+@triton.jit
+def _load_block(k, v, b, g, blk, cols, kmask, dd, dmask, skb, skt, skh, skd, svb, svt, svh, svd,
+                BS: tl.constexpr, BD: tl.constexpr, TMA: tl.constexpr):
+    """Key and value tiles ``[BS, BD]`` of block ``blk`` of kv head ``g``. With ``TMA``, ``k`` and ``v`` are tensor
+    descriptors over ``[B, Tk, Hkv, D]`` with boxes ``[1, BS, 1, BD]`` and the copy engine fetches each block as one
+    box (rows outside the tensor, such as an empty slot's, arrive as zeros); otherwise pointer loads under
+    ``kmask``."""
+    if TMA:
+        bk = k.load([b, blk * BS, g, 0]).reshape(BS, BD)
+        bv = v.load([b, blk * BS, g, 0]).reshape(BS, BD)
+    else:
+        bk, bv = load_kv_tile(k, v, b, g, cols, kmask, dd, dmask, skb, skt, skh, skd, svb, svt, svh, svd)
+    return bk, bv
 
 
 @triton.jit
@@ -39,7 +59,7 @@ def _slc_fwd_kernel(
     svb, svt, svh, svd,
     Tq, OFF, qk_scale,
     P: tl.constexpr, HKV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, S: tl.constexpr,
-    BS: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
+    BS: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
 ):
     b, g, r, t, hh, hmask, dd, dmask = row_group_program(Tq, OFF, HKV, GROUP, D, BH, BD)
     qmask = hmask[:, None] & dmask[None, :]
@@ -54,7 +74,8 @@ def _slc_fwd_kernel(
         blk = tl.load(bi + ((b * Tq + r) * HKV + g) * S + s)
         cols = blk * BS + offs
         kmask = (cols <= t) & (blk >= 0)
-        bk, bv = load_kv_tile(k, v, b, g, cols, kmask, dd, dmask, skb, skt, skh, skd, svb, svt, svh, svd)
+        bk, bv = _load_block(k, v, b, g, blk, cols, kmask, dd, dmask, skb, skt, skh, skd, svb, svt, svh, svd, BS, BD,
+                             TMA)
         m_i, l_i, acc = online_softmax_step(bq, bk, bv, kmask[None, :], m_i, l_i, acc, qk_scale, PREC)
     out = acc / l_i[:, None]
     tl.store(o + ((b * Tq + r) * P + g * GROUP + hh[:, None]) * D + dd[None, :], out.to(o.dtype.element_ty),
@@ -141,7 +162,7 @@ def _slc_bwd_dq_kernel(
     svb, svt, svh, svd,
     Tq, OFF, qk_scale, scale,
     P: tl.constexpr, HKV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, S: tl.constexpr,
-    BS: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
+    BS: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
 ):
     b, g, r, t, hh, hmask, dd, dmask = row_group_program(Tq, OFF, HKV, GROUP, D, BH, BD)
     qmask = hmask[:, None] & dmask[None, :]
@@ -156,7 +177,8 @@ def _slc_bwd_dq_kernel(
         blk = tl.load(bi + ((b * Tq + r) * HKV + g) * S + s)
         cols = blk * BS + offs
         kmask = (cols <= t) & (blk >= 0)
-        bk, bv = load_kv_tile(k, v, b, g, cols, kmask, dd, dmask, skb, skt, skh, skd, svb, svt, svh, svd)
+        bk, bv = _load_block(k, v, b, g, blk, cols, kmask, dd, dmask, skb, skt, skh, skd, svb, svt, svh, svd, BS, BD,
+                             TMA)
         acc = dq_step(bq, bk, bv, bdo, kmask[None, :] & hmask[:, None], lse2, dlt, acc, qk_scale, PREC)
     tl.store(dq + row_off, (acc * scale).to(dq.dtype.element_ty), mask=qmask)
 
@@ -269,9 +291,31 @@ def selected_attention_fwd(q, k, v, block_indices, block_size, scale, rows_per_t
             q, k, v, ids, bits, count, o, lse, *strides, Tq, Tk, Tk - Tq, NT, scale * LOG2E, R=int(rows_per_tile),
             num_warps=4 if rows_per_tile * bh <= 64 else 8, **common)
         return o, lse
-    _slc_fwd_kernel[(Tq, B * HKV)](q, k, v, bi, o, lse, *strides, Tq, Tk - Tq, scale * LOG2E,
-                                   num_warps=launch.selected_warps, **common)
+    kv = _block_sources(k, v, block_size, bd, launch)
+    _slc_fwd_kernel[(Tq, B * HKV)](q, *kv, bi, o, lse, *strides, Tq, Tk - Tq, scale * LOG2E,
+                                   num_warps=launch.selected_warps, TMA=kv[0] is not k, **common)
     return o, lse
+
+
+def _block_sources(k, v, block_size, bd, launch):
+    """What the per-row kernels read key/value blocks from: tensor descriptors when ``launch.selected_tma`` is set
+    and :func:`tma_usable`, else the tensors themselves."""
+    if launch.selected_tma and tma_usable(k, v, bd):
+        return tuple(TensorDescriptor(x, list(x.shape), list(x.stride()), [1, block_size, 1, bd]) for x in (k, v))
+    return k, v
+
+
+def tma_usable(k: torch.Tensor, v: torch.Tensor, bd: int) -> bool:
+    """Whether key/value blocks can be fetched by the tensor memory accelerator: a Hopper-or-newer GPU (or Triton's
+    interpreter), the feature axis contiguous and as wide as the tile, 16-byte-aligned strides and bases."""
+    if not interpreting() and not (k.is_cuda and torch.cuda.get_device_capability(k.device)[0] >= 9):
+        return False
+    for x in (k, v):
+        if x.stride(-1) != 1 or x.shape[-1] != bd or x.data_ptr() % 16:
+            return False
+        if any(stride * x.element_size() % 16 for stride in x.stride()[:-1]):
+            return False
+    return True
 
 
 def _invert(bi, Tq, Tk, HKV, S, block_size, OFF):
@@ -328,10 +372,11 @@ def selected_attention_bwd_kernels(q, k, v, block_indices, o, lse, do, block_siz
     prec = dot_precision(q.dtype)
     strides = (*q.stride(), *k.stride(), *v.stride())
     def run_dq():
+        kv = _block_sources(k, v, block_size, bd, launch)
         _slc_bwd_dq_kernel[(Tq, B * HKV)](
-            q, k, v, bi, do, lse, delta, dq, *strides, Tq, Tk - Tq, scale * LOG2E, scale,
-            P=P, HKV=HKV, GROUP=group, D=D, S=S, BS=block_size, BH=bh, BD=bd, PREC=prec, num_warps=launch.selected_warps,
-            num_stages=launch.selected_stages,
+            q, *kv, bi, do, lse, delta, dq, *strides, Tq, Tk - Tq, scale * LOG2E, scale,
+            P=P, HKV=HKV, GROUP=group, D=D, S=S, BS=block_size, BH=bh, BD=bd, PREC=prec, TMA=kv[0] is not k,
+            num_warps=launch.selected_warps, num_stages=launch.selected_stages,
         )
 
     def run_dkv():

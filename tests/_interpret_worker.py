@@ -222,10 +222,14 @@ def _small_branches(cfg):
 
 @check
 def selected_union_tiles():
-    """Tiles of R rows over the union of their blocks: the same output and log-sum-exp as one row per program
-    and as the reference, on a real block choice (rows of a chunk at an offset, a partial last tile)."""
+    """Tiles of R rows over the union of their blocks, and one row per program with the blocks fetched by the
+    tensor memory accelerator (forward and dq): the same values as one row per program and as the reference, on a
+    real block choice (rows of a chunk at an offset, a partial last tile, empty slots)."""
+    import dataclasses
+
     from nsa_kernels import reference as R
-    from nsa_kernels.selected_attention import selected_attention_fwd
+    from nsa_kernels._triton_utils import DEFAULT_LAUNCH
+    from nsa_kernels.selected_attention import selected_attention_bwd, selected_attention_fwd
 
     B, Tq, Tk, P, Hkv, D, bs, bc = 1, 45, 100, 32, 2, 16, 16, 2
     q, k, v = _rand(B, Tq, P, D, seed=11), _rand(B, Tk, Hkv, D, seed=12), _rand(B, Tk, Hkv, D, seed=13)
@@ -239,6 +243,22 @@ def selected_union_tiles():
         o_tile, lse_tile = selected_attention_fwd(q, k, v, bi, bs, sc, rows_per_tile=rows)
         msgs.append(_close(f"R={rows} out", o_tile, o_row, 2e-5))
         msgs.append(_close(f"R={rows} lse", lse_tile, lse_row, 2e-5))
+    # key/value blocks by the tensor memory accelerator (per row; forward and dq; empty slots included)
+    tma = dataclasses.replace(DEFAULT_LAUNCH, selected_tma=True)
+    o_tma, lse_tma = selected_attention_fwd(q, k, v, bi, bs, sc, rows_per_tile=1, launch=tma)
+    msgs.append(_close("tma out", o_tma, o_row, 2e-5))
+    msgs.append(_close("tma lse", lse_tma, lse_row, 2e-5))
+    do = _rand(B, Tq, P, D, seed=14)
+    dq_row = selected_attention_bwd(q, k, v, bi, o_row, lse_row, do, bs, sc)[0]
+    msgs.append(_close("tma dq", selected_attention_bwd(q, k, v, bi, o_row, lse_row, do, bs, sc, launch=tma)[0],
+                       dq_row, 2e-5))
+    qs, ks, vs = q[:, :40], k[:, :40], v[:, :40]  # rows from position 0: empty slots (-1) in the first blocks
+    kc_s = R.compress_kv(ks, bs)
+    bi_s = R.select_blocks(qs, kc_s, R.compression_attention(qs, kc_s, R.compress_kv(vs, bs), bs, sc, 40)[1], 4, bs,
+                           sc, 40)
+    assert (bi_s == -1).any()
+    msgs.append(_close("tma out, empty slots", selected_attention_fwd(qs, ks, vs, bi_s, bs, sc, 1, tma)[0],
+                       R.selected_attention(qs, ks, vs, bi_s, bs, sc), 2e-5))
     # the default launch settings tile a prompt this short
     msgs.append(_close("default out", selected_attention_fwd(q, k, v, bi, bs, sc)[0], o_row, 2e-5))
     return "; ".join(msgs)

@@ -80,6 +80,24 @@ def test_tile_unions_rejects_bad_tile_rows():
         tile_unions(torch.zeros(1, 4, 1, 2, dtype=torch.int32), 3)  # checked before any launch
 
 
+def test_tma_is_used_only_where_the_copy_engine_can_fetch_the_blocks(monkeypatch):
+    """The tensor-memory-accelerator loads are chosen only on a Hopper-or-newer GPU (or in the interpreter) for
+    key/value tensors whose feature axis is contiguous, as wide as the tile and 16-byte aligned; else pointer loads."""
+    import torch
+
+    from nsa_kernels import selected_attention as S
+
+    k = torch.zeros(1, 64, 2, 16)
+    monkeypatch.setattr(S, "interpreting", lambda: False)
+    assert not S.tma_usable(k, k, 16)  # CPU tensors, no interpreter
+    monkeypatch.setattr(S, "interpreting", lambda: True)
+    assert S.tma_usable(k, k, 16)
+    assert S.tma_usable(k.transpose(1, 2).contiguous().transpose(1, 2), k, 16)  # head-major strides
+    assert not S.tma_usable(k, k, 32)  # feature axis narrower than the tile
+    assert not S.tma_usable(k[..., ::2], k[..., ::2], 8)  # feature axis not contiguous
+    assert not S.tma_usable(torch.zeros(1, 64, 3, 2), torch.zeros(1, 64, 3, 2), 2)  # 8-byte rows
+
+
 def test_float32_dots_follow_allow_tf32_and_warn_once_when_exact(monkeypatch):
     """float32 kernels use exact dots unless PyTorch's TF32 switch is on, and say once that exact is slow."""
     import warnings

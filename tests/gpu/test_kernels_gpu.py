@@ -266,6 +266,42 @@ def test_selected_union_tiles_match_rows(dtype, rows_per_tile):
             assert _rel(lse_tile[..., :56], lse_row[..., :56]) < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_selected_tma_matches_pointer_loads(dtype):
+    """Per-row selected attention with its key/value blocks fetched by the tensor memory accelerator gives the
+    pointer-load kernels' output, log-sum-exp and dq (the same arithmetic in the same order), on the
+    real block choice of random and video-like inputs, chunk rows at an offset and the padded 64-head layout."""
+    import dataclasses
+
+    from nsa_kernels._triton_utils import DEFAULT_LAUNCH
+    from nsa_kernels.selected_attention import selected_attention_bwd, selected_attention_fwd, tma_usable
+    from videonsa.video_like import video_like_qkv
+
+    T, off = 4096, 777
+    tma = dataclasses.replace(DEFAULT_LAUNCH, selected_tma=True)
+    for kind in ("random", "video-like"):
+        if kind == "random":
+            q, k, v, _ = _inputs(T, dtype, seed=5)
+        else:
+            q28, k, v = video_like_qkv(T, 28, HKV, D, dtype=dtype, seed=5)
+            q = R.pad_heads(q28.transpose(1, 2), P)
+            k, v = k.transpose(1, 2), v.transpose(1, 2)  # head-major strides, as the model passes them
+        if torch.cuda.get_device_capability()[0] < 9:
+            pytest.skip("the tensor memory accelerator needs a Hopper or newer GPU")
+        assert tma_usable(k, v, D)
+        kc = TN.compress_kv(k, BS)
+        _, lse = TN.compression_attention(q, kc, TN.compress_kv(v, BS), BS, SCALE, T)
+        bi = TN.select_blocks(q, kc, lse, BC, BS, SCALE, T)
+        for qq, bb in ((q, bi), (q[:, off:], bi[:, off:])):
+            o_ptr, lse_ptr = selected_attention_fwd(qq, k, v, bb, BS, SCALE, rows_per_tile=1)
+            o_tma, lse_tma = selected_attention_fwd(qq, k, v, bb, BS, SCALE, rows_per_tile=1, launch=tma)
+            assert _rel(o_tma, o_ptr) < 1e-6 and _rel(lse_tma, lse_ptr) < 1e-6, (kind, _rel(o_tma, o_ptr))
+            do = torch.randn_like(o_ptr)
+            dq_ptr = selected_attention_bwd(qq, k, v, bb, o_ptr, lse_ptr, do, BS, SCALE)[0]
+            dq_tma = selected_attention_bwd(qq, k, v, bb, o_ptr, lse_ptr, do, BS, SCALE, launch=tma)[0]
+            assert _rel(dq_tma, dq_ptr) < 1e-6, (kind, _rel(dq_tma, dq_ptr))
+
+
 @pytest.mark.parametrize("T", [40000, 300000])
 def test_hybrid_in_query_chunks_equals_one_piece(T):
     """The hybrid layer of the 7B (28 / 4 heads, a text | video | text prompt, video-like inputs) with its NSA part
