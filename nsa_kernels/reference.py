@@ -32,6 +32,20 @@ import torch.nn.functional as F
 _TILE_ELEMENTS = 1 << 24
 
 
+def records_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records an operation on ``tensors`` now (grad mode on and one of them requires grad): the
+    one rule by which the attention decides to work in place, without keeping what a backward pass needs."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def check_lse_rows(lse: torch.Tensor, batch: int, heads: int, num_q: int, lse_row_offset: int) -> None:
+    """Raise ValueError unless the compression log-sum-exp ``lse`` is ``[batch, heads, T]`` with room for ``num_q``
+    query rows starting at pass row ``lse_row_offset`` (selection misreads it by pass row)."""
+    if lse.dim() != 3 or lse.shape[:2] != (batch, heads) or not 0 <= lse_row_offset <= lse.shape[2] - num_q:
+        raise ValueError(f"lse must be [{batch}, {heads}, T] with T >= lse_row_offset + Tq = {lse_row_offset + num_q}; "
+                         f"got {tuple(lse.shape)}")
+
+
 def next_pow2(n: int) -> int:
     """The smallest power of two >= ``n`` (1 for ``n <= 1``): top-k slots, padded group widths, tile sizes."""
     n = int(n)
@@ -247,9 +261,7 @@ def select_blocks(
             f"next_power_of_2(block_count) must be <= block_size (the top-k network's chunk); got block_count "
             f"{block_count}, block_size {block_size}"
         )
-    if lse.shape[:2] != (batch, heads) or not 0 <= lse_row_offset <= lse.shape[2] - num_q:
-        raise ValueError(f"lse must be [{batch}, {heads}, T] with T >= lse_row_offset + Tq = {lse_row_offset + num_q}; "
-                         f"got {tuple(lse.shape)}")
+    check_lse_rows(lse, batch, heads, num_q, lse_row_offset)
     lse_read = lse.reshape(batch, -1).view(batch, lse.shape[2], heads)[:, lse_row_offset : lse_row_offset + num_q]
     result = torch.empty(batch, num_q, kv_heads, slots, dtype=torch.int32, device=q.device)
     q_scaled = (_upcast(q) * scale).view(batch, num_q, kv_heads, group, dim)
@@ -622,8 +634,8 @@ def hybrid_attention(
 
     # Dense part: the whole query for dense-path samples, the text-masked query for mixed samples.
     dense_out = dense_fn(query, mixed[:, None] & query_vision)
-    in_chunks = query_chunk is not None and not return_intermediates and not any(
-        t.requires_grad for t in (query, key, value, gate_logits))
+    in_chunks = query_chunk is not None and not return_intermediates and not records_grad(
+        query, key, value, gate_logits)
     if in_chunks:  # nothing needs gradients: the NSA part is added into the dense part's rows in place
         out = dense_out
         for b in range(batch):

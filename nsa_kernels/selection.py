@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from ._triton_utils import DEFAULT_LAUNCH, check_dim, dot_precision, head_block, log2_int, next_pow2
+from .reference import check_lse_rows
 
 # Several rows per program (LaunchSettings.topk_rows_per_program): rows that share a block share its
 # compressed-key loads, one larger score product and the network work of a wider tile; a row whose candidates
@@ -161,10 +162,9 @@ def select_blocks(q, k_cmp, lse, block_count, block_size, scale=None, num_keys=N
         raise ValueError(f"block_count {block_count} needs S={S} <= block_size={block_size}")
     lse = lse.contiguous()
     lse_row_offset = int(lse_row_offset)
-    if lse.dtype != torch.float32 or lse.dim() != 3 or lse.shape[:2] != (B, P) or not (
-            0 <= lse_row_offset and lse_row_offset + Tq <= lse.shape[2]):
-        raise ValueError(f"lse must be float32 [{B}, {P}, T] with T >= lse_row_offset + Tq = {lse_row_offset + Tq}; "
-                         f"got {lse.dtype} {tuple(lse.shape)}")
+    if lse.dtype != torch.float32:
+        raise ValueError(f"lse must be float32 (the compression branch's log-sum-exp), got {lse.dtype}")
+    check_lse_rows(lse, B, P, Tq, lse_row_offset)
     out = torch.empty(B, Tq, HKV, S, device=q.device, dtype=torch.int32)
     bd = check_dim(D)
     group = P // HKV

@@ -145,7 +145,7 @@ def dense_attention(q, k, v, scale, key_padding_mask=None, zero_rows=None):
     Hkv, Tk = k.shape[1], k.shape[2]
     group = Hq // Hkv
     dev = q.device
-    in_place = not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
+    in_place = not _ref.records_grad(q, k, v)
     q_t, k_t, v_t = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     pos_all = torch.arange(Tq, device=dev) + (Tk - Tq)
     zero_rows = _zero_rows(q_t) if zero_rows is None else zero_rows

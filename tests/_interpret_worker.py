@@ -356,20 +356,29 @@ def topk_multichunk():
     return "rows " + ",".join(msgs) + " equal"
 
 
+def _mixed_padded_batch(T, num_q, video: slice, text_at: int, seed: int):
+    """A batch of two mixed samples (2 query heads, 1 kv head, head dim 16): text | video (``video``, with one text
+    token at ``text_at``) | text, sample 1 left-padded by 5 tokens; ``num_q`` query rows (a pass continuing a cache
+    when fewer than ``T``). Returns query, key, value, gate logits, vision flags, attention mask."""
+    B, Hq, Hkv, D = 2, 2, 1, 16
+    query, key, value = (_rand(B, Hq, num_q, D, seed=seed), _rand(B, Hkv, T, D, seed=seed + 1),
+                         _rand(B, Hkv, T, D, seed=seed + 2))
+    logits = _rand(B, num_q, Hq, 3, seed=seed + 3)
+    vis = torch.zeros(B, T, dtype=torch.bool)
+    vis[:, video] = True
+    vis[:, text_at] = False
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, :5] = False  # left padding of sample 1
+    return query, key, value, logits, vis, mask
+
+
 @check
 def small_hybrid_mixed_padded():
     """hybrid_attention (mixed path, batch of 2 with padding) through the Triton nsa/dense functions."""
     from nsa_kernels import reference as R
     from nsa_kernels import triton_nsa as TN
 
-    B, Hq, Hkv, T, D = 2, 2, 1, 40, 16
-    query, key, value = _rand(B, Hq, T, D, seed=21), _rand(B, Hkv, T, D, seed=22), _rand(B, Hkv, T, D, seed=23)
-    logits = _rand(B, T, Hq, 3, seed=24)
-    vis = torch.zeros(B, T, dtype=torch.bool)
-    vis[:, 6:33] = True
-    vis[:, 23] = False
-    mask = torch.ones(B, T, dtype=torch.bool)
-    mask[1, :5] = False  # left padding of sample 1
+    query, key, value, logits, vis, mask = _mixed_padded_batch(40, 40, slice(6, 33), 23, seed=21)
     kw = dict(block_size=16, block_count=2, window_size=24)
     return _compare_fn("hybrid", lambda q, k, v, g: TN.hybrid_attention(q, k, v, g, vis, mask, **kw),
                        lambda q, k, v, g: R.hybrid_attention(q, k, v, g, vis, mask, **kw),
@@ -383,17 +392,10 @@ def hybrid_in_query_chunks():
     from nsa_kernels import reference as R
     from nsa_kernels import triton_nsa as TN
 
-    B, Hq, Hkv, T, D = 2, 2, 1, 230, 16
     kw = dict(block_size=16, block_count=4, window_size=24)
     msgs = []
-    for num_q in (T, 150):
-        query, key, value = _rand(B, Hq, num_q, D, seed=41), _rand(B, Hkv, T, D, seed=42), _rand(B, Hkv, T, D, seed=43)
-        logits = _rand(B, num_q, Hq, 3, seed=44)
-        vis = torch.zeros(B, T, dtype=torch.bool)
-        vis[:, 6:200] = True
-        vis[:, 100] = False
-        mask = torch.ones(B, T, dtype=torch.bool)
-        mask[1, :5] = False
+    for num_q in (230, 150):
+        query, key, value, logits, vis, mask = _mixed_padded_batch(230, num_q, slice(6, 200), 100, seed=41)
         with torch.no_grad():
             whole = TN.hybrid_attention(query, key, value, logits, vis, mask, **kw)
             pieces = TN.hybrid_attention(query, key, value, logits, vis, mask, query_chunk=64, **kw)

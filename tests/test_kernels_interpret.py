@@ -80,6 +80,23 @@ def test_tile_unions_rejects_bad_tile_rows():
         tile_unions(torch.zeros(1, 4, 1, 2, dtype=torch.int32), 3)  # checked before any launch
 
 
+def test_select_blocks_rejects_lse_without_room_for_the_rows():
+    """Both selections name the log-sum-exp's expected shape (checked before any launch, so no GPU is needed):
+    wrong heads, too few pass rows for the chunk's offset, and (Triton) a dtype other than float32."""
+    import torch
+
+    from nsa_kernels import reference as R
+    from nsa_kernels.selection import select_blocks
+
+    q, k_cmp = torch.zeros(1, 8, 16, 16), torch.zeros(1, 2, 1, 16)
+    for lse, offset in ((torch.zeros(1, 8, 8), 0), (torch.zeros(1, 16, 12), 6), (torch.zeros(1, 16, 8), -1)):
+        for select in (R.select_blocks, select_blocks):
+            with pytest.raises(ValueError, match=r"lse must be \[1, 16, T\] with T >= lse_row_offset \+ Tq"):
+                select(q, k_cmp, lse, 2, 64, 0.25, 8, lse_row_offset=offset)
+    with pytest.raises(ValueError, match="lse must be float32"):
+        select_blocks(q, k_cmp, torch.zeros(1, 16, 8, dtype=torch.float64), 2, 64, 0.25, 8)
+
+
 def test_tma_is_used_only_where_the_copy_engine_can_fetch_the_blocks(monkeypatch):
     """The tensor-memory-accelerator loads are chosen only on a Hopper-or-newer GPU (or in the interpreter) for
     key/value tensors whose feature axis is contiguous, as wide as the tile and 16-byte aligned; else pointer loads."""
