@@ -79,6 +79,7 @@ class LaunchSettings:
     selected_stages: int = 2
     selected_dkv_rows: int = 64  # (row, head) pairs per step of the selected dk/dv kernel
     selected_dkv_warps: int = 4
+    selected_dkv_stages: int = 3
     topk_rows_per_program: int = 4
     topk_warps: int = 4
     mix_rows: int = 16  # (token, head) rows per gate-mixing program
@@ -90,6 +91,43 @@ class LaunchSettings:
 
 
 DEFAULT_LAUNCH = LaunchSettings()
+
+
+@triton.jit
+def _row_dot_kernel(a, b, out, n_rows, T, P, D: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr,
+                    HEADS_FIRST: tl.constexpr):
+    # a, b: contiguous [B, T, P, D] read as [n_rows, D]; out: float32 [B, T, P], or [B, P, T] with HEADS_FIRST
+    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)  # offsets pass 2**31 beyond 256K tokens
+    dd = tl.arange(0, BD)
+    rmask = rows < n_rows
+    mask = rmask[:, None] & (dd < D)[None, :]
+    off = rows[:, None] * D + dd[None, :]
+    dot = tl.sum(tl.load(a + off, mask=mask, other=0.0).to(tl.float32) *
+                 tl.load(b + off, mask=mask, other=0.0).to(tl.float32), 1)
+    if HEADS_FIRST:
+        head = rows % P
+        bt = rows // P
+        rows = (bt // T * P + head) * T + bt % T
+    tl.store(out + rows, dot, mask=rmask)
+
+
+def attention_delta(o: torch.Tensor, do: torch.Tensor, heads_first: bool = False) -> torch.Tensor:
+    """The softmax backward's correction term ``delta = sum_d o * do`` per (token, head), float32.
+
+    One pass over ``o`` and ``do`` ``[B, T, P, D]`` (any float dtype; products and sums in float32) instead of
+    torch's two float32 copies of the output's size. Returns ``[B, T, P]``, or ``[B, P, T]`` with ``heads_first``.
+    """
+    if o.shape != do.shape or o.dim() != 4:
+        raise ValueError(f"o and do must be [B, T, P, D] of one shape, got {tuple(o.shape)} and {tuple(do.shape)}")
+    B, T, P, D = o.shape
+    out = torch.empty((B, P, T) if heads_first else (B, T, P), device=o.device, dtype=torch.float32)
+    n_rows = B * T * P
+    rows_per_program = 32
+    if n_rows:
+        _row_dot_kernel[(triton.cdiv(n_rows, rows_per_program),)](
+            o.contiguous(), do.contiguous(), out, n_rows, T, P, D=D, BR=rows_per_program, BD=check_dim(D),
+            HEADS_FIRST=heads_first, num_warps=4)
+    return out
 
 
 def log2_int(n: int) -> int:
@@ -194,13 +232,26 @@ def dq_step(bq, bk, bv, bdo, vis, lse2, dlt, acc, qk_scale, PREC: tl.constexpr):
 
 
 @triton.jit
-def dkv_step(bq, bk, bv, bdo, vis, lse2, dlt, dk_acc, dv_acc, qk_scale, PREC: tl.constexpr):
-    """``dv_acc += P^T @ dO`` and ``dk_acc += dS^T @ Q`` for one query tile against the key tile."""
-    p = attention_probs(bq, bk, vis, lse2, qk_scale, PREC)
-    dv_acc += tl.dot(tl.trans(p.to(bdo.dtype)), bdo, input_precision=PREC)
-    dp = tl.dot(bdo, tl.trans(bv), input_precision=PREC)
-    ds = p * (dp - dlt[:, None])
-    dk_acc += tl.dot(tl.trans(ds.to(bq.dtype)), bq, input_precision=PREC)
+def dkv_step(bq, bk, bv, bdo, vis, lse2, dlt, dk_acc, dv_acc, qk_scale, PREC: tl.constexpr, KEY_MAJOR: tl.constexpr):
+    """``dv_acc += P^T @ dO`` and ``dk_acc += dS^T @ Q`` for one query tile against the key tile.
+
+    ``KEY_MAJOR``: ``vis`` is ``[keys, rows]`` and the scores are computed transposed, ``K @ Q^T``, so that ``P^T``
+    and ``dS^T`` come out of their products in the register layout the accumulating products take as their left
+    operand (no transpose through shared memory); else ``vis`` is ``[rows, keys]``. Each kernel takes the form that
+    measured faster for it (``docs/benchmarks.md``)."""
+    if KEY_MAJOR:
+        s_t = tl.dot(bk, tl.trans(bq), input_precision=PREC) * qk_scale
+        p_t = tl.where(vis, tl.exp2(s_t - lse2[None, :]), 0.0)
+        dv_acc += tl.dot(p_t.to(bdo.dtype), bdo, input_precision=PREC)
+        dp_t = tl.dot(bv, tl.trans(bdo), input_precision=PREC)
+        ds_t = p_t * (dp_t - dlt[None, :])
+        dk_acc += tl.dot(ds_t.to(bq.dtype), bq, input_precision=PREC)
+    else:
+        p = attention_probs(bq, bk, vis, lse2, qk_scale, PREC)
+        dv_acc += tl.dot(tl.trans(p.to(bdo.dtype)), bdo, input_precision=PREC)
+        dp = tl.dot(bdo, tl.trans(bv), input_precision=PREC)
+        ds = p * (dp - dlt[:, None])
+        dk_acc += tl.dot(tl.trans(ds.to(bq.dtype)), bq, input_precision=PREC)
     return dk_acc, dv_acc
 
 

@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import (DEFAULT_LAUNCH, LOG2E, check_dim, dkv_step, dot_precision, dq_step, head_rows_offsets, load_head_rows,
-                           load_kv_tile, online_softmax_step, row_tile_program)
+from ._triton_utils import (DEFAULT_LAUNCH, LOG2E, attention_delta, check_dim, dkv_step, dot_precision, dq_step,
+                           head_rows_offsets, load_head_rows, load_kv_tile, online_softmax_step, row_tile_program)
 
 
 def compress_kv(x: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -151,8 +151,8 @@ def _cmp_bwd_dkv_kernel(
                 lse2 = tl.load(lse + (b * P + h) * Tq + rows, mask=rmask, other=0.0) * 1.4426950408889634  # to base 2
                 dlt = tl.load(delta + (b * P + h) * Tq + rows, mask=rmask, other=0.0)
                 cur = (rows + OFF) // BS
-                vis = (cols[None, :] >= cur[:, None]) & cmask[None, :] & rmask[:, None]
-                dk_acc, dv_acc = dkv_step(bq, bk, bv, bdo, vis, lse2, dlt, dk_acc, dv_acc, qk_scale, PREC)
+                vis_t = (cols[:, None] >= cur[None, :]) & cmask[:, None] & rmask[None, :]
+                dk_acc, dv_acc = dkv_step(bq, bk, bv, bdo, vis_t, lse2, dlt, dk_acc, dv_acc, qk_scale, PREC, True)
         out_off = ((b * NB + cols[:, None]) * HKV + g) * D + dd[None, :]
         tl.atomic_add(dk + out_off, dk_acc * scale, mask=kv_mask)
         tl.atomic_add(dv + out_off, dv_acc, mask=kv_mask)
@@ -205,7 +205,7 @@ def compression_attention_bwd_kernels(q, k_cmp, v_cmp, o, lse, do, block_size, s
     active_heads = P if active_heads is None else int(active_heads)
     bd, bm, bn = _blocks(D)
     do = do.contiguous()
-    delta = (o.float() * do.float()).sum(-1).transpose(1, 2).contiguous()  # [B, P, Tq]
+    delta = attention_delta(o, do, heads_first=True)  # [B, P, Tq]
     dq = torch.empty(B, Tq, P, D, device=q.device, dtype=q.dtype)
     dk = torch.empty(B, NB, HKV, D, device=q.device, dtype=torch.float32)
     dv = torch.empty_like(dk)

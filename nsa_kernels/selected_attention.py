@@ -30,10 +30,11 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ._triton_utils import (DEFAULT_LAUNCH, LOG2E, check_dim, dkv_step, dot_precision, dq_step, head_block,
-                           interpreting, load_group_query, load_kv_tile, online_softmax_step, row_group_program)
+from ._triton_utils import (DEFAULT_LAUNCH, LOG2E, attention_delta, check_dim, dkv_step, dot_precision, dq_step,
+                           head_block, interpreting, load_group_query, load_kv_tile, online_softmax_step,
+                           row_group_program)
 
-_ROWS_PER_ITEM = 256
+_ROWS_PER_ITEM = 512
 
 
 @triton.jit
@@ -224,8 +225,8 @@ def _slc_bwd_dkv_kernel(
         bdo = tl.load(do + ((b * Tq + row[:, None]) * P + h[:, None]) * D + dd[None, :], mask=io_mask, other=0.0)
         lse2 = tl.load(lse + (b * Tq + row) * P + h, mask=valid, other=0.0)
         dlt = tl.load(delta + (b * Tq + row) * P + h, mask=valid, other=0.0)
-        vis = (cols[None, :] <= (row + OFF)[:, None]) & valid[:, None]
-        dk_acc, dv_acc = dkv_step(bq, bk, bv, bdo, vis, lse2, dlt, dk_acc, dv_acc, qk_scale, PREC)
+        vis_t = (cols[:, None] <= (row + OFF)[None, :]) & valid[None, :]
+        dk_acc, dv_acc = dkv_step(bq, bk, bv, bdo, vis_t, lse2, dlt, dk_acc, dv_acc, qk_scale, PREC, True)
     out_off = ((b * Tk + cols[:, None]) * HKV + g) * D + dd[None, :]
     tl.atomic_add(dk + out_off, dk_acc * scale, mask=kv_mask)
     tl.atomic_add(dv + out_off, dv_acc, mask=kv_mask)
@@ -363,7 +364,7 @@ def selected_attention_bwd_kernels(q, k, v, block_indices, o, lse, do, block_siz
     B, Tq, P, D, Tk, HKV, S, group = _cfg(q, k, block_indices, block_size)
     bi = block_indices.to(torch.int32).contiguous()
     do = do.contiguous()
-    delta = (o.float() * do.float()).sum(-1).contiguous()  # [B, Tq, P]
+    delta = attention_delta(o, do)  # [B, Tq, P]
     dq = torch.empty(B, Tq, P, D, device=q.device, dtype=q.dtype)
     dk = torch.zeros(B, Tk, HKV, D, device=q.device, dtype=torch.float32) if dk_acc is None else dk_acc
     dv = torch.zeros(B, Tk, HKV, D, device=q.device, dtype=torch.float32) if dv_acc is None else dv_acc
@@ -387,7 +388,7 @@ def selected_attention_bwd_kernels(q, k, v, block_indices, o, lse, do, block_siz
                 q, k, v, do, lse, delta, dk, dv, item_key, item_start, item_end, rows, *strides,
                 Tq, Tk, Tk - Tq, NB, scale * LOG2E, scale,
                 P=P, HKV=HKV, GROUP=group, D=D, BS=block_size, BH=bh, BQ=bq_rows, BD=bd, PREC=prec,
-                num_warps=launch.selected_dkv_warps if bd > 64 else 4, num_stages=2,
+                num_warps=launch.selected_dkv_warps if bd > 64 else 4, num_stages=launch.selected_dkv_stages,
             )
 
     return run_dq, run_dkv, (dq, dk, dv)

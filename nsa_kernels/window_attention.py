@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import (DEFAULT_LAUNCH, LOG2E, check_dim, dkv_step, dot_precision, dq_step, head_rows_offsets, load_head_rows,
-                           load_kv_tile, online_softmax_step, row_tile_program)
+from ._triton_utils import (DEFAULT_LAUNCH, LOG2E, attention_delta, check_dim, dkv_step, dot_precision, dq_step,
+                           head_rows_offsets, load_head_rows, load_kv_tile, online_softmax_step, row_tile_program)
 
 
 @triton.jit
@@ -159,7 +159,7 @@ def _band_bwd_dkv_kernel(
             lse2 = tl.load(lse + (b * Tq + rows) * H + h, mask=rmask, other=float("inf"))
             dlt = tl.load(delta + (b * Tq + rows) * H + h, mask=rmask, other=0.0)
             vis = (cols[None, :] <= pos[:, None]) & (cols[None, :] > pos[:, None] - W) & col_ok[None, :]
-            dk_acc, dv_acc = dkv_step(bq, bk, bv, bdo, vis, lse2, dlt, dk_acc, dv_acc, qk_scale, PREC)
+            dk_acc, dv_acc = dkv_step(bq, bk, bv, bdo, vis, lse2, dlt, dk_acc, dv_acc, qk_scale, PREC, False)
     out_off = ((b * Tk + cols[:, None]) * HKV + g) * D + dd[None, :]
     dk_acc = dk_acc * scale
     if ACCUMULATE:
@@ -221,7 +221,7 @@ def band_attention_bwd_kernels(q, k, v, o, lse, do, scale, window=None, position
     B, Tq, H, D, Tk, HKV, W, pos, kvalid, active, bd, bm, bn = _prep(q, k, window, positions, key_valid,
                                                                       active_heads)
     do = do.contiguous()
-    delta = (o.float() * do.float()).sum(-1).contiguous()
+    delta = attention_delta(o, do)  # [B, Tq, H]
     dq = torch.empty(B, Tq, H, D, device=q.device, dtype=q.dtype)
     accumulate = dk_acc is not None
     dk = dk_acc if accumulate else torch.empty(B, Tk, HKV, D, device=q.device, dtype=torch.float32)

@@ -424,6 +424,25 @@ def dense_text_only_and_padding():
                            (_rand(B, Hq, Tq, D, seed=34), k, v))
 
 
+@check
+def attention_delta_layouts():
+    """The backward's delta = sum_d o * do in one pass: both output layouts, a head dim below the tile width and a
+    row count that is no multiple of the rows per program; mismatched shapes refused."""
+    from nsa_kernels._triton_utils import attention_delta
+
+    o, do = _rand(2, 7, 6, 24, seed=41), _rand(2, 7, 6, 24, seed=42)
+    expect = (o.double() * do.double()).sum(-1)
+    msgs = [_close("tokens first", attention_delta(o, do), expect, 1e-5),
+            _close("heads first", attention_delta(o, do, heads_first=True), expect.transpose(1, 2), 1e-5)]
+    try:
+        attention_delta(o, do[:, :6])
+    except ValueError as error:
+        assert "one shape" in str(error), error
+    else:
+        raise AssertionError("attention_delta took o and do of different shapes")
+    return "; ".join(msgs) + "; mismatched shapes refused"
+
+
 def main():
     shard, num = (int(sys.argv[1]), int(sys.argv[2])) if len(sys.argv) > 2 else (0, 1)
     only = set(sys.argv[3].split(",")) if len(sys.argv) > 3 and sys.argv[3] else None
