@@ -260,10 +260,11 @@ def parse_args(argv=None):
     parser.add_argument("--chunk-size", type=int, default=8192)
     parser.add_argument("--layers", type=int, default=28, help="text layers (28 for the 7B; fewer for a smoke test)")
     parser.add_argument("--warmup-tokens", type=int, default=4096)
-    parser.add_argument("--cudnn-sdpa", action="store_true",
-                        help="allow PyTorch's cuDNN SDPA backend (off by default: it builds an execution plan for "
-                             "every new sequence length, i.e. every decode step, which charges whichever row runs "
-                             "first at a length)")
+    parser.add_argument("--cudnn-sdpa", action=argparse.BooleanOptionalAction, default=True,
+                        help="leave PyTorch's SDPA backend choice alone (default: what a user runs; it is cuDNN with "
+                             "torch 2.11 on an H200, bench/sdpa_default_choice.py); --no-cudnn-sdpa disables cuDNN, "
+                             "which builds an execution plan for every new sequence length, i.e. every decode step, "
+                             "and so charges whichever row decodes first at a length")
     parser.add_argument("--out", default=None, help="markdown table path (a .json with the raw numbers beside it)")
     parser.add_argument("--profile", default=None, metavar="ROW",
                         help="after the table, profile one vision-tower pass and one prefill of ROW at the first "

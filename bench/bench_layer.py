@@ -4,7 +4,8 @@ Rows (B = 1, bf16, head dim 128, the 7B's 28 query / 4 kv heads, a prompt of 128
 text tokens):
 
 * ``dense sdpa-flash`` / ``dense sdpa-cudnn``: what ``nsa_enabled=False`` runs, Qwen2.5-VL's attention through
-  ``torch.nn.functional.scaled_dot_product_attention`` (causal, GQA) on one backend (flash is PyTorch's default);
+  ``torch.nn.functional.scaled_dot_product_attention`` (causal, GQA) on one backend each (with torch 2.11 on an H200
+  PyTorch's own choice is cuDNN: ``bench/sdpa_default_choice.py``);
 * ``hybrid (random)`` / ``hybrid (video-like)``: ``nsa_kernels.triton_nsa.hybrid_attention`` as the model calls
   it (query ``[1, 28, T, D]``, key/value ``[1, 4, T, D]``, gate logits, vision flags), on i.i.d. random inputs and
   on video-like ones (``videonsa/video_like.py``).
@@ -139,12 +140,13 @@ def selected_diagnostics(T, reps, kinds, variants):
             bi = TN.select_blocks(q64, kc, lse, BC, BS, D**-0.5, T)
             ref = selected_attention_fwd(q64, kt, vt, bi, BS, D**-0.5, 1)[0].float()
             for variant in variants:
-                if variant.startswith("dq"):  # the dq half of the backward, per row: "dq" or "dq+tma"
-                    launch = schedule("row" + variant[2:], T)
+                if variant.startswith(("dq", "dkv")):  # a half of the backward: "dq", "dq+tma" (per row), "dkv"
+                    half = "dkv" if variant == "dkv" else "dq"
+                    launch = schedule("row" + variant[len(half):], T)
                     o, lse_s = selected_attention_fwd(q64, kt, vt, bi, BS, D**-0.5, 1)
-                    run_dq = selected_attention_bwd_kernels(q64, kt, vt, bi, o, lse_s, torch.randn_like(o), BS,
-                                                            D**-0.5, launch=launch)[0]
-                    row[f"{variant} ms"] = timed(run_dq, reps)
+                    run_dq, run_dkv, _ = selected_attention_bwd_kernels(q64, kt, vt, bi, o, lse_s, torch.randn_like(o),
+                                                                        BS, D**-0.5, launch=launch)
+                    row[f"{variant} ms"] = timed(run_dkv if half == "dkv" else run_dq, reps)
                     continue
                 launch = schedule(variant, T)
                 R = launch.selected_schedule(T)
@@ -168,8 +170,9 @@ def main():
     ap.add_argument("--schedules", default="default",
                     help="selected-attention schedules of the hybrid rows, comma-separated: 'default' (the library's "
                          "rule) or a schedule forced at every length (row, union<R>; +tma / -tma)")
-    ap.add_argument("--selected", default="row,row+tma,union4,dq,dq+tma",
-                    help="schedules of the selected-attention kernel diagnostic (empty: none)")
+    ap.add_argument("--selected", default="row,row+tma,union4,dq,dq+tma,dkv",
+                    help="schedules of the selected-attention kernel diagnostic (empty: none); 'dq', 'dq+tma' and "
+                         "'dkv' time the two halves of its backward")
     ap.add_argument("--skip-dense", action="store_true")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
@@ -212,10 +215,11 @@ def main():
     if variants:
         tile_sizes = sorted({int(key[2:].split()[0]) for res in results.values() for d in res["selected"].values()
                              for key in d if key.startswith("R=") and key.endswith("mean blocks")})
-        lines += ["", "Kernel diagnostic (padded 64-head layout): selected attention forward in ms per schedule "
-                  "(union build included); mean distinct blocks per tile of R rows and kv head after them.", "",
-                  "| T | input | " + " | ".join(variants) + " | " + " | ".join(f"blocks R={R}" for R in tile_sizes)
-                  + " |", "|---|---|" + "---|" * (len(variants) + len(tile_sizes))]
+        lines += ["", "Kernel diagnostic (padded 64-head layout): selected attention in ms per schedule, forward "
+                  "(union build included) or a half of the backward (dq, dkv: row lists included); mean distinct "
+                  "blocks per tile of R rows and kv head after them.", "",
+                  "| " + " | ".join(["T", "input", *variants, *(f"blocks R={R}" for R in tile_sizes)]) + " |",
+                  "|---|---|" + "---|" * (len(variants) + len(tile_sizes))]
         for T, res in results.items():
             for kind, d in res["selected"].items():
                 cells = [f"{d[f'{v} ms']:.2f}" for v in variants]
