@@ -80,6 +80,7 @@ class LaunchSettings:
     selected_dkv_rows: int = 64  # (row, head) pairs per step of the selected dk/dv kernel
     selected_dkv_warps: int = 4
     selected_dkv_stages: int = 3
+    selected_dkv_item_rows: int = 512  # rows of one block's list per selected dk/dv program (one atomic add each)
     topk_rows_per_program: int = 4
     topk_warps: int = 4
     mix_rows: int = 16  # (token, head) rows per gate-mixing program

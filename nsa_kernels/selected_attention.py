@@ -19,7 +19,7 @@ loads, both at the rate the memory system delivers scattered blocks, ``docs/benc
 
 dq: one program per (row, kv head). dk/dv: the
 (row, slot) pairs are inverted into per-block lists of rows with a sort in torch, the lists are cut into
-work items of at most ``_ROWS_PER_ITEM`` rows, and one program per item accumulates dk/dv of its block
+work items of at most ``LaunchSettings.selected_dkv_item_rows`` rows, and one program per item accumulates dk/dv of its block
 over the rows (G heads each) and adds them to float32 buffers with atomics (one add per item and element).
 """
 
@@ -34,7 +34,6 @@ from ._triton_utils import (DEFAULT_LAUNCH, LOG2E, attention_delta, check_dim, d
                            head_block, interpreting, load_group_query, load_kv_tile, online_softmax_step,
                            row_group_program)
 
-_ROWS_PER_ITEM = 512
 
 
 @triton.jit
@@ -319,8 +318,9 @@ def tma_usable(k: torch.Tensor, v: torch.Tensor, bd: int) -> bool:
     return True
 
 
-def _invert(bi, Tq, Tk, HKV, S, block_size, OFF):
-    """Per-block row lists: items (key, start, end) over ``row_list``; key = (b * Hkv + g) * NB + block."""
+def _invert(bi, Tq, Tk, HKV, S, block_size, OFF, item_rows):
+    """Per-block row lists: items (key, start, end) of at most ``item_rows`` rows over ``row_list``;
+    key = (b * Hkv + g) * NB + block."""
     B = bi.shape[0]
     NB = -(-Tk // block_size)
     dev = bi.device
@@ -334,13 +334,13 @@ def _invert(bi, Tq, Tk, HKV, S, block_size, OFF):
     rows = (perm // (HKV * S)) % Tq
     counts = torch.bincount(keys, minlength=n_keys + 1)[:n_keys]
     offsets = torch.cumsum(counts, 0) - counts
-    n_items = (counts + _ROWS_PER_ITEM - 1) // _ROWS_PER_ITEM
+    n_items = (counts + item_rows - 1) // item_rows
     total = int(n_items.sum())
     item_key = torch.repeat_interleave(torch.arange(n_keys, device=dev), n_items, output_size=total)
     first_item = torch.cumsum(n_items, 0) - n_items
     within = torch.arange(total, device=dev) - first_item[item_key]
-    item_start = offsets[item_key] + within * _ROWS_PER_ITEM
-    item_end = torch.minimum(item_start + _ROWS_PER_ITEM, offsets[item_key] + counts[item_key])
+    item_start = offsets[item_key] + within * item_rows
+    item_end = torch.minimum(item_start + item_rows, offsets[item_key] + counts[item_key])
     i32 = torch.int32
     return (item_key.to(i32).contiguous(), item_start.to(i32).contiguous(), item_end.to(i32).contiguous(),
             rows.to(i32).contiguous(), NB, total)
@@ -381,7 +381,8 @@ def selected_attention_bwd_kernels(q, k, v, block_indices, o, lse, do, block_siz
         )
 
     def run_dkv():
-        item_key, item_start, item_end, rows, NB, total = _invert(bi, Tq, Tk, HKV, S, block_size, Tk - Tq)
+        item_key, item_start, item_end, rows, NB, total = _invert(bi, Tq, Tk, HKV, S, block_size, Tk - Tq,
+                                                                    launch.selected_dkv_item_rows)
         if total:
             bq_rows = max(1, launch.selected_dkv_rows // bh)
             _slc_bwd_dkv_kernel[(total,)](

@@ -425,6 +425,27 @@ def dense_text_only_and_padding():
 
 
 @check
+def selected_dkv_row_lists_in_items():
+    """The selected dk/dv backward with each block's row list cut into items of 3 rows (many programs adding into
+    one block with atomics, a last partial item) equals the reference's gradients, as with the default items."""
+    import dataclasses
+
+    from nsa_kernels import reference as R
+    from nsa_kernels import triton_nsa as TN
+
+    B, Tq, Tk, P, Hkv, D, bs, bc, w = SMALL[2]
+    q, k, v = _small_inputs(SMALL[2], seed=5)
+    sc = D ** -0.5
+    kc = R.compress_kv(k, bs)
+    _, lse = R.compression_attention(q, kc, R.compress_kv(v, bs), bs, sc, Tk)
+    bi = R.select_blocks(q, kc, lse, bc, bs, sc, Tk)
+    launch = dataclasses.replace(TN.DEFAULT_LAUNCH, selected_dkv_item_rows=3)
+    rows_per_block = torch.bincount(bi[bi >= 0].long().flatten())
+    assert rows_per_block.max() > 3, rows_per_block  # some block's list is really cut into several items
+    return _compare_fn("slc items of 3", lambda q, k, v: TN.selected_attention(q, k, v, bi, bs, sc, launch=launch),
+                       lambda q, k, v: R.selected_attention(q, k, v, bi, bs, sc), (q, k, v))
+
+@check
 def attention_delta_layouts():
     """The backward's delta = sum_d o * do in one pass: both output layouts, a head dim below the tile width and a
     row count that is no multiple of the rows per program; mismatched shapes refused."""
