@@ -138,14 +138,14 @@ def selected_diagnostics(T, reps, kinds, variants):
             kc, vc = TN.compress_kv(kt, BS), TN.compress_kv(vt, BS)
             _, lse = TN.compression_attention(q64, kc, vc, BS, D**-0.5, T)
             bi = TN.select_blocks(q64, kc, lse, BC, BS, D**-0.5, T)
-            ref = selected_attention_fwd(q64, kt, vt, bi, BS, D**-0.5, 1)[0].float()
+            o_row, lse_row = selected_attention_fwd(q64, kt, vt, bi, BS, D**-0.5, 1)
+            ref, do = o_row.float(), torch.randn_like(o_row)
             for variant in variants:
                 if variant.startswith(("dq", "dkv")):  # a half of the backward: "dq", "dq+tma" (per row), "dkv"
                     half = "dkv" if variant == "dkv" else "dq"
                     launch = schedule("row" + variant[len(half):], T)
-                    o, lse_s = selected_attention_fwd(q64, kt, vt, bi, BS, D**-0.5, 1)
-                    run_dq, run_dkv, _ = selected_attention_bwd_kernels(q64, kt, vt, bi, o, lse_s, torch.randn_like(o),
-                                                                        BS, D**-0.5, launch=launch)
+                    run_dq, run_dkv, _ = selected_attention_bwd_kernels(q64, kt, vt, bi, o_row, lse_row, do, BS,
+                                                                        D**-0.5, launch=launch)
                     row[f"{variant} ms"] = timed(run_dkv if half == "dkv" else run_dq, reps)
                     continue
                 launch = schedule(variant, T)

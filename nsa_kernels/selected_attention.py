@@ -17,10 +17,10 @@ The per-row kernels (forward and dq) can fetch their blocks with Hopper's tensor
 pointer loads (``LaunchSettings.selected_tma``; off by default: it measured within a few percent of the pointer
 loads, both at the rate the memory system delivers scattered blocks, ``docs/benchmarks.md``).
 
-dq: one program per (row, kv head). dk/dv: the
-(row, slot) pairs are inverted into per-block lists of rows with a sort in torch, the lists are cut into
-work items of at most ``LaunchSettings.selected_dkv_item_rows`` rows, and one program per item accumulates dk/dv of its block
-over the rows (G heads each) and adds them to float32 buffers with atomics (one add per item and element).
+dq: one program per (row, kv head). dk/dv: the (row, slot) pairs are inverted into per-block lists of rows with a
+sort in torch, the lists are cut into work items of at most ``LaunchSettings.selected_dkv_item_rows`` rows, and one
+program per item accumulates dk/dv of its block over the rows (G heads each, scores computed key-major) and adds them
+to float32 buffers with atomics (one add per item and element).
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from ._triton_utils import (DEFAULT_LAUNCH, LOG2E, attention_delta, check_dim, dkv_step, dot_precision, dq_step,
                            head_block, interpreting, load_group_query, load_kv_tile, online_softmax_step,
                            row_group_program)
-
 
 
 @triton.jit

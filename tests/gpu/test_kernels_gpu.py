@@ -277,6 +277,8 @@ def test_selected_tma_matches_pointer_loads(dtype):
     from nsa_kernels.selected_attention import selected_attention_bwd, selected_attention_fwd, tma_usable
     from videonsa.video_like import video_like_qkv
 
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the tensor memory accelerator needs a Hopper or newer GPU")
     T, off = 4096, 777
     tma = dataclasses.replace(DEFAULT_LAUNCH, selected_tma=True)
     for kind in ("random", "video-like"):
@@ -286,8 +288,6 @@ def test_selected_tma_matches_pointer_loads(dtype):
             q28, k, v = video_like_qkv(T, 28, HKV, D, dtype=dtype, seed=5)
             q = R.pad_heads(q28.transpose(1, 2), P)
             k, v = k.transpose(1, 2), v.transpose(1, 2)  # head-major strides, as the model passes them
-        if torch.cuda.get_device_capability()[0] < 9:
-            pytest.skip("the tensor memory accelerator needs a Hopper or newer GPU")
         assert tma_usable(k, v, D)
         kc = TN.compress_kv(k, BS)
         _, lse = TN.compression_attention(q, kc, TN.compress_kv(v, BS), BS, SCALE, T)
