@@ -140,12 +140,13 @@ def selected_diagnostics(T, reps, kinds, variants):
             bi = TN.select_blocks(q64, kc, lse, BC, BS, D**-0.5, T)
             o_row, lse_row = selected_attention_fwd(q64, kt, vt, bi, BS, D**-0.5, 1)
             ref, do = o_row.float(), torch.randn_like(o_row)
+            do[:, :, 2 * H:] = 0  # the padded heads' gates are 0, so is their output gradient
             for variant in variants:
                 if variant.startswith(("dq", "dkv")):  # a half of the backward: "dq", "dq+tma" (per row), "dkv"
                     half = "dkv" if variant == "dkv" else "dq"
                     launch = schedule("row" + variant[len(half):], T)
                     run_dq, run_dkv, _ = selected_attention_bwd_kernels(q64, kt, vt, bi, o_row, lse_row, do, BS,
-                                                                        D**-0.5, launch=launch)
+                                                                        D**-0.5, launch=launch, active_heads=2 * H)
                     row[f"{variant} ms"] = timed(run_dkv if half == "dkv" else run_dq, reps)
                     continue
                 launch = schedule(variant, T)
@@ -162,6 +163,29 @@ def selected_diagnostics(T, reps, kinds, variants):
     return out
 
 
+def profile_training_step(T, kind):
+    """The CUDA work of one forward + backward of the hybrid layer at ``T`` tokens (torch.profiler after a warm-up
+    pass): operators and kernels by self CUDA time, largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from nsa_kernels import triton_nsa as TN
+
+    *inputs, vision = layer_inputs(T, kind)
+    leaves = [x.detach().requires_grad_() for x in inputs]
+
+    def step():
+        out = TN.hybrid_attention(*leaves, vision, block_size=BS, block_count=BC, window_size=W)
+        out.backward(torch.ones_like(out))
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        step()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=45, max_name_column_width=70)
+    return f"Forward + backward of the hybrid layer, T={T}, {kind} inputs\n{table}"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", default="8192,16384,32768,65536,131072")
@@ -174,11 +198,20 @@ def main():
                     help="schedules of the selected-attention kernel diagnostic (empty: none); 'dq', 'dq+tma' and "
                          "'dkv' time the two halves of its backward")
     ap.add_argument("--skip-dense", action="store_true")
+    ap.add_argument("--profile", type=int, default=0, metavar="T",
+                    help="only profile one forward + backward of the hybrid layer at T tokens per input kind")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     lengths = [int(x) for x in args.lengths.split(",") if x]
     kinds = [x for x in args.kinds.split(",") if x]
     variants = [x for x in args.selected.split(",") if x]
+    if args.profile:
+        text = "\n\n".join(profile_training_step(args.profile, kind) for kind in kinds)
+        print(text, flush=True)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(text + "\n")
+        return
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     import triton
 

@@ -19,8 +19,9 @@ loads, both at the rate the memory system delivers scattered blocks, ``docs/benc
 
 dq: one program per (row, kv head). dk/dv: the (row, slot) pairs are inverted into per-block lists of rows with a
 sort in torch, the lists are cut into work items of at most ``LaunchSettings.selected_dkv_item_rows`` rows, and one
-program per item accumulates dk/dv of its block over the rows (G heads each, scores computed key-major) and adds them
-to float32 buffers with atomics (one add per item and element).
+program per item accumulates dk/dv of its block over the rows (the group's heads below ``active_heads`` each, scores
+computed key-major) and adds them to float32 buffers with atomics (one add per item and element). A kv head with
+fewer such heads (the 7B's last, 8 of 16) gets its own launch that packs more rows into a step.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from ._triton_utils import (DEFAULT_LAUNCH, LOG2E, attention_delta, check_dim, dkv_step, dot_precision, dq_step,
                            head_block, interpreting, load_group_query, load_kv_tile, online_softmax_step,
                            row_group_program)
+from .reference import next_pow2
 
 
 @triton.jit
@@ -186,15 +188,19 @@ def _slc_bwd_dq_kernel(
 def _slc_bwd_dkv_kernel(
     q, k, v, do, lse, delta, dk, dv,
     item_key, item_start, item_end, row_list,
-    sqb, sqt, sqh, sqd,
     skb, skt, skh, skd,
     svb, svt, svh, svd,
-    Tq, Tk, OFF, NB, qk_scale, scale,
-    P: tl.constexpr, HKV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
-    BS: tl.constexpr, BH: tl.constexpr, BQ: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
+    Tq, Tk, OFF, NB, ITEM0, qk_scale, scale,
+    P: tl.constexpr, HKV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
+    HEADS: tl.constexpr, NH: tl.constexpr, BQ: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
-    # dk, dv: float32 [B, Tk, Hkv, D] (contiguous), accumulated with atomics
-    item = tl.program_id(0)
+    # q, do: contiguous [B, Tq, P, D], addressed with int32 offsets unless WIDE (they would pass 2**31; int64
+    # offsets cost the registers that keep this kernel clear of spills). dk, dv: float32 [B, Tk, Hkv, D]
+    # (contiguous), accumulated with atomics. The launch's items belong to kv heads whose first HEADS query heads
+    # are computed (the rest have zero q and dO: they add 0). A step takes BQ (row, head) pairs, BQ // NH rows x
+    # NH >= HEADS head lanes, so that a kv head with few such heads packs more rows.
+    item = ITEM0 + tl.program_id(0)
     key = tl.load(item_key + item)
     start = tl.load(item_start + item)
     end = tl.load(item_end + item)
@@ -210,17 +216,21 @@ def _slc_bwd_dkv_kernel(
     bk, bv = load_kv_tile(k, v, b, g, cols, cmask, dd, dmask, skb, skt, skh, skd, svb, svt, svh, svd)
     dk_acc = tl.zeros([BS, BD], dtype=tl.float32)
     dv_acc = tl.zeros([BS, BD], dtype=tl.float32)
-    RB: tl.constexpr = BQ * BH
-    rr = tl.arange(0, RB)
-    hj = rr % BH
-    for i0 in range(start, end, BQ):
-        li = i0 + rr // BH
-        valid = (li < end) & (hj < GROUP)
-        row = tl.load(row_list + li, mask=valid, other=0).to(tl.int64)  # offsets pass 2**31 beyond 256K rows
-        h = g * GROUP + hj
+    pair = tl.arange(0, BQ)
+    hj = pair % NH
+    h = g * GROUP + hj
+    for i0 in range(start, end, BQ // NH):
+        li = i0 + pair // NH
+        valid = li < end
+        if HEADS < NH:
+            valid = valid & (hj < HEADS)
+        row = tl.load(row_list + li, mask=valid, other=0)
+        if WIDE:
+            row = row.to(tl.int64)
         io_mask = valid[:, None] & dmask[None, :]
-        bq = tl.load(q + b * sqb + row[:, None] * sqt + h[:, None] * sqh + dd[None, :] * sqd, mask=io_mask, other=0.0)
-        bdo = tl.load(do + ((b * Tq + row[:, None]) * P + h[:, None]) * D + dd[None, :], mask=io_mask, other=0.0)
+        io_off = ((b * Tq + row[:, None]) * P + h[:, None]) * D + dd[None, :]
+        bq = tl.load(q + io_off, mask=io_mask, other=0.0)
+        bdo = tl.load(do + io_off, mask=io_mask, other=0.0)
         lse2 = tl.load(lse + (b * Tq + row) * P + h, mask=valid, other=0.0)
         dlt = tl.load(delta + (b * Tq + row) * P + h, mask=valid, other=0.0)
         vis_t = (cols[:, None] <= (row + OFF)[None, :]) & valid[None, :]
@@ -228,6 +238,9 @@ def _slc_bwd_dkv_kernel(
     out_off = ((b * Tk + cols[:, None]) * HKV + g) * D + dd[None, :]
     tl.atomic_add(dk + out_off, dk_acc * scale, mask=kv_mask)
     tl.atomic_add(dv + out_off, dv_acc, mask=kv_mask)
+
+
+_INT32_OFFSETS_BELOW = 2**31  # element offsets of the dk/dv kernel's row loads stay int32 below this
 
 
 def _cfg(q, k, block_indices, block_size):
@@ -317,46 +330,52 @@ def tma_usable(k: torch.Tensor, v: torch.Tensor, bd: int) -> bool:
     return True
 
 
-def _invert(bi, Tq, Tk, HKV, S, block_size, OFF, item_rows):
-    """Per-block row lists: items (key, start, end) of at most ``item_rows`` rows over ``row_list``;
-    key = (b * Hkv + g) * NB + block."""
+def _invert(bi, Tq, Tk, HKV, S, block_size, OFF, item_rows, group_class, num_classes):
+    """Per-block row lists: items (key, start, end) of at most ``item_rows`` rows over ``row_list``, key =
+    (b * Hkv + g) * NB + block. ``group_class`` (a list per kv head) puts kv head ``g``'s items in class
+    ``group_class[g]`` (-1: none); the items are ordered by class, and the item count of each class is returned
+    (one host sync) so that each class can have its own launch."""
     B = bi.shape[0]
     NB = -(-Tk // block_size)
     dev = bi.device
     idx = bi.long()
     pos = torch.arange(Tq, device=dev) + OFF
-    valid = (idx >= 0) & (idx * block_size <= pos[None, :, None, None])
+    cls = torch.tensor(group_class, device=dev)[None, None, :, None]
+    valid = (idx >= 0) & (idx * block_size <= pos[None, :, None, None]) & (cls >= 0)
     bg = (torch.arange(B, device=dev)[:, None] * HKV + torch.arange(HKV, device=dev)[None, :])[:, None, :, None]
     n_keys = B * HKV * NB
-    keys = torch.where(valid, bg * NB + idx, n_keys).flatten()
-    sorted_keys, perm = torch.sort(keys, stable=True)
+    n_slots = num_classes * n_keys  # slot = class * n_keys + key: class-major order
+    slots = torch.where(valid, cls * n_keys + bg * NB + idx, n_slots).flatten()
+    _, perm = torch.sort(slots, stable=True)
     rows = (perm // (HKV * S)) % Tq
-    counts = torch.bincount(keys, minlength=n_keys + 1)[:n_keys]
+    counts = torch.bincount(slots, minlength=n_slots + 1)[:n_slots]
     offsets = torch.cumsum(counts, 0) - counts
     n_items = (counts + item_rows - 1) // item_rows
-    total = int(n_items.sum())
-    item_key = torch.repeat_interleave(torch.arange(n_keys, device=dev), n_items, output_size=total)
+    class_items = n_items.view(num_classes, n_keys).sum(1).tolist()
+    total = sum(class_items)
+    item_slot = torch.repeat_interleave(torch.arange(n_slots, device=dev), n_items, output_size=total)
     first_item = torch.cumsum(n_items, 0) - n_items
-    within = torch.arange(total, device=dev) - first_item[item_key]
-    item_start = offsets[item_key] + within * item_rows
-    item_end = torch.minimum(item_start + item_rows, offsets[item_key] + counts[item_key])
+    within = torch.arange(total, device=dev) - first_item[item_slot]
+    item_start = offsets[item_slot] + within * item_rows
+    item_end = torch.minimum(item_start + item_rows, offsets[item_slot] + counts[item_slot])
     i32 = torch.int32
-    return (item_key.to(i32).contiguous(), item_start.to(i32).contiguous(), item_end.to(i32).contiguous(),
-            rows.to(i32).contiguous(), NB, total)
+    return (item_slot.remainder(n_keys).to(i32).contiguous(), item_start.to(i32).contiguous(),
+            item_end.to(i32).contiguous(), rows.to(i32).contiguous(), NB, class_items)
 
 
 def selected_attention_bwd(q, k, v, block_indices, o, lse, do, block_size, scale, dk_acc=None, dv_acc=None,
-                           launch=DEFAULT_LAUNCH):
-    """Returns ``dq`` (q dtype) and float32 ``dk``, ``dv`` (added into ``dk_acc``/``dv_acc`` when given)."""
+                           launch=DEFAULT_LAUNCH, active_heads=None):
+    """Returns ``dq`` (q dtype) and float32 ``dk``, ``dv`` (added into ``dk_acc``/``dv_acc`` when given).
+    ``active_heads``: see :func:`selected_attention`."""
     run_dq, run_dkv, grads = selected_attention_bwd_kernels(q, k, v, block_indices, o, lse, do, block_size, scale,
-                                                            dk_acc, dv_acc, launch)
+                                                            dk_acc, dv_acc, launch, active_heads)
     run_dq()
     run_dkv()
     return grads
 
 
 def selected_attention_bwd_kernels(q, k, v, block_indices, o, lse, do, block_size, scale, dk_acc=None, dv_acc=None,
-                                   launch=DEFAULT_LAUNCH):
+                                   launch=DEFAULT_LAUNCH, active_heads=None):
     """The backward as two launches: ``(run_dq, run_dkv, (dq, dk, dv))``, each ``run_*`` a no-argument call that
     fills its buffers (``run_dkv``: the per-block row lists, then the dk/dv kernel, adding into ``dk``/``dv``).
     :func:`selected_attention_bwd` runs both; timing runs each."""
@@ -371,6 +390,8 @@ def selected_attention_bwd_kernels(q, k, v, block_indices, o, lse, do, block_siz
     bh = head_block(group)
     prec = dot_precision(q.dtype)
     strides = (*q.stride(), *k.stride(), *v.stride())
+    active = P if active_heads is None else int(active_heads)
+
     def run_dq():
         kv = _block_sources(k, v, block_size, bd, launch)
         _slc_bwd_dq_kernel[(Tq, B * HKV)](
@@ -380,44 +401,58 @@ def selected_attention_bwd_kernels(q, k, v, block_indices, o, lse, do, block_siz
         )
 
     def run_dkv():
-        item_key, item_start, item_end, rows, NB, total = _invert(bi, Tq, Tk, HKV, S, block_size, Tk - Tq,
-                                                                    launch.selected_dkv_item_rows)
-        if total:
-            bq_rows = max(1, launch.selected_dkv_rows // bh)
-            _slc_bwd_dkv_kernel[(total,)](
-                q, k, v, do, lse, delta, dk, dv, item_key, item_start, item_end, rows, *strides,
-                Tq, Tk, Tk - Tq, NB, scale * LOG2E, scale,
-                P=P, HKV=HKV, GROUP=group, D=D, BS=block_size, BH=bh, BQ=bq_rows, BD=bd, PREC=prec,
-                num_warps=launch.selected_dkv_warps if bd > 64 else 4, num_stages=launch.selected_dkv_stages,
-            )
+        # one launch per number of heads below `active` that a kv head has (all of them, a part, none: skipped)
+        group_heads = [min(max(active - g * group, 0), group) for g in range(HKV)]
+        classes = sorted(set(group_heads) - {0}, reverse=True)
+        group_class = [classes.index(n) if n else -1 for n in group_heads]
+        item_key, item_start, item_end, rows, NB, class_items = _invert(
+            bi, Tq, Tk, HKV, S, block_size, Tk - Tq, launch.selected_dkv_item_rows, group_class, len(classes))
+        pairs = max(launch.selected_dkv_rows, bh)
+        q_rows = q.contiguous()  # read with do's offsets
+        first = 0
+        for heads, n_items in zip(classes, class_items):
+            if n_items:
+                _slc_bwd_dkv_kernel[(n_items,)](
+                    q_rows, k, v, do, lse, delta, dk, dv, item_key, item_start, item_end, rows, *k.stride(),
+                    *v.stride(), Tq, Tk, Tk - Tq, NB, first, scale * LOG2E, scale,
+                    P=P, HKV=HKV, GROUP=group, D=D, BS=block_size, HEADS=heads, NH=next_pow2(heads), BQ=pairs,
+                    BD=bd, PREC=prec, WIDE=q_rows.numel() + bd > _INT32_OFFSETS_BELOW,
+                    num_warps=launch.selected_dkv_warps if bd > 64 else 4, num_stages=launch.selected_dkv_stages,
+                )
+            first += n_items
 
     return run_dq, run_dkv, (dq, dk, dv)
 
 
 class SelectedAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, block_indices, block_size, scale, rows_per_tile, launch):
+    def forward(ctx, q, k, v, block_indices, block_size, scale, rows_per_tile, launch, active_heads):
         o, lse = selected_attention_fwd(q, k, v, block_indices, block_size, scale, rows_per_tile, launch)
         ctx.save_for_backward(q, k, v, block_indices, o, lse)
         ctx.cfg = (block_size, scale)
         ctx.launch = launch
+        ctx.active_heads = active_heads
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, bi, o, lse = ctx.saved_tensors
-        dq, dk, dv = selected_attention_bwd(q, k, v, bi, o, lse, do, *ctx.cfg, launch=ctx.launch)
-        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
+        dq, dk, dv = selected_attention_bwd(q, k, v, bi, o, lse, do, *ctx.cfg, launch=ctx.launch,
+                                            active_heads=ctx.active_heads)
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
 
 
-def selected_attention(q, k, v, block_indices, block_size, scale=None, rows_per_tile=None, launch=DEFAULT_LAUNCH):
+def selected_attention(q, k, v, block_indices, block_size, scale=None, rows_per_tile=None, launch=DEFAULT_LAUNCH,
+                       active_heads=None):
     """Triton selected attention. q ``[B, Tq, P, D]``; k, v ``[B, Tk, Hkv, D]``; block_indices int
     ``[B, Tq, Hkv, S]``. Returns ``[B, Tq, P, D]`` in q's dtype. ``rows_per_tile``: the forward's schedule
-    (see :func:`selected_attention_fwd`)."""
+    (see :func:`selected_attention_fwd`). ``active_heads``: heads from this index on are declared all-zero queries
+    whose output gradient is zero (the padded heads 56-63 of the 7B layout, gates 0); the dk/dv pass skips them,
+    which leaves dk and dv unchanged."""
     if scale is None:
         scale = q.shape[-1] ** -0.5
     return SelectedAttentionFunction.apply(q, k, v, block_indices, int(block_size), float(scale), rows_per_tile,
-                                           launch)
+                                           launch, active_heads)
 
 
 __all__ = ["selected_attention", "selected_attention_fwd", "selected_attention_bwd", "selected_attention_bwd_kernels",

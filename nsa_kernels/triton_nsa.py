@@ -79,7 +79,7 @@ def nsa_attention(q, k, v, gates, *, block_count, block_size, window_size, scale
     k_cmp, v_cmp = compress_kv(k, block_size), compress_kv(v, block_size)
     o_cmp, lse = compression_attention(q, k_cmp, v_cmp, block_size, scale, num_keys, active)
     block_indices = select_blocks(q, k_cmp, lse, block_count, block_size, scale, num_keys)
-    o_slc = selected_attention(q, k, v, block_indices, block_size, scale, launch=launch)
+    o_slc = selected_attention(q, k, v, block_indices, block_size, scale, launch=launch, active_heads=active)
     o_swd = window_attention(q, k, v, window_size, scale, active)
     out = mix_branches(o_cmp, o_slc, o_swd, gates)
     if not return_intermediates:

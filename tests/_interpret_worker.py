@@ -445,6 +445,54 @@ def selected_dkv_row_lists_in_items():
     return _compare_fn("slc items of 3", lambda q, k, v: TN.selected_attention(q, k, v, bi, bs, sc, launch=launch),
                        lambda q, k, v: R.selected_attention(q, k, v, bi, bs, sc), (q, k, v))
 
+
+@check
+def selected_dkv_skips_inactive_heads():
+    """Selected attention with ``active_heads``: the dk/dv pass takes only the heads below it (a group with part of
+    its heads, packed several rows to a step; a group with none, skipped). With those heads' queries and output
+    gradient zero, as in the 7B layout, output and every gradient equal the reference's."""
+    from nsa_kernels import reference as R
+    from nsa_kernels import selected_attention as S
+    from nsa_kernels import triton_nsa as TN
+
+    B, Tq, Tk, P, Hkv, D, bs, bc, w = SMALL[2]
+    q, k, v = _small_inputs(SMALL[2], seed=9)
+    sc = D ** -0.5
+    kc = R.compress_kv(k, bs)
+    msgs = []
+    for active in (24, 21, 12):  # group 1 keeps 8 heads, 5 heads (rows do not fill a step), none
+        q_act = q.clone()
+        q_act[:, :, active:] = 0
+        _, lse = R.compression_attention(q_act, kc, R.compress_kv(v, bs), bs, sc, Tk)
+        bi = R.select_blocks(q_act, kc, lse, bc, bs, sc, Tk)
+        go = _rand(B, Tq, P, D, seed=active)
+        go[:, :, active:] = 0
+        results = []
+        for fn in (lambda q, k, v: TN.selected_attention(q, k, v, bi, bs, sc, active_heads=active),
+                   lambda q, k, v: R.selected_attention(q, k, v, bi, bs, sc)):
+            leaves = [x.detach().clone().requires_grad_(True) for x in (q_act, k, v)]
+            out = fn(*leaves)
+            results.append((out.detach(), *torch.autograd.grad(out, leaves, go)))
+        for name, ours, ref in zip(("o", "dq", "dk", "dv"), *results):
+            msgs.append(_close(f"active {active} {name}", ours, ref, 2e-5 if name == "o" else 2e-4))
+    # the int64 row offsets that tensors past 2**31 elements take give the same gradients
+    S._INT32_OFFSETS_BELOW = 0
+    try:
+        leaves = [x.detach().clone().requires_grad_(True) for x in (q_act, k, v)]
+        wide = torch.autograd.grad(TN.selected_attention(*leaves, bi, bs, sc, active_heads=active), leaves, go)
+    finally:
+        S._INT32_OFFSETS_BELOW = 2**31
+    for name, ours, ref in zip(("dk", "dv"), wide[1:], results[1][2:]):
+        msgs.append(_close(f"int64 offsets {name}", ours, ref, 2e-4))
+    # a kv head of class -1 gets no work item; the other's items list each of its (row, block) pairs once
+    keys, starts, ends, rows, NB, class_items = S._invert(bi, Tq, Tk, Hkv, bi.shape[-1], bs, Tk - Tq, 3, [0, -1], 1)
+    pos = torch.arange(Tq) + Tk - Tq
+    listed = (bi[:, :, 0] >= 0) & (bi[:, :, 0] * bs <= pos[None, :, None])
+    assert class_items == [keys.numel()] and bool(((keys // NB) % Hkv == 0).all()), keys
+    assert int((ends - starts).sum()) == int(listed.sum()), (ends - starts, listed.sum())
+    return "; ".join(msgs) + "; a kv head without heads gets no item"
+
+
 @check
 def attention_delta_layouts():
     """The backward's delta = sum_d o * do in one pass: both output layouts, a head dim below the tile width and a

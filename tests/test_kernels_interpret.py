@@ -22,7 +22,8 @@ WORKER = os.path.join(HERE, "_interpret_worker.py")
 # two shards of about equal interpreter time (checks by name, see the worker)
 SHARDS = [
     ["conf_branches_T200", "small_branches_T70", "topk_multichunk", "dense_text_only_and_padding",
-     "conf_topk_T320_bc3", "small_branches_T1", "conf_dense_T200", "conf_topk_T200"],
+     "conf_topk_T320_bc3", "small_branches_T1", "conf_dense_T200", "conf_topk_T200",
+     "selected_dkv_skips_inactive_heads"],
     ["small_nsa_with_gates_T100", "small_hybrid_mixed_padded", "small_branches_chunk", "conf_topk_T320_bc3_q0",
      "selected_union_tiles", "tile_unions_against_sets", "hybrid_in_query_chunks", "attention_delta_layouts",
      "selected_dkv_row_lists_in_items"],
