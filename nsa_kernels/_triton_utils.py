@@ -131,6 +131,20 @@ def attention_delta(o: torch.Tensor, do: torch.Tensor, heads_first: bool = False
     return out
 
 
+INT32_OFFSET_LIMIT = 2**31
+
+
+def wide_offsets(*tensors: torch.Tensor) -> bool:
+    """Whether a kernel's element offsets into ``tensors`` can reach 2**31 and so need int64 (the ``WIDE`` switch of
+    the kernels that compute row offsets). int32 offsets where they suffice save the registers whose lack made the
+    backward kernels spill (``docs/benchmarks.md``)."""
+    for x in tensors:
+        span = 1 + sum((n - 1) * abs(st) for n, st in zip(x.shape, x.stride()) if n > 0)
+        if span + 256 > INT32_OFFSET_LIMIT:  # + the masked lanes of a padded tile
+            return True
+    return False
+
+
 def log2_int(n: int) -> int:
     k = int(math.log2(n))
     if 1 << k != n:
@@ -140,11 +154,13 @@ def log2_int(n: int) -> int:
 
 @triton.jit
 def row_tile_program(Tq, H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
-                     BD: tl.constexpr):
+                     BD: tl.constexpr, WIDE: tl.constexpr):
     """Program ids of the row-tile kernels (grid ``(cdiv(Tq, BM), B * H)``): sample ``b``, query head ``h``,
-    its kv head ``g``, the tile's query rows and their mask, and the feature lanes of its ``[BM, BD]`` tiles
-    with their mask and the tile mask."""
-    pid_m = tl.program_id(0).to(tl.int64)  # row offsets pass 2**31 elements beyond 256K tokens
+    its kv head ``g``, the tile's query rows (int64 when ``WIDE``, see :func:`wide_offsets`) and their mask,
+    and the feature lanes of its ``[BM, BD]`` tiles with their mask and the tile mask."""
+    pid_m = tl.program_id(0)
+    if WIDE:
+        pid_m = pid_m.to(tl.int64)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H

@@ -17,7 +17,8 @@ import triton
 import triton.language as tl
 
 from ._triton_utils import (DEFAULT_LAUNCH, LOG2E, attention_delta, check_dim, dkv_step, dot_precision, dq_step,
-                           head_rows_offsets, load_head_rows, load_kv_tile, online_softmax_step, row_tile_program)
+                           head_rows_offsets, load_head_rows, load_kv_tile, online_softmax_step, row_tile_program,
+                           wide_offsets)
 
 
 def compress_kv(x: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -52,9 +53,9 @@ def _cmp_fwd_kernel(
     svb, svn, svh, svd,
     Tq, OFF, NB, H_ACTIVE, qk_scale,
     P: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr, WIDE: tl.constexpr,
 ):
-    b, h, g, rows, rmask, dd, dmask, io_mask = row_tile_program(Tq, P, GROUP, D, BM, BD)
+    b, h, g, rows, rmask, dd, dmask, io_mask = row_tile_program(Tq, P, GROUP, D, BM, BD, WIDE)
     cur = (rows + OFF) // BS
     o_ptr = o + head_rows_offsets(b, h, rows, dd, Tq, P, D)
     l_ptr = lse + (b * P + h) * Tq + rows
@@ -87,10 +88,10 @@ def _cmp_bwd_dq_kernel(
     svb, svn, svh, svd,
     Tq, OFF, NB, H_ACTIVE, qk_scale, scale,
     P: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr, WIDE: tl.constexpr,
 ):
     # do, dq: contiguous [B, Tq, P, D]; lse: [B, P, Tq] (natural log); delta: [B, P, Tq]
-    b, h, g, rows, rmask, dd, dmask, io_mask = row_tile_program(Tq, P, GROUP, D, BM, BD)
+    b, h, g, rows, rmask, dd, dmask, io_mask = row_tile_program(Tq, P, GROUP, D, BM, BD, WIDE)
     cur = (rows + OFF) // BS
     row_off = head_rows_offsets(b, h, rows, dd, Tq, P, D)
     if h >= H_ACTIVE:
@@ -113,17 +114,20 @@ def _cmp_bwd_dq_kernel(
 @triton.jit
 def _cmp_bwd_dkv_kernel(
     q, k, v, do, lse, delta, dk, dv,
-    sqb, sqt, sqh, sqd,
     skb, skn, skh, skd,
     svb, svt, svh, svd,
     Tq, OFF, NB, H_ACTIVE, qk_scale, scale,
     P: tl.constexpr, HKV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr, RC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr, WIDE: tl.constexpr,
+    RC: tl.constexpr,
 ):
     # one program: a tile of BN compressed blocks, one kv head, a chunk of RC query rows, all heads of the
-    # group; adds its share into the float32 dk, dv [B, NB, Hkv, D] (zero-initialised) with atomics
+    # group; adds its share into the float32 dk, dv [B, NB, Hkv, D] (zero-initialised) with atomics. q is
+    # contiguous like do, so both take one set of offsets (fewer registers: the kernel spilled with q's strides)
     pid_n = tl.program_id(0)
-    pid_r = tl.program_id(1).to(tl.int64)  # row offsets pass 2**31 elements beyond 256K tokens
+    pid_r = tl.program_id(1)
+    if WIDE:  # row offsets in int64 (wide_offsets)
+        pid_r = pid_r.to(tl.int64)
     pid_bg = tl.program_id(2)
     b = pid_bg // HKV
     g = pid_bg % HKV
@@ -146,8 +150,9 @@ def _cmp_bwd_dkv_kernel(
                 rows = r0 + tl.arange(0, BM)
                 rmask = rows < r_hi
                 io_mask = rmask[:, None] & dmask[None, :]
-                bq = load_head_rows(q, b, h, rows, dd, io_mask, sqb, sqt, sqh, sqd)
-                bdo = tl.load(do + head_rows_offsets(b, h, rows, dd, Tq, P, D), mask=io_mask, other=0.0)
+                row_off = head_rows_offsets(b, h, rows, dd, Tq, P, D)
+                bq = tl.load(q + row_off, mask=io_mask, other=0.0)
+                bdo = tl.load(do + row_off, mask=io_mask, other=0.0)
                 lse2 = tl.load(lse + (b * P + h) * Tq + rows, mask=rmask, other=0.0) * 1.4426950408889634  # to base 2
                 dlt = tl.load(delta + (b * P + h) * Tq + rows, mask=rmask, other=0.0)
                 cur = (rows + OFF) // BS
@@ -180,7 +185,7 @@ def compression_attention_fwd(q, k_cmp, v_cmp, block_size, scale, num_keys=None,
         *q.stride(), *k_cmp.stride(), *v_cmp.stride(),
         Tq, num_keys - Tq, NB, active_heads, scale * LOG2E,
         P=P, GROUP=P // HKV, D=D, BS=block_size, BM=bm, BN=bn, BD=bd, PREC=dot_precision(q.dtype),
-        num_warps=launch.attention_warps, num_stages=2,
+        WIDE=wide_offsets(q, o), num_warps=launch.attention_warps, num_stages=2,
     )
     return o, lse
 
@@ -210,20 +215,22 @@ def compression_attention_bwd_kernels(q, k_cmp, v_cmp, o, lse, do, block_size, s
     dk = torch.empty(B, NB, HKV, D, device=q.device, dtype=torch.float32)
     dv = torch.empty_like(dk)
     prec = dot_precision(q.dtype)
-    common = dict(P=P, GROUP=P // HKV, D=D, BS=block_size, BM=bm, BN=bn, BD=bd, PREC=prec, num_stages=2)
-    args = (*q.stride(), *k_cmp.stride(), *v_cmp.stride(), Tq, num_keys - Tq, NB, active_heads,
-            scale * LOG2E, scale)
+    common = dict(P=P, GROUP=P // HKV, D=D, BS=block_size, BM=bm, BN=bn, BD=bd, PREC=prec, WIDE=wide_offsets(q, do),
+                  num_stages=2)
+    kv_strides = (*k_cmp.stride(), *v_cmp.stride())
+    scalars = (Tq, num_keys - Tq, NB, active_heads, scale * LOG2E, scale)
     rc = launch.compression_dkv_rows or (256 if Tq <= 16384 else 1024)
 
     def run_dq():
-        _cmp_bwd_dq_kernel[(triton.cdiv(Tq, bm), B * P)](q, k_cmp, v_cmp, do, lse, delta, dq, *args,
-                                                          num_warps=launch.attention_warps, **common)
+        _cmp_bwd_dq_kernel[(triton.cdiv(Tq, bm), B * P)](q, k_cmp, v_cmp, do, lse, delta, dq, *q.stride(),
+                                                          *kv_strides, *scalars, num_warps=launch.attention_warps,
+                                                          **common)
 
     def run_dkv():
         dk.zero_()
         dv.zero_()
         _cmp_bwd_dkv_kernel[(triton.cdiv(NB, bn), triton.cdiv(Tq, rc), B * HKV)](
-            q, k_cmp, v_cmp, do, lse, delta, dk, dv, *args, HKV=HKV, RC=rc,
+            q.contiguous(), k_cmp, v_cmp, do, lse, delta, dk, dv, *kv_strides, *scalars, HKV=HKV, RC=rc,
             num_warps=launch.attention_warps, **common)
 
     return run_dq, run_dkv, (dq, dk, dv)

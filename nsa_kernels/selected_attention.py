@@ -33,7 +33,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._triton_utils import (DEFAULT_LAUNCH, LOG2E, attention_delta, check_dim, dkv_step, dot_precision, dq_step,
                            head_block, interpreting, load_group_query, load_kv_tile, online_softmax_step,
-                           row_group_program)
+                           row_group_program, wide_offsets)
 from .reference import next_pow2
 
 
@@ -195,8 +195,8 @@ def _slc_bwd_dkv_kernel(
     HEADS: tl.constexpr, NH: tl.constexpr, BQ: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
     WIDE: tl.constexpr,
 ):
-    # q, do: contiguous [B, Tq, P, D], addressed with int32 offsets unless WIDE (they would pass 2**31; int64
-    # offsets cost the registers that keep this kernel clear of spills). dk, dv: float32 [B, Tk, Hkv, D]
+    # q, do: contiguous [B, Tq, P, D], addressed with int32 offsets unless WIDE (wide_offsets; int64 offsets
+    # cost the registers that keep this kernel clear of spills). dk, dv: float32 [B, Tk, Hkv, D]
     # (contiguous), accumulated with atomics. The launch's items belong to kv heads whose first HEADS query heads
     # are computed (the rest have zero q and dO: they add 0). A step takes BQ (row, head) pairs, BQ // NH rows x
     # NH >= HEADS head lanes, so that a kv head with few such heads packs more rows.
@@ -238,9 +238,6 @@ def _slc_bwd_dkv_kernel(
     out_off = ((b * Tk + cols[:, None]) * HKV + g) * D + dd[None, :]
     tl.atomic_add(dk + out_off, dk_acc * scale, mask=kv_mask)
     tl.atomic_add(dv + out_off, dv_acc, mask=kv_mask)
-
-
-_INT32_OFFSETS_BELOW = 2**31  # element offsets of the dk/dv kernel's row loads stay int32 below this
 
 
 def _cfg(q, k, block_indices, block_size):
@@ -416,7 +413,7 @@ def selected_attention_bwd_kernels(q, k, v, block_indices, o, lse, do, block_siz
                     q_rows, k, v, do, lse, delta, dk, dv, item_key, item_start, item_end, rows, *k.stride(),
                     *v.stride(), Tq, Tk, Tk - Tq, NB, first, scale * LOG2E, scale,
                     P=P, HKV=HKV, GROUP=group, D=D, BS=block_size, HEADS=heads, NH=next_pow2(heads), BQ=pairs,
-                    BD=bd, PREC=prec, WIDE=q_rows.numel() + bd > _INT32_OFFSETS_BELOW,
+                    BD=bd, PREC=prec, WIDE=wide_offsets(q_rows, do),
                     num_warps=launch.selected_dkv_warps if bd > 64 else 4, num_stages=launch.selected_dkv_stages,
                 )
             first += n_items

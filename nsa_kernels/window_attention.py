@@ -16,7 +16,8 @@ import triton
 import triton.language as tl
 
 from ._triton_utils import (DEFAULT_LAUNCH, LOG2E, attention_delta, check_dim, dkv_step, dot_precision, dq_step,
-                           head_rows_offsets, load_head_rows, load_kv_tile, online_softmax_step, row_tile_program)
+                           head_rows_offsets, load_head_rows, load_kv_tile, online_softmax_step, row_tile_program,
+                           wide_offsets)
 
 
 @triton.jit
@@ -56,9 +57,9 @@ def _band_fwd_kernel(
     Tq, Tk, OFF, W, H_ACTIVE, qk_scale,
     H: tl.constexpr, HKV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
-    HAS_POS: tl.constexpr, HAS_KVALID: tl.constexpr,
+    HAS_POS: tl.constexpr, HAS_KVALID: tl.constexpr, WIDE: tl.constexpr,
 ):
-    b, h, g, rows, rmask, dd, dmask, io_mask = row_tile_program(Tq, H, GROUP, D, BM, BD)
+    b, h, g, rows, rmask, dd, dmask, io_mask = row_tile_program(Tq, H, GROUP, D, BM, BD, WIDE)
     o_ptr = o + head_rows_offsets(b, h, rows, dd, Tq, H, D)
     if h >= H_ACTIVE:
         tl.store(o_ptr, tl.zeros([BM, BD], dtype=o.dtype.element_ty), mask=io_mask)
@@ -89,9 +90,9 @@ def _band_bwd_dq_kernel(
     Tq, Tk, OFF, W, H_ACTIVE, qk_scale, scale,
     H: tl.constexpr, HKV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
-    HAS_POS: tl.constexpr, HAS_KVALID: tl.constexpr,
+    HAS_POS: tl.constexpr, HAS_KVALID: tl.constexpr, WIDE: tl.constexpr,
 ):
-    b, h, g, rows, rmask, dd, dmask, io_mask = row_tile_program(Tq, H, GROUP, D, BM, BD)
+    b, h, g, rows, rmask, dd, dmask, io_mask = row_tile_program(Tq, H, GROUP, D, BM, BD, WIDE)
     row_off = head_rows_offsets(b, h, rows, dd, Tq, H, D)
     if h >= H_ACTIVE:
         tl.store(dq + row_off, tl.zeros([BM, BD], dtype=dq.dtype.element_ty), mask=io_mask)
@@ -114,16 +115,18 @@ def _band_bwd_dq_kernel(
 @triton.jit
 def _band_bwd_dkv_kernel(
     q, k, v, do, lse, delta, dk, dv, pos_ptr, kvalid_ptr,
-    sqb, sqt, sqh, sqd,
     skb, skt, skh, skd,
     svb, svt, svh, svd,
     Tq, Tk, OFF, W, H_ACTIVE, qk_scale, scale,
     H: tl.constexpr, HKV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
-    HAS_POS: tl.constexpr, HAS_KVALID: tl.constexpr, ACCUMULATE: tl.constexpr,
+    HAS_POS: tl.constexpr, HAS_KVALID: tl.constexpr, WIDE: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):
-    # dk, dv: float32 contiguous [B, Tk, Hkv, D]; each program owns one key tile of one kv head
-    pid_n = tl.program_id(0).to(tl.int64)  # row offsets pass 2**31 elements beyond 256K tokens
+    # dk, dv: float32 contiguous [B, Tk, Hkv, D]; each program owns one key tile of one kv head. q is contiguous
+    # like do, so both take one set of offsets (fewer registers: the kernel spilled with q's own strides)
+    pid_n = tl.program_id(0)
+    if WIDE:  # row offsets in int64 (wide_offsets)
+        pid_n = pid_n.to(tl.int64)
     pid_bg = tl.program_id(1)
     b = pid_bg // HKV
     g = pid_bg % HKV
@@ -154,8 +157,9 @@ def _band_bwd_dkv_kernel(
             rmask = rows < r_hi
             pos = _row_positions(pos_ptr, b, rows, rmask, Tq, OFF, HAS_POS)
             io_mask = rmask[:, None] & dmask[None, :]
-            bq = load_head_rows(q, b, h, rows, dd, io_mask, sqb, sqt, sqh, sqd)
-            bdo = tl.load(do + head_rows_offsets(b, h, rows, dd, Tq, H, D), mask=io_mask, other=0.0)
+            row_off = head_rows_offsets(b, h, rows, dd, Tq, H, D)
+            bq = tl.load(q + row_off, mask=io_mask, other=0.0)
+            bdo = tl.load(do + row_off, mask=io_mask, other=0.0)
             lse2 = tl.load(lse + (b * Tq + rows) * H + h, mask=rmask, other=float("inf"))
             dlt = tl.load(delta + (b * Tq + rows) * H + h, mask=rmask, other=0.0)
             vis = (cols[None, :] <= pos[:, None]) & (cols[None, :] > pos[:, None] - W) & col_ok[None, :]
@@ -198,8 +202,8 @@ def band_attention_fwd(q, k, v, scale, window=None, positions=None, key_valid=No
         q, k, v, o, lse, pos if pos is not None else dummy, kvalid if kvalid is not None else dummy,
         *q.stride(), *k.stride(), *v.stride(), Tq, Tk, Tk - Tq, W, active, scale * LOG2E,
         H=H, HKV=HKV, GROUP=H // HKV, D=D, BM=bm, BN=bn, BD=bd, PREC=dot_precision(q.dtype),
-        HAS_POS=pos is not None, HAS_KVALID=kvalid is not None, num_warps=launch.attention_warps,
-        num_stages=2,
+        HAS_POS=pos is not None, HAS_KVALID=kvalid is not None, WIDE=wide_offsets(q, k, v, o),
+        num_warps=launch.attention_warps, num_stages=2,
     )
     return o, lse
 
@@ -228,16 +232,19 @@ def band_attention_bwd_kernels(q, k, v, o, lse, do, scale, window=None, position
     dv = dv_acc if accumulate else torch.empty(B, Tk, HKV, D, device=q.device, dtype=torch.float32)
     dummy = dq
     common = dict(H=H, HKV=HKV, GROUP=H // HKV, D=D, BM=bm, BN=bn, BD=bd, PREC=dot_precision(q.dtype),
-                  HAS_POS=pos is not None, HAS_KVALID=kvalid is not None, num_stages=2)
-    args = (pos if pos is not None else dummy, kvalid if kvalid is not None else dummy,
-            *q.stride(), *k.stride(), *v.stride(), Tq, Tk, Tk - Tq, W, active, scale * LOG2E, scale)
+                  HAS_POS=pos is not None, HAS_KVALID=kvalid is not None, WIDE=wide_offsets(q, k, v, do), num_stages=2)
+    flags = (pos if pos is not None else dummy, kvalid if kvalid is not None else dummy)
+    kv_strides = (*k.stride(), *v.stride())
+    scalars = (Tq, Tk, Tk - Tq, W, active, scale * LOG2E, scale)
+
     def run_dq():
-        _band_bwd_dq_kernel[(triton.cdiv(Tq, bm), B * H)](q, k, v, do, lse, delta, dq, *args,
-                                                          num_warps=launch.attention_warps, **common)
+        _band_bwd_dq_kernel[(triton.cdiv(Tq, bm), B * H)](q, k, v, do, lse, delta, dq, *flags, *q.stride(),
+                                                          *kv_strides, *scalars, num_warps=launch.attention_warps,
+                                                          **common)
 
     def run_dkv():
-        _band_bwd_dkv_kernel[(triton.cdiv(Tk, bn), B * HKV)](q, k, v, do, lse, delta, dk, dv, *args,
-                                                             ACCUMULATE=accumulate,
+        _band_bwd_dkv_kernel[(triton.cdiv(Tk, bn), B * HKV)](q.contiguous(), k, v, do, lse, delta, dk, dv, *flags,
+                                                             *kv_strides, *scalars, ACCUMULATE=accumulate,
                                                              num_warps=launch.attention_warps, **common)
 
     return run_dq, run_dkv, (dq, dk, dv)
