@@ -94,9 +94,30 @@ def pad_heads(x: torch.Tensor, num_padded: int) -> torch.Tensor:
     return torch.cat([x, x, zeros], dim=2)
 
 
+class _FoldHeads(torch.autograd.Function):
+    """``(x[:, :, :H] + x[:, :, H:2H]) * 0.5`` with a backward that writes the padded gradient once (autograd's
+    own zero-fills and copies a tensor of the padded size for each of the two slices, then adds them)."""
+
+    @staticmethod
+    def forward(ctx, x, num_heads):
+        ctx.padded_shape = x.shape
+        ctx.num_heads = num_heads
+        return (x[:, :, :num_heads] + x[:, :, num_heads : 2 * num_heads]) * 0.5
+
+    @staticmethod
+    def backward(ctx, grad):
+        heads = ctx.num_heads
+        grad_x = grad.new_empty(ctx.padded_shape)
+        torch.mul(grad, 0.5, out=grad_x[:, :, :heads])
+        grad_x[:, :, heads : 2 * heads] = grad_x[:, :, :heads]
+        grad_x[:, :, 2 * heads :] = 0
+        return grad_x, None
+
+
 def fold_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Inverse of :func:`pad_heads` for outputs: the average of the two copies of every head."""
-    return (x[:, :, :num_heads] + x[:, :, num_heads : 2 * num_heads]) * 0.5
+    """Inverse of :func:`pad_heads` for outputs: the average of the two copies of every head. ``x``
+    ``[B, T, P, *rest]`` -> ``[B, T, num_heads, *rest]``."""
+    return _FoldHeads.apply(x, num_heads)
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
@@ -636,13 +657,16 @@ def hybrid_attention(
     dense_out = dense_fn(query, mixed[:, None] & query_vision)
     in_chunks = query_chunk is not None and not return_intermediates and not records_grad(
         query, key, value, gate_logits)
+    nsa_only = [n and not m for n, m in zip(nsa_samples, mixed_samples)]  # every real token is vision
     if in_chunks:  # nothing needs gradients: the NSA part is added into the dense part's rows in place
         out = dense_out
         for b in range(batch):
-            if nsa_samples[b] and not mixed_samples[b]:
-                out[b].zero_()  # every real token is vision: NSA only
-    else:
+            if nsa_only[b]:
+                out[b].zero_()
+    elif any(nsa_only):
         out = dense_out * ~(uses_nsa & all_vision)[:, None, None, None]
+    else:
+        out = dense_out
 
     intermediates = [None] * batch
     nsa_rows = []
@@ -655,11 +679,14 @@ def hybrid_attention(
             v_b = value[b][:, keys].transpose(0, 1)[None]
             logits = gate_logits[b, rows][None]
             vision = token_is_vision[b, keys]
-        else:  # every token real: views, no copies
+        else:  # every token real: views, no copies (and no slice for one sample: its backward would copy)
+            def sample(x):
+                return x if batch == 1 else x[b : b + 1]
+
             rows = slice(None)
-            q_b = query[b : b + 1].transpose(1, 2)
-            k_b, v_b = key[b : b + 1].transpose(1, 2), value[b : b + 1].transpose(1, 2)
-            logits = gate_logits[b : b + 1]
+            q_b = sample(query).transpose(1, 2)
+            k_b, v_b = sample(key).transpose(1, 2), sample(value).transpose(1, 2)
+            logits = sample(gate_logits)
             vision = token_is_vision[b]
         nsa_kwargs = dict(block_count=block_count, block_size=block_size, window_size=window_size, scale=scale)
         if in_chunks:
@@ -672,19 +699,20 @@ def hybrid_attention(
         result = nsa_fn(pad_heads(q_b, padded_heads), k_b, v_b, gates, **nsa_kwargs,
                         **({"return_intermediates": True} if return_intermediates else {}))
         nsa_out, extra = result if return_intermediates else (result, None)
-        nsa_rows.append((b, rows, fold_heads(nsa_out, num_heads)[0]))
+        nsa_rows.append((b, rows, fold_heads(nsa_out, num_heads)))  # [1, m, Hq, D]
         if return_intermediates:
             extra["gates64"] = gates
             if mixed_samples[b]:
                 extra["dense_output"] = dense_out[b : b + 1, rows]
             intermediates[b] = extra
-    if nsa_rows and not padded:  # every row of an NSA sample is its own: stack, no scatter
+    if nsa_rows and not padded:  # every row of an NSA sample is its own: concatenate, no scatter
         by_sample = {b: rows_out.to(out.dtype) for b, _, rows_out in nsa_rows}
-        out = torch.stack([by_sample.get(b, torch.zeros_like(out[0])) for b in range(batch)]) + out
+        parts = [by_sample[b] if b in by_sample else torch.zeros_like(out[b : b + 1]) for b in range(batch)]
+        out = (parts[0] if batch == 1 else torch.cat(parts)) + out
     elif nsa_rows:  # out-of-place so that autograd sees every sample's rows
         nsa_full = torch.zeros_like(out)
         for b, rows, rows_out in nsa_rows:
-            nsa_full = nsa_full.index_put((torch.tensor(b, device=out.device), rows), rows_out.to(out.dtype))
+            nsa_full = nsa_full.index_put((torch.tensor(b, device=out.device), rows), rows_out[0].to(out.dtype))
         out = nsa_full + out
     return (out, intermediates) if return_intermediates else out
 

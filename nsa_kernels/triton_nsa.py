@@ -104,8 +104,10 @@ def _zero_rows(q_t: torch.Tensor) -> torch.Tensor:
 
 
 def _prefix_means(v_t: torch.Tensor, key_valid: torch.Tensor | None, group: int):
-    """Running mean of the visible values as a function of rows: ``v_t`` ``[B, Tk, Hkv, D]`` -> ``means(rows_pos)``
-    giving ``[B, len(rows_pos), Hkv * group, D]`` in ``v_t``'s dtype (float32 sums)."""
+    """Running mean of the visible values as a function of rows: ``v_t`` ``[B, Tk, Hkv, D]`` ->
+    ``means(rows_pos, rows_on)`` giving ``[B, len(rows_pos), Hkv * group, D]`` in ``v_t``'s dtype (float32 sums,
+    rounded once), zero at the rows where ``rows_on`` (bool ``[B, len(rows_pos)]``) is off. The query heads of a
+    kv head come out of one broadcasting product: no float32 or per-head copy exists beside the result."""
     vf = v_t.float()
     if key_valid is not None:
         w = key_valid.to(torch.float32)
@@ -117,10 +119,11 @@ def _prefix_means(v_t: torch.Tensor, key_valid: torch.Tensor | None, group: int)
     sums = torch.cumsum(vf.permute(0, 2, 3, 1).contiguous(), dim=-1).permute(0, 3, 1, 2)
     del vf
 
-    def means(rows_pos):
+    def means(rows_pos, rows_on):
         rows_count = (rows_pos + 1).to(torch.float32)[None, :] if counts is None else counts[:, rows_pos]
-        mean = sums[:, rows_pos] / rows_count.clamp_min(1.0)[:, :, None, None]
-        return mean.repeat_interleave(group, dim=2).to(v_t.dtype)
+        mean = (sums[:, rows_pos] / rows_count.clamp_min(1.0)[:, :, None, None]).to(v_t.dtype)
+        per_head = mean[:, :, :, None, :].expand(-1, -1, -1, group, -1)
+        return (per_head * rows_on[:, :, None, None, None].to(v_t.dtype)).flatten(2, 3)
 
     return means
 
@@ -156,10 +159,15 @@ def dense_attention(q, k, v, scale, key_padding_mask=None, zero_rows=None):
     # one host sync for both sizes, before any attention work of this call is queued
     n_att, any_means, all_attend = (torch.stack([attend.sum(dim=1).max(), means_needed.any(), attend.all()]).tolist()
                                     if Tq else (0, False, True))
+    means = _prefix_means(v_t, key_padding_mask, group) if any_means else None
+    means_done = False
     if n_att == Tq:  # some sample attends with every row: run all rows in place of a gather
         out = band_attention(q_t, k_t, v_t, scale, None, None, key_padding_mask)
         if not all_attend:
             out = out.mul_(attend[:, :, None, None]) if in_place else out * attend[:, :, None, None]
+    elif any_means and not in_place:  # the means make the output, zero at the attending rows added below
+        out = means(pos_all, means_needed)
+        means_done = True
     else:
         out = torch.zeros(B, Tq, Hq, D, device=dev, dtype=q.dtype)
     if 0 < n_att < Tq:
@@ -171,15 +179,14 @@ def dense_attention(q, k, v, scale, key_padding_mask=None, zero_rows=None):
         o_g = band_attention(q_g, k_t, v_t, scale, None, positions, key_padding_mask)
         o_g = o_g * took[:, :, None, None]
         index = order[:, :, None, None].expand(B, n_att, Hq, D)
-        scatter = out.scatter_add_ if in_place else out.scatter_add
-        out = scatter(1, index, o_g.to(out.dtype))
-    if any_means:
-        means = _prefix_means(v_t, key_padding_mask, group)
+        # in place also under autograd: `out` is this function's own tensor, which no backward reads
+        out = out.scatter_add_(1, index, o_g.to(out.dtype))
+    if any_means and not means_done:
         if in_place:
             for a, e in _row_spans(Tq, _ROW_STEP):
-                out[:, a:e] += means(pos_all[a:e]) * means_needed[:, a:e, None, None].to(out.dtype)
+                out[:, a:e] += means(pos_all[a:e], means_needed[:, a:e])
         else:
-            out = out + means(pos_all) * means_needed[:, :, None, None].to(out.dtype)
+            out = out + means(pos_all, means_needed)
     return out
 
 

@@ -281,6 +281,21 @@ def test_nsa_head_layout(hq, hkv):
     assert tuple(_reference().nsa_head_layout(hq, hkv)) == oracle_nsa_layout(hq, hkv)
 
 
+def test_fold_heads_inverts_pad_heads_and_its_gradient_is_the_plain_expressions():
+    """fold_heads averages the two copies of each head that pad_heads lays out; its hand-written backward gives
+    the gradient autograd gives the plain expression: half to each copy, zero to the padded heads."""
+    ref = _reference()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 7, 4, generator=g)
+    assert torch.equal(ref.fold_heads(ref.pad_heads(x, 16), 7), x)
+    padded = torch.randn(2, 5, 16, 4, generator=g, requires_grad=True)
+    grad = torch.randn(2, 5, 7, 4, generator=g).transpose(1, 2).contiguous().transpose(1, 2)  # a strided grad
+    ours = torch.autograd.grad(ref.fold_heads(padded, 7), padded, grad)[0]
+    plain = torch.autograd.grad((padded[:, :, :7] + padded[:, :, 7:14]) * 0.5, padded, grad)[0]
+    assert torch.equal(ours, plain)
+    assert torch.equal(ours[:, :, 14:], torch.zeros(2, 5, 2, 4))
+
+
 @pytest.mark.parametrize("T", [1, 63, 64, 65, 200])
 def test_compress_kv(T):
     g = torch.Generator().manual_seed(T)
