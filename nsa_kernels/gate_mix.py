@@ -4,6 +4,10 @@ The same expression in torch is five elementwise kernels with three temporaries 
 traffic at T = 128K in the 7B layout); here it is one pass that reads the three branch outputs and the gates
 once and writes the result (8 GB), and one backward pass that writes the three branch gradients and the gate
 gradients. Products and sums are taken in float32; the result is rounded once to the branch dtype.
+
+With ``fold_to=H`` the pass also folds the padded layout back to the model's H heads, ``(mix[h] + mix[h + H]) / 2``
+(``reference.fold_heads`` of the mix, rounded as those two steps round), so that neither the padded result nor its
+gradient exists: the backward reads the H-head output gradient, and the padded heads past 2H get zero gradients.
 """
 
 from __future__ import annotations
@@ -15,22 +19,49 @@ import triton.language as tl
 from ._triton_utils import DEFAULT_LAUNCH, check_dim
 
 
+@triton.jit
+def _row_tile(n_rows, D: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
+    """The program's rows of a flat ``[n_rows, D]`` view, their mask, their element offsets and the tile mask."""
+    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)  # offsets pass 2**31 beyond 256K tokens
+    dd = tl.arange(0, BD)
+    rmask = rows < n_rows
+    return rows, rmask, rows[:, None] * D + dd[None, :], rmask[:, None] & (dd < D)[None, :]
+
+
+@triton.jit
+def _gated(o, gates, i: tl.constexpr, rows, rmask, off, mask):
+    g = tl.load(gates + rows * 3 + i, mask=rmask, other=0.0).to(tl.float32)
+    return tl.load(o + off, mask=mask, other=0.0).to(tl.float32) * g[:, None]
+
+
+@triton.jit
+def _mix(o_cmp, o_slc, o_swd, gates, rows, rmask, off, mask):
+    """float32 ``sum_i g_i * o_i`` at the given rows of the branch outputs (``[rows, D]`` contiguous)."""
+    acc = _gated(o_cmp, gates, 0, rows, rmask, off, mask)
+    acc += _gated(o_slc, gates, 1, rows, rmask, off, mask)
+    acc += _gated(o_swd, gates, 2, rows, rmask, off, mask)
+    return acc
+
 
 @triton.jit
 def _mix_fwd_kernel(o_cmp, o_slc, o_swd, gates, out, n_rows, D: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
     # branch outputs and out: contiguous [n_rows, D]; gates: contiguous [n_rows, 3]
-    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)  # offsets pass 2**31 beyond 256K tokens
-    dd = tl.arange(0, BD)
-    rmask = rows < n_rows
-    mask = rmask[:, None] & (dd < D)[None, :]
-    off = rows[:, None] * D + dd[None, :]
-    g0 = tl.load(gates + rows * 3, mask=rmask, other=0.0).to(tl.float32)
-    g1 = tl.load(gates + rows * 3 + 1, mask=rmask, other=0.0).to(tl.float32)
-    g2 = tl.load(gates + rows * 3 + 2, mask=rmask, other=0.0).to(tl.float32)
-    acc = tl.load(o_cmp + off, mask=mask, other=0.0).to(tl.float32) * g0[:, None]
-    acc += tl.load(o_slc + off, mask=mask, other=0.0).to(tl.float32) * g1[:, None]
-    acc += tl.load(o_swd + off, mask=mask, other=0.0).to(tl.float32) * g2[:, None]
-    tl.store(out + off, acc.to(out.dtype.element_ty), mask=mask)
+    rows, rmask, off, mask = _row_tile(n_rows, D, BR, BD)
+    tl.store(out + off, _mix(o_cmp, o_slc, o_swd, gates, rows, rmask, off, mask).to(out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _mix_fold_fwd_kernel(o_cmp, o_slc, o_swd, gates, out, n_rows, H: tl.constexpr, P: tl.constexpr,
+                         D: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
+    # out: contiguous [n_rows = tokens * H, D]; branch outputs [tokens * P, D], gates [tokens * P, 3]
+    rows, rmask, off, mask = _row_tile(n_rows, D, BR, BD)
+    first = rows // H * P + rows % H  # padded row of the head's first copy; the second is H rows on
+    shift = H * D
+    dt = out.dtype.element_ty
+    a = _mix(o_cmp, o_slc, o_swd, gates, first, rmask, off + (first - rows)[:, None] * D, mask).to(dt)
+    b = _mix(o_cmp, o_slc, o_swd, gates, first + H, rmask, off + (first - rows)[:, None] * D + shift, mask).to(dt)
+    folded = (a.to(tl.float32) + b.to(tl.float32)).to(dt).to(tl.float32) * 0.5
+    tl.store(out + off, folded.to(dt), mask=mask)
 
 
 @triton.jit
@@ -43,48 +74,78 @@ def _mix_bwd_branch(o, d_o, gates, dgates, i: tl.constexpr, do, rows, rmask, off
 
 
 @triton.jit
-def _mix_bwd_kernel(o_cmp, o_slc, o_swd, gates, dout, d_cmp, d_slc, d_swd, dgates, n_rows,
-                    D: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)  # offsets pass 2**31 beyond 256K tokens
-    dd = tl.arange(0, BD)
-    rmask = rows < n_rows
-    mask = rmask[:, None] & (dd < D)[None, :]
-    off = rows[:, None] * D + dd[None, :]
-    do = tl.load(dout + off, mask=mask, other=0.0).to(tl.float32)
+def _mix_bwd_rows(o_cmp, o_slc, o_swd, gates, d_cmp, d_slc, d_swd, dgates, do, rows, rmask, off, mask):
     _mix_bwd_branch(o_cmp, d_cmp, gates, dgates, 0, do, rows, rmask, off, mask)
     _mix_bwd_branch(o_slc, d_slc, gates, dgates, 1, do, rows, rmask, off, mask)
     _mix_bwd_branch(o_swd, d_swd, gates, dgates, 2, do, rows, rmask, off, mask)
 
 
+@triton.jit
+def _mix_bwd_kernel(o_cmp, o_slc, o_swd, gates, dout, d_cmp, d_slc, d_swd, dgates, n_rows,
+                    D: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
+    rows, rmask, off, mask = _row_tile(n_rows, D, BR, BD)
+    do = tl.load(dout + off, mask=mask, other=0.0).to(tl.float32)
+    _mix_bwd_rows(o_cmp, o_slc, o_swd, gates, d_cmp, d_slc, d_swd, dgates, do, rows, rmask, off, mask)
+
+
+@triton.jit
+def _mix_fold_bwd_kernel(o_cmp, o_slc, o_swd, gates, dout, d_cmp, d_slc, d_swd, dgates, n_rows,
+                         H: tl.constexpr, P: tl.constexpr, D: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
+    # dout: contiguous [n_rows = tokens * H, D]; each copy of a head gets half of it (rounded, as fold_heads does)
+    rows, rmask, off, mask = _row_tile(n_rows, D, BR, BD)
+    dt = dout.dtype.element_ty
+    do = (tl.load(dout + off, mask=mask, other=0.0).to(tl.float32) * 0.5).to(dt).to(tl.float32)
+    first = rows // H * P + rows % H
+    first_off = off + (first - rows)[:, None] * D
+    _mix_bwd_rows(o_cmp, o_slc, o_swd, gates, d_cmp, d_slc, d_swd, dgates, do, first, rmask, first_off, mask)
+    _mix_bwd_rows(o_cmp, o_slc, o_swd, gates, d_cmp, d_slc, d_swd, dgates, do, first + H, rmask, first_off + H * D,
+                  mask)
+
+
 class GateMixFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, o_cmp, o_slc, o_swd, gates):
+    def forward(ctx, o_cmp, o_slc, o_swd, gates, fold_to):
         branches = [x.contiguous() for x in (o_cmp, o_slc, o_swd)]
         g = gates.contiguous()
-        D = branches[0].shape[-1]
-        n_rows = branches[0].numel() // D
-        out = torch.empty_like(branches[0])
+        P, D = branches[0].shape[-2:]
         rows = DEFAULT_LAUNCH.mix_rows
-        _mix_fwd_kernel[(triton.cdiv(n_rows, rows),)](*branches, g, out, n_rows, D=D, BR=rows, BD=check_dim(D),
-                                                      num_warps=4)
+        if fold_to is None:
+            out = torch.empty_like(branches[0])
+            n_rows = out.numel() // D
+            _mix_fwd_kernel[(triton.cdiv(n_rows, rows),)](*branches, g, out, n_rows, D=D, BR=rows, BD=check_dim(D),
+                                                          num_warps=4)
+        else:
+            out = branches[0].new_empty(*branches[0].shape[:-2], fold_to, D)
+            n_rows = out.numel() // D
+            _mix_fold_fwd_kernel[(triton.cdiv(n_rows, rows),)](*branches, g, out, n_rows, H=fold_to, P=P, D=D, BR=rows,
+                                                               BD=check_dim(D), num_warps=4)
         ctx.save_for_backward(*branches, g)
+        ctx.fold_to = fold_to
         return out
 
     @staticmethod
     def backward(ctx, dout):
         o_cmp, o_slc, o_swd, g = ctx.saved_tensors
-        D = o_cmp.shape[-1]
-        n_rows = o_cmp.numel() // D
+        P, D = o_cmp.shape[-2:]
         grads = [torch.empty_like(o_cmp) for _ in range(3)]
         dgates = torch.empty(g.shape, device=g.device, dtype=torch.float32)
         rows = DEFAULT_LAUNCH.mix_rows
-        _mix_bwd_kernel[(triton.cdiv(n_rows, rows),)](o_cmp, o_slc, o_swd, g, dout.contiguous(), *grads, dgates,
-                                                      n_rows, D=D, BR=rows, BD=check_dim(D), num_warps=4)
-        return (*grads, dgates.to(g.dtype))
+        n_rows = dout.numel() // D
+        args = (o_cmp, o_slc, o_swd, g, dout.contiguous(), *grads, dgates, n_rows)
+        if ctx.fold_to is None:
+            _mix_bwd_kernel[(triton.cdiv(n_rows, rows),)](*args, D=D, BR=rows, BD=check_dim(D), num_warps=4)
+        else:
+            heads = ctx.fold_to
+            _mix_fold_bwd_kernel[(triton.cdiv(n_rows, rows),)](*args, H=heads, P=P, D=D, BR=rows, BD=check_dim(D),
+                                                               num_warps=4)
+            for x in (*grads, dgates):
+                x[..., 2 * heads :, :] = 0
+        return (*grads, dgates.to(g.dtype), None)
 
 
-def mix_branches(o_cmp, o_slc, o_swd, gates):
-    """``[..., P, D]`` branch outputs (one shape and dtype) and ``[..., P, 3]`` gates -> ``[..., P, D]``.
+def mix_branches(o_cmp, o_slc, o_swd, gates, fold_to=None):
+    """``[..., P, D]`` branch outputs (one shape and dtype) and ``[..., P, 3]`` gates -> ``[..., P, D]``, or with
+    ``fold_to=H`` (``2H <= P``) the folded ``[..., H, D]`` of ``reference.mix_branches``.
 
     The gates are first rounded to the branches' dtype (the released kernels take them in the query dtype).
     Gradients flow to all four inputs.
@@ -93,7 +154,9 @@ def mix_branches(o_cmp, o_slc, o_swd, gates):
         raise ValueError(f"branch outputs {tuple(o_cmp.shape)}, {tuple(o_slc.shape)}, {tuple(o_swd.shape)} and "
                          f"gates {tuple(gates.shape)} do not match: expected gates of shape "
                          f"{(*o_cmp.shape[:-1], 3)}")
-    return GateMixFunction.apply(o_cmp, o_slc, o_swd, gates.to(o_cmp.dtype))
+    if fold_to is not None and not 0 < 2 * fold_to <= o_cmp.shape[-2]:
+        raise ValueError(f"fold_to={fold_to} needs two copies of each head among the {o_cmp.shape[-2]} padded heads")
+    return GateMixFunction.apply(o_cmp, o_slc, o_swd, gates.to(o_cmp.dtype), fold_to)
 
 
 __all__ = ["mix_branches"]

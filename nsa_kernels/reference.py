@@ -396,16 +396,18 @@ def nsa_attention(
     window_size: int,
     scale: float,
     return_intermediates: bool = False,
+    fold_to: int | None = None,
 ):
     """The three NSA branches mixed by gates (the authors' ``nsa_func``).
 
     Args:
         q: ``[B, Tq, P, D]`` on the padded head layout; k, v: ``[B, Tk, Hkv, D]``;
         gates: ``[B, Tq, P, 3]`` sigmoid gates ordered (compression, selection, window).
+        fold_to: return :func:`fold_heads` of the result to this many heads (the model's own).
 
     Returns:
-        ``[B, Tq, P, D]``; with ``return_intermediates`` also a dict of ``k_cmp``, ``v_cmp``, ``lse_cmp``,
-        ``block_indices``, ``o_cmp``, ``o_slc``, ``o_swd``.
+        ``[B, Tq, P, D]`` (``[B, Tq, fold_to, D]``); with ``return_intermediates`` also a dict of ``k_cmp``,
+        ``v_cmp``, ``lse_cmp``, ``block_indices``, ``o_cmp``, ``o_slc``, ``o_swd``.
     """
     num_keys = k.shape[1]
     k_cmp, v_cmp = compress_kv(k, block_size), compress_kv(v, block_size)
@@ -414,7 +416,7 @@ def nsa_attention(
         block_indices = select_blocks(q, k_cmp, lse, block_count, block_size, scale, num_keys)
     o_slc = selected_attention(q, k, v, block_indices, block_size, scale)
     o_swd = window_attention(q, k, v, window_size, scale)
-    out = mix_branches(o_cmp, o_slc, o_swd, gates)
+    out = mix_branches(o_cmp, o_slc, o_swd, gates, fold_to)
     if not return_intermediates:
         return out
     return out, dict(
@@ -422,9 +424,11 @@ def nsa_attention(
     )
 
 
-def mix_branches(o_cmp, o_slc, o_swd, gates):
-    """``[..., P, D]`` branch outputs and ``[..., P, 3]`` gates (cmp, slc, swa) -> ``[..., P, D]``."""
-    return o_cmp * gates[..., 0:1] + o_slc * gates[..., 1:2] + o_swd * gates[..., 2:3]
+def mix_branches(o_cmp, o_slc, o_swd, gates, fold_to=None):
+    """``[..., P, D]`` branch outputs and ``[..., P, 3]`` gates (cmp, slc, swa) -> ``[..., P, D]``, or its
+    :func:`fold_heads` ``[..., fold_to, D]``."""
+    out = o_cmp * gates[..., 0:1] + o_slc * gates[..., 1:2] + o_swd * gates[..., 2:3]
+    return out if fold_to is None else fold_heads(out, fold_to)
 
 
 @dataclass(frozen=True)
@@ -454,6 +458,7 @@ def nsa_attention_in_chunks(
     window_size: int,
     scale: float,
     branches: NSABranches | None = None,
+    fold_to: int | None = None,
 ) -> None:
     """:func:`nsa_attention` of a query that is built and consumed ``chunk_rows`` rows at a time (no gradients).
 
@@ -467,7 +472,8 @@ def nsa_attention_in_chunks(
             at position ``Tk - num_rows + r``.
         gate_rows: ``(start, stop) -> [B, stop - start, P, 3]``, their gates.
         k, v: ``[B, Tk, Hkv, D]``.
-        emit: ``emit(start, stop, out)`` receives each chunk's output ``[B, stop - start, P, D]``.
+        emit: ``emit(start, stop, out)`` receives each chunk's output ``[B, stop - start, P, D]``
+            (``[B, stop - start, fold_to, D]``: :func:`fold_heads` of it, when ``fold_to`` is given).
         chunk_rows: rows per chunk, rounded up to a multiple of 64 (chunks then start where the kernels' row
             tiles do, so any chunking gives the same bits).
         branches: the backend's steps (this module's by default).
@@ -501,7 +507,7 @@ def nsa_attention_in_chunks(
         o_slc = ops.selected_attention(q_rows, k[:, :keys], v[:, :keys], block_indices, block_size, scale)
         del block_indices
         o_swd = ops.window_attention(q_rows, k[:, :keys], v[:, :keys], window_size, scale)
-        out = ops.mix_branches(o_cmp, o_slc, o_swd, gate_rows(start, stop))
+        out = ops.mix_branches(o_cmp, o_slc, o_swd, gate_rows(start, stop), fold_to)
         del o_cmp, o_slc, o_swd, q_rows
         emit(start, stop, out)
 
@@ -573,8 +579,8 @@ def _add_nsa_in_chunks(target, rows, q, k, v, gate_logits, vision, mixed, padded
     def masked(x, start, stop):
         return _vision_rows(x[:, start:stop], query_vision[start:stop]) if mixed else x[:, start:stop]
 
-    def emit(start, stop, out):
-        folded = fold_heads(out, num_heads)[0].to(target.dtype)
+    def emit(start, stop, folded):
+        folded = folded[0].to(target.dtype)
         if isinstance(rows, slice):
             target[start:stop].add_(folded)
         else:
@@ -583,7 +589,7 @@ def _add_nsa_in_chunks(target, rows, q, k, v, gate_logits, vision, mixed, padded
     nsa_attention_in_chunks(
         lambda start, stop: pad_heads(masked(q, start, stop), padded_heads),
         lambda start, stop: pad_heads(torch.sigmoid(masked(gate_logits, start, stop)), padded_heads),
-        num_rows, k, v, emit, chunk_rows=chunk_rows, branches=branches, **nsa_kwargs)
+        num_rows, k, v, emit, chunk_rows=chunk_rows, branches=branches, fold_to=num_heads, **nsa_kwargs)
 
 
 def hybrid_attention(
@@ -617,7 +623,8 @@ def hybrid_attention(
         gate_logits: ``[B, Tq, Hq, 3]`` = ``g_proj_2(gelu(g_proj_1(x))) / temperature``, (cmp, slc, swa).
         token_is_vision: bool ``[B, Tk]`` for every key position.
         attention_mask: bool ``[B, Tk]``, True for real tokens; None when nothing is padded.
-        nsa_fn: the NSA implementation (:func:`nsa_attention` signature); defaults to this module's.
+        nsa_fn: the NSA implementation (:func:`nsa_attention` signature, ``fold_to`` included); defaults to this
+            module's.
         dense_fn: ``dense_fn(q [B, Hq, Tq, D], zero_rows bool [B, Tq]) -> [B, Tq, Hq, D]``, causal GQA attention
             over ``key``/``value`` honouring the padding, of the query with the ``zero_rows`` rows zeroed (the
             vision rows of mixed samples: no masked copy of the query is made here); defaults to
@@ -696,10 +703,10 @@ def hybrid_attention(
         if mixed_samples[b]:
             q_b, k_b, v_b, logits = mask_mixed_inputs(q_b, k_b, v_b, logits, vision[-q_b.shape[1] :], vision)
         gates = pad_heads(torch.sigmoid(logits), padded_heads)
-        result = nsa_fn(pad_heads(q_b, padded_heads), k_b, v_b, gates, **nsa_kwargs,
+        result = nsa_fn(pad_heads(q_b, padded_heads), k_b, v_b, gates, **nsa_kwargs, fold_to=num_heads,
                         **({"return_intermediates": True} if return_intermediates else {}))
         nsa_out, extra = result if return_intermediates else (result, None)
-        nsa_rows.append((b, rows, fold_heads(nsa_out, num_heads)))  # [1, m, Hq, D]
+        nsa_rows.append((b, rows, nsa_out))  # [1, m, Hq, D]
         if return_intermediates:
             extra["gates64"] = gates
             if mixed_samples[b]:

@@ -57,7 +57,7 @@ def _active_heads(q: torch.Tensor, gates: torch.Tensor) -> int:
 
 
 def nsa_attention(q, k, v, gates, *, block_count, block_size, window_size, scale, return_intermediates=False,
-                  active_heads=None, launch=DEFAULT_LAUNCH):
+                  active_heads=None, launch=DEFAULT_LAUNCH, fold_to=None):
     """The three NSA branches mixed by gates: same contract as ``reference.nsa_attention``.
 
     ``active_heads``: heads from this index on are all-zero queries with zero gates (heads 56-63 of the 7B
@@ -81,7 +81,7 @@ def nsa_attention(q, k, v, gates, *, block_count, block_size, window_size, scale
     block_indices = select_blocks(q, k_cmp, lse, block_count, block_size, scale, num_keys)
     o_slc = selected_attention(q, k, v, block_indices, block_size, scale, launch=launch, active_heads=active)
     o_swd = window_attention(q, k, v, window_size, scale, active)
-    out = mix_branches(o_cmp, o_slc, o_swd, gates)
+    out = mix_branches(o_cmp, o_slc, o_swd, gates, fold_to)
     if not return_intermediates:
         return out
     return out, dict(k_cmp=k_cmp, v_cmp=v_cmp, lse_cmp=lse, block_indices=block_indices, o_cmp=o_cmp,

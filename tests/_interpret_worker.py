@@ -502,6 +502,28 @@ def int64_offsets():
 
 
 @check
+def gate_mix_folded():
+    """The gate mix folded to the model's heads in the same pass (``fold_to``) equals the reference's mix and
+    fold_heads, values and the gradients of the three branches and the gates (zero for the padded heads)."""
+    from nsa_kernels import reference as R
+    from nsa_kernels import triton_nsa as TN
+
+    shape = (2, 5, 16, 24)  # 7 heads laid out twice and 2 padded heads; a head dim below the tile width
+    inputs = [_rand(*shape, seed=60 + i) for i in range(3)] + [torch.sigmoid(_rand(*shape[:3], 3, seed=63))]
+    msg = _compare_fn("mix folded", lambda *x: TN.mix_branches(*x, fold_to=7),
+                      lambda *x: R.mix_branches(*x, fold_to=7), inputs, tol=1e-6)
+    _, grads = _grads(lambda *x: TN.mix_branches(*x, fold_to=7), inputs, seed=7)
+    assert all(bool((g[:, :, 14:] == 0).all()) for g in grads), "padded heads got a gradient"
+    try:
+        TN.mix_branches(*inputs, fold_to=9)
+    except ValueError as error:
+        assert "fold_to=9" in str(error), error
+    else:
+        raise AssertionError("fold_to past half the padded heads was accepted")
+    return msg + "; padded heads get zero gradients; fold_to=9 refused"
+
+
+@check
 def attention_delta_layouts():
     """The backward's delta = sum_d o * do in one pass: both output layouts, a head dim below the tile width and a
     row count that is no multiple of the rows per program; mismatched shapes refused."""

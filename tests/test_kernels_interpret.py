@@ -26,7 +26,7 @@ SHARDS = [
      "selected_dkv_skips_inactive_heads"],
     ["small_nsa_with_gates_T100", "small_hybrid_mixed_padded", "small_branches_chunk", "conf_topk_T320_bc3_q0",
      "selected_union_tiles", "tile_unions_against_sets", "hybrid_in_query_chunks", "attention_delta_layouts",
-     "selected_dkv_row_lists_in_items", "int64_offsets"],
+     "selected_dkv_row_lists_in_items", "int64_offsets", "gate_mix_folded"],
 ]
 ALL = [name for shard in SHARDS for name in shard]
 
