@@ -26,8 +26,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-LAYER_RUN = "h200_layer_2026-12-03_night.json"
-E2E_RUN = "h200_e2e_2026-12-03_night.json"
+LAYER_RUN = "h200_layer_2026-12-03_late.json"
+E2E_RUN = "h200_e2e_2026-12-03_late.json"
 MEMORY_RUNS = ("h200_memory_2026-12-03_run1.json", "h200_memory_2026-12-03_run3.json")
 
 
