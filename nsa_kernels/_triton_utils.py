@@ -95,14 +95,20 @@ DEFAULT_LAUNCH = LaunchSettings()
 
 
 @triton.jit
-def _row_dot_kernel(a, b, out, n_rows, T, P, D: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr,
-                    HEADS_FIRST: tl.constexpr):
-    # a, b: contiguous [B, T, P, D] read as [n_rows, D]; out: float32 [B, T, P], or [B, P, T] with HEADS_FIRST
+def flat_row_tile(n_rows, D: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
+    """The program's ``BR`` rows of a contiguous ``[n_rows, D]`` view (the elementwise kernels' tiles): rows, their
+    mask, element offsets ``[BR, BD]`` and the tile mask."""
     rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)  # offsets pass 2**31 beyond 256K tokens
     dd = tl.arange(0, BD)
     rmask = rows < n_rows
-    mask = rmask[:, None] & (dd < D)[None, :]
-    off = rows[:, None] * D + dd[None, :]
+    return rows, rmask, rows[:, None] * D + dd[None, :], rmask[:, None] & (dd < D)[None, :]
+
+
+@triton.jit
+def _row_dot_kernel(a, b, out, n_rows, T, P, D: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr,
+                    HEADS_FIRST: tl.constexpr):
+    # a, b: contiguous [B, T, P, D] read as [n_rows, D]; out: float32 [B, T, P], or [B, P, T] with HEADS_FIRST
+    rows, rmask, off, mask = flat_row_tile(n_rows, D, BR, BD)
     dot = tl.sum(tl.load(a + off, mask=mask, other=0.0).to(tl.float32) *
                  tl.load(b + off, mask=mask, other=0.0).to(tl.float32), 1)
     if HEADS_FIRST:

@@ -16,16 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import DEFAULT_LAUNCH, check_dim
-
-
-@triton.jit
-def _row_tile(n_rows, D: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
-    """The program's rows of a flat ``[n_rows, D]`` view, their mask, their element offsets and the tile mask."""
-    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)  # offsets pass 2**31 beyond 256K tokens
-    dd = tl.arange(0, BD)
-    rmask = rows < n_rows
-    return rows, rmask, rows[:, None] * D + dd[None, :], rmask[:, None] & (dd < D)[None, :]
+from ._triton_utils import DEFAULT_LAUNCH, check_dim, flat_row_tile
 
 
 @triton.jit
@@ -46,7 +37,7 @@ def _mix(o_cmp, o_slc, o_swd, gates, rows, rmask, off, mask):
 @triton.jit
 def _mix_fwd_kernel(o_cmp, o_slc, o_swd, gates, out, n_rows, D: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
     # branch outputs and out: contiguous [n_rows, D]; gates: contiguous [n_rows, 3]
-    rows, rmask, off, mask = _row_tile(n_rows, D, BR, BD)
+    rows, rmask, off, mask = flat_row_tile(n_rows, D, BR, BD)
     tl.store(out + off, _mix(o_cmp, o_slc, o_swd, gates, rows, rmask, off, mask).to(out.dtype.element_ty), mask=mask)
 
 
@@ -54,12 +45,12 @@ def _mix_fwd_kernel(o_cmp, o_slc, o_swd, gates, out, n_rows, D: tl.constexpr, BR
 def _mix_fold_fwd_kernel(o_cmp, o_slc, o_swd, gates, out, n_rows, H: tl.constexpr, P: tl.constexpr,
                          D: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
     # out: contiguous [n_rows = tokens * H, D]; branch outputs [tokens * P, D], gates [tokens * P, 3]
-    rows, rmask, off, mask = _row_tile(n_rows, D, BR, BD)
+    rows, rmask, off, mask = flat_row_tile(n_rows, D, BR, BD)
     first = rows // H * P + rows % H  # padded row of the head's first copy; the second is H rows on
-    shift = H * D
+    first_off = off + (first - rows)[:, None] * D
     dt = out.dtype.element_ty
-    a = _mix(o_cmp, o_slc, o_swd, gates, first, rmask, off + (first - rows)[:, None] * D, mask).to(dt)
-    b = _mix(o_cmp, o_slc, o_swd, gates, first + H, rmask, off + (first - rows)[:, None] * D + shift, mask).to(dt)
+    a = _mix(o_cmp, o_slc, o_swd, gates, first, rmask, first_off, mask).to(dt)
+    b = _mix(o_cmp, o_slc, o_swd, gates, first + H, rmask, first_off + H * D, mask).to(dt)
     folded = (a.to(tl.float32) + b.to(tl.float32)).to(dt).to(tl.float32) * 0.5
     tl.store(out + off, folded.to(dt), mask=mask)
 
@@ -83,7 +74,7 @@ def _mix_bwd_rows(o_cmp, o_slc, o_swd, gates, d_cmp, d_slc, d_swd, dgates, do, r
 @triton.jit
 def _mix_bwd_kernel(o_cmp, o_slc, o_swd, gates, dout, d_cmp, d_slc, d_swd, dgates, n_rows,
                     D: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
-    rows, rmask, off, mask = _row_tile(n_rows, D, BR, BD)
+    rows, rmask, off, mask = flat_row_tile(n_rows, D, BR, BD)
     do = tl.load(dout + off, mask=mask, other=0.0).to(tl.float32)
     _mix_bwd_rows(o_cmp, o_slc, o_swd, gates, d_cmp, d_slc, d_swd, dgates, do, rows, rmask, off, mask)
 
@@ -92,7 +83,7 @@ def _mix_bwd_kernel(o_cmp, o_slc, o_swd, gates, dout, d_cmp, d_slc, d_swd, dgate
 def _mix_fold_bwd_kernel(o_cmp, o_slc, o_swd, gates, dout, d_cmp, d_slc, d_swd, dgates, n_rows,
                          H: tl.constexpr, P: tl.constexpr, D: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
     # dout: contiguous [n_rows = tokens * H, D]; each copy of a head gets half of it (rounded, as fold_heads does)
-    rows, rmask, off, mask = _row_tile(n_rows, D, BR, BD)
+    rows, rmask, off, mask = flat_row_tile(n_rows, D, BR, BD)
     dt = dout.dtype.element_ty
     do = (tl.load(dout + off, mask=mask, other=0.0).to(tl.float32) * 0.5).to(dt).to(tl.float32)
     first = rows // H * P + rows % H

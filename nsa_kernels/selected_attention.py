@@ -406,6 +406,7 @@ def selected_attention_bwd_kernels(q, k, v, block_indices, o, lse, do, block_siz
             bi, Tq, Tk, HKV, S, block_size, Tk - Tq, launch.selected_dkv_item_rows, group_class, len(classes))
         pairs = max(launch.selected_dkv_rows, bh)
         q_rows = q.contiguous()  # read with do's offsets
+        wide = wide_offsets(q_rows, do)
         first = 0
         for heads, n_items in zip(classes, class_items):
             if n_items:
@@ -413,7 +414,7 @@ def selected_attention_bwd_kernels(q, k, v, block_indices, o, lse, do, block_siz
                     q_rows, k, v, do, lse, delta, dk, dv, item_key, item_start, item_end, rows, *k.stride(),
                     *v.stride(), Tq, Tk, Tk - Tq, NB, first, scale * LOG2E, scale,
                     P=P, HKV=HKV, GROUP=group, D=D, BS=block_size, HEADS=heads, NH=next_pow2(heads), BQ=pairs,
-                    BD=bd, PREC=prec, WIDE=wide_offsets(q_rows, do),
+                    BD=bd, PREC=prec, WIDE=wide,
                     num_warps=launch.selected_dkv_warps if bd > 64 else 4, num_stages=launch.selected_dkv_stages,
                 )
             first += n_items

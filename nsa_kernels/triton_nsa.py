@@ -160,14 +160,13 @@ def dense_attention(q, k, v, scale, key_padding_mask=None, zero_rows=None):
     n_att, any_means, all_attend = (torch.stack([attend.sum(dim=1).max(), means_needed.any(), attend.all()]).tolist()
                                     if Tq else (0, False, True))
     means = _prefix_means(v_t, key_padding_mask, group) if any_means else None
-    means_done = False
+    means_first = any_means and not in_place and n_att < Tq  # the means make the output, attending rows added
     if n_att == Tq:  # some sample attends with every row: run all rows in place of a gather
         out = band_attention(q_t, k_t, v_t, scale, None, None, key_padding_mask)
         if not all_attend:
             out = out.mul_(attend[:, :, None, None]) if in_place else out * attend[:, :, None, None]
-    elif any_means and not in_place:  # the means make the output, zero at the attending rows added below
+    elif means_first:  # zero at the attending rows
         out = means(pos_all, means_needed)
-        means_done = True
     else:
         out = torch.zeros(B, Tq, Hq, D, device=dev, dtype=q.dtype)
     if 0 < n_att < Tq:
@@ -181,7 +180,7 @@ def dense_attention(q, k, v, scale, key_padding_mask=None, zero_rows=None):
         index = order[:, :, None, None].expand(B, n_att, Hq, D)
         # in place also under autograd: `out` is this function's own tensor, which no backward reads
         out = out.scatter_add_(1, index, o_g.to(out.dtype))
-    if any_means and not means_done:
+    if any_means and not means_first:
         if in_place:
             for a, e in _row_spans(Tq, _ROW_STEP):
                 out[:, a:e] += means(pos_all[a:e], means_needed[:, a:e])
