@@ -163,19 +163,22 @@ def selected_diagnostics(T, reps, kinds, variants):
     return out
 
 
-def profile_training_step(T, kind):
-    """The CUDA work of one forward + backward of the hybrid layer at ``T`` tokens (torch.profiler after a warm-up
-    pass): operators and kernels by self CUDA time, largest first."""
+def profile_layer(T, kind, forward_only=False):
+    """The CUDA work of one forward + backward (or, with ``forward_only``, one forward under no_grad) of the hybrid
+    layer at ``T`` tokens (torch.profiler after a warm-up pass): operators and kernels by self CUDA time, largest
+    first."""
     from torch.profiler import ProfilerActivity, profile
 
     from nsa_kernels import triton_nsa as TN
 
     *inputs, vision = layer_inputs(T, kind)
-    leaves = [x.detach().requires_grad_() for x in inputs]
+    leaves = [x.detach().requires_grad_(not forward_only) for x in inputs]
 
     def step():
-        out = TN.hybrid_attention(*leaves, vision, block_size=BS, block_count=BC, window_size=W)
-        out.backward(torch.ones_like(out))
+        with torch.set_grad_enabled(not forward_only):
+            out = TN.hybrid_attention(*leaves, vision, block_size=BS, block_count=BC, window_size=W)
+        if not forward_only:
+            out.backward(torch.ones_like(out))
 
     step()
     torch.cuda.synchronize()
@@ -183,7 +186,8 @@ def profile_training_step(T, kind):
         step()
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=45, max_name_column_width=70)
-    return f"Forward + backward of the hybrid layer, T={T}, {kind} inputs\n{table}"
+    what = "Forward (no_grad)" if forward_only else "Forward + backward"
+    return f"{what} of the hybrid layer, T={T}, {kind} inputs\n{table}"
 
 
 def main():
@@ -200,13 +204,14 @@ def main():
     ap.add_argument("--skip-dense", action="store_true")
     ap.add_argument("--profile", type=int, default=0, metavar="T",
                     help="only profile one forward + backward of the hybrid layer at T tokens per input kind")
+    ap.add_argument("--profile-forward", action="store_true", help="with --profile: the forward alone, no_grad")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     lengths = [int(x) for x in args.lengths.split(",") if x]
     kinds = [x for x in args.kinds.split(",") if x]
     variants = [x for x in args.selected.split(",") if x]
     if args.profile:
-        text = "\n\n".join(profile_training_step(args.profile, kind) for kind in kinds)
+        text = "\n\n".join(profile_layer(args.profile, kind, args.profile_forward) for kind in kinds)
         print(text, flush=True)
         if args.out:
             with open(args.out, "w") as f:

@@ -105,6 +105,13 @@ def flat_row_tile(n_rows, D: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
 
 
 @triton.jit
+def heads_first_index(rows, T, P):
+    """Flat index in ``[B, P, T]`` of the flat rows ``rows`` of a ``[B, T, P]`` array."""
+    bt = rows // P
+    return (bt // T * P + rows % P) * T + bt % T
+
+
+@triton.jit
 def _row_dot_kernel(a, b, out, n_rows, T, P, D: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr,
                     HEADS_FIRST: tl.constexpr):
     # a, b: contiguous [B, T, P, D] read as [n_rows, D]; out: float32 [B, T, P], or [B, P, T] with HEADS_FIRST
@@ -112,9 +119,7 @@ def _row_dot_kernel(a, b, out, n_rows, T, P, D: tl.constexpr, BR: tl.constexpr, 
     dot = tl.sum(tl.load(a + off, mask=mask, other=0.0).to(tl.float32) *
                  tl.load(b + off, mask=mask, other=0.0).to(tl.float32), 1)
     if HEADS_FIRST:
-        head = rows % P
-        bt = rows // P
-        rows = (bt // T * P + head) * T + bt % T
+        rows = heads_first_index(rows, T, P)
     tl.store(out + rows, dot, mask=rmask)
 
 

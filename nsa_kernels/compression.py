@@ -191,17 +191,18 @@ def compression_attention_fwd(q, k_cmp, v_cmp, block_size, scale, num_keys=None,
 
 
 def compression_attention_bwd(q, k_cmp, v_cmp, o, lse, do, block_size, scale, num_keys=None, active_heads=None,
-                              launch=DEFAULT_LAUNCH):
-    """``dq`` (q dtype), ``dk_cmp``, ``dv_cmp`` (k_cmp dtype)."""
+                              launch=DEFAULT_LAUNCH, delta=None):
+    """``dq`` (q dtype), ``dk_cmp``, ``dv_cmp`` (k_cmp dtype). ``delta``: ``<o, do>`` ``[B, P, Tq]`` float32 when
+    already known (computed here otherwise)."""
     run_dq, run_dkv, (dq, dk, dv) = compression_attention_bwd_kernels(q, k_cmp, v_cmp, o, lse, do, block_size, scale,
-                                                                      num_keys, active_heads, launch)
+                                                                      num_keys, active_heads, launch, delta)
     run_dq()
     run_dkv()
     return dq, dk.to(k_cmp.dtype), dv.to(v_cmp.dtype)
 
 
 def compression_attention_bwd_kernels(q, k_cmp, v_cmp, o, lse, do, block_size, scale, num_keys=None,
-                                      active_heads=None, launch=DEFAULT_LAUNCH):
+                                      active_heads=None, launch=DEFAULT_LAUNCH, delta=None):
     """The backward as two launches: ``(run_dq, run_dkv, (dq, dk, dv))``, each ``run_*`` a no-argument call that
     fills its buffers (float32 ``dk``/``dv``). :func:`compression_attention_bwd` runs both; timing runs each."""
     B, Tq, P, D = q.shape
@@ -210,7 +211,7 @@ def compression_attention_bwd_kernels(q, k_cmp, v_cmp, o, lse, do, block_size, s
     active_heads = P if active_heads is None else int(active_heads)
     bd, bm, bn = _blocks(D)
     do = do.contiguous()
-    delta = attention_delta(o, do, heads_first=True)  # [B, P, Tq]
+    delta = attention_delta(o, do, heads_first=True) if delta is None else delta  # [B, P, Tq]
     dq = torch.empty(B, Tq, P, D, device=q.device, dtype=q.dtype)
     dk = torch.empty(B, NB, HKV, D, device=q.device, dtype=torch.float32)
     dv = torch.empty_like(dk)

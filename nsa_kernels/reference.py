@@ -114,6 +114,12 @@ class _FoldHeads(torch.autograd.Function):
         return grad_x, None
 
 
+def pad_query(q: torch.Tensor, num_padded: int, rows_on: torch.Tensor | None = None) -> torch.Tensor:
+    """The NSA query on the padded layout: :func:`pad_heads` of ``q`` ``[B, T, H, D]`` with the rows whose
+    ``rows_on`` flag (bool ``[B, T]``) is off zeroed (the mixed path's text rows)."""
+    return pad_heads(q if rows_on is None else q * rows_on[:, :, None, None], num_padded)
+
+
 def fold_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Inverse of :func:`pad_heads` for outputs: the average of the two copies of every head. ``x``
     ``[B, T, P, *rest]`` -> ``[B, T, num_heads, *rest]``."""
@@ -424,6 +430,22 @@ def nsa_attention(
     )
 
 
+def nsa_attention_on_model_heads(q, k, v, gates, *, block_count, block_size, window_size, scale, rows_on=None):
+    """The NSA part of the hybrid layer on the model's query heads (reference-semantics section 4).
+
+    Args:
+        q: ``[B, Tq, H, D]``; k, v: ``[B, Tk, Hkv, D]``; gates: ``[B, Tq, P, 3]`` on the padded layout
+            (:func:`nsa_head_layout`); rows_on: bool ``[B, Tq]`` or None: the rows whose flag is off get a zero
+            query (the mixed path's text rows).
+
+    Returns:
+        ``[B, Tq, H, D]``: :func:`nsa_attention` of ``pad_heads(q)`` (masked by ``rows_on``) with ``fold_to=H``.
+    """
+    padded_heads, _ = nsa_head_layout(q.shape[2], k.shape[2])
+    return nsa_attention(pad_query(q, padded_heads, rows_on), k, v, gates, block_count=block_count,
+                         block_size=block_size, window_size=window_size, scale=scale, fold_to=q.shape[2])
+
+
 def mix_branches(o_cmp, o_slc, o_swd, gates, fold_to=None):
     """``[..., P, D]`` branch outputs and ``[..., P, 3]`` gates (cmp, slc, swa) -> ``[..., P, D]``, or its
     :func:`fold_heads` ``[..., fold_to, D]``."""
@@ -442,6 +464,7 @@ class NSABranches:
     selected_attention: Callable
     window_attention: Callable
     mix_branches: Callable
+    pad_query: Callable = None  # :func:`pad_query` signature; None: this module's
 
 
 def nsa_attention_in_chunks(
@@ -555,10 +578,11 @@ def mask_mixed_inputs(q, k, v, gate_logits, query_vision: torch.Tensor, key_visi
         query_vision: bool ``[Tq]``; key_vision: bool ``[Tk]``.
 
     Returns:
-        ``(q, k, v, gate_logits)`` masked (``v`` None when given None).
+        ``(q, k, v, gate_logits)`` masked (``q`` or ``v`` None when given None).
     """
+    masked_q = None if q is None else _vision_rows(q, query_vision)
     masked_v = None if v is None else _vision_rows(v, key_vision)
-    return _vision_rows(q, query_vision), _vision_rows(k, key_vision), masked_v, _vision_rows(gate_logits, query_vision)
+    return masked_q, _vision_rows(k, key_vision), masked_v, _vision_rows(gate_logits, query_vision)
 
 
 def _vision_rows(x: torch.Tensor, vision: torch.Tensor) -> torch.Tensor:
@@ -586,8 +610,13 @@ def _add_nsa_in_chunks(target, rows, q, k, v, gate_logits, vision, mixed, padded
         else:
             target.index_add_(0, rows[start:stop], folded)
 
+    pad = pad_query if branches is None or branches.pad_query is None else branches.pad_query
+
+    def query_rows(start, stop):
+        return pad(q[:, start:stop], padded_heads, query_vision[None, start:stop] if mixed else None)
+
     nsa_attention_in_chunks(
-        lambda start, stop: pad_heads(masked(q, start, stop), padded_heads),
+        query_rows,
         lambda start, stop: pad_heads(torch.sigmoid(masked(gate_logits, start, stop)), padded_heads),
         num_rows, k, v, emit, chunk_rows=chunk_rows, branches=branches, fold_to=num_heads, **nsa_kwargs)
 
@@ -609,6 +638,7 @@ def hybrid_attention(
     dense_fn=None,
     query_chunk: int | None = None,
     nsa_branches: NSABranches | None = None,
+    nsa_heads_fn=None,
 ):
     """The VideoNSA attention of one text decoder layer (reference-semantics sections 2-5).
 
@@ -633,6 +663,10 @@ def hybrid_attention(
             (:func:`nsa_attention_in_chunks` with ``nsa_branches``), each chunk's output added in place: the padded
             64-head query, gates and branch outputs exist for one chunk at a time. Same values.
         nsa_branches: the backend's NSA steps for the chunked NSA part (this module's by default).
+        nsa_heads_fn: when given, computes the NSA part of a pass without intermediates in place of ``nsa_fn``, on
+            the model's heads: :func:`nsa_attention_on_model_heads` signature (the unmasked query and the mixed
+            path's query rows as ``rows_on``), so that a backend lays out the padded query (and folds its gradient)
+            its own way.
 
     Returns:
         ``[B, Tq, Hq, D]`` (the input of ``o_proj``); with ``return_intermediates``, also a list with one dict
@@ -700,11 +734,19 @@ def hybrid_attention(
             _add_nsa_in_chunks(out[b], rows, q_b, k_b, v_b, logits, vision, mixed_samples[b], padded_heads,
                                query_chunk, nsa_branches, nsa_kwargs)
             continue
-        if mixed_samples[b]:
-            q_b, k_b, v_b, logits = mask_mixed_inputs(q_b, k_b, v_b, logits, vision[-q_b.shape[1] :], vision)
+        on_model_heads = nsa_heads_fn is not None and not return_intermediates
+        query_vision_b = vision[-q_b.shape[1] :]
+        if mixed_samples[b] and on_model_heads:  # the query is masked by the NSA function itself (rows_on)
+            _, k_b, v_b, logits = mask_mixed_inputs(None, k_b, v_b, logits, query_vision_b, vision)
+        elif mixed_samples[b]:
+            q_b, k_b, v_b, logits = mask_mixed_inputs(q_b, k_b, v_b, logits, query_vision_b, vision)
         gates = pad_heads(torch.sigmoid(logits), padded_heads)
-        result = nsa_fn(pad_heads(q_b, padded_heads), k_b, v_b, gates, **nsa_kwargs, fold_to=num_heads,
-                        **({"return_intermediates": True} if return_intermediates else {}))
+        if on_model_heads:
+            result = nsa_heads_fn(q_b, k_b, v_b, gates, rows_on=query_vision_b[None] if mixed_samples[b] else None,
+                                  **nsa_kwargs)
+        else:
+            result = nsa_fn(pad_heads(q_b, padded_heads), k_b, v_b, gates, **nsa_kwargs, fold_to=num_heads,
+                            **({"return_intermediates": True} if return_intermediates else {}))
         nsa_out, extra = result if return_intermediates else (result, None)
         nsa_rows.append((b, rows, nsa_out))  # [1, m, Hq, D]
         if return_intermediates:

@@ -361,25 +361,26 @@ def _invert(bi, Tq, Tk, HKV, S, block_size, OFF, item_rows, group_class, num_cla
 
 
 def selected_attention_bwd(q, k, v, block_indices, o, lse, do, block_size, scale, dk_acc=None, dv_acc=None,
-                           launch=DEFAULT_LAUNCH, active_heads=None):
+                           launch=DEFAULT_LAUNCH, active_heads=None, delta=None):
     """Returns ``dq`` (q dtype) and float32 ``dk``, ``dv`` (added into ``dk_acc``/``dv_acc`` when given).
-    ``active_heads``: see :func:`selected_attention`."""
+    ``active_heads``: see :func:`selected_attention`. ``delta``: ``<o, do>`` ``[B, Tq, P]`` float32 when already
+    known (computed here otherwise)."""
     run_dq, run_dkv, grads = selected_attention_bwd_kernels(q, k, v, block_indices, o, lse, do, block_size, scale,
-                                                            dk_acc, dv_acc, launch, active_heads)
+                                                            dk_acc, dv_acc, launch, active_heads, delta)
     run_dq()
     run_dkv()
     return grads
 
 
 def selected_attention_bwd_kernels(q, k, v, block_indices, o, lse, do, block_size, scale, dk_acc=None, dv_acc=None,
-                                   launch=DEFAULT_LAUNCH, active_heads=None):
+                                   launch=DEFAULT_LAUNCH, active_heads=None, delta=None):
     """The backward as two launches: ``(run_dq, run_dkv, (dq, dk, dv))``, each ``run_*`` a no-argument call that
     fills its buffers (``run_dkv``: the per-block row lists, then the dk/dv kernel, adding into ``dk``/``dv``).
     :func:`selected_attention_bwd` runs both; timing runs each."""
     B, Tq, P, D, Tk, HKV, S, group = _cfg(q, k, block_indices, block_size)
     bi = block_indices.to(torch.int32).contiguous()
     do = do.contiguous()
-    delta = attention_delta(o, do)  # [B, Tq, P]
+    delta = attention_delta(o, do) if delta is None else delta  # [B, Tq, P]
     dq = torch.empty(B, Tq, P, D, device=q.device, dtype=q.dtype)
     dk = torch.zeros(B, Tk, HKV, D, device=q.device, dtype=torch.float32) if dk_acc is None else dk_acc
     dv = torch.zeros(B, Tk, HKV, D, device=q.device, dtype=torch.float32) if dv_acc is None else dv_acc

@@ -22,11 +22,12 @@ import torch
 
 from . import reference as _ref
 from ._triton_utils import DEFAULT_LAUNCH, LaunchSettings
-from .compression import compress_kv, compression_attention
-from .gate_mix import mix_branches
-from .selected_attention import selected_attention
+from .compression import compress_kv, compression_attention, compression_attention_bwd, compression_attention_fwd
+from .gate_mix import mix_branches, mix_bwd, mix_fwd
+from .head_layout import broadcast_kv_heads, fold_query_grads, pad_query
+from .selected_attention import selected_attention, selected_attention_bwd, selected_attention_fwd
 from .selection import select_blocks as _select_blocks
-from .window_attention import band_attention, window_attention
+from .window_attention import band_attention, band_attention_bwd, band_attention_fwd, window_attention
 
 __all__ = [
     "compress_kv",
@@ -88,6 +89,79 @@ def nsa_attention(q, k, v, gates, *, block_count, block_size, window_size, scale
                      o_slc=o_slc, o_swd=o_swd)
 
 
+class _NSAOnModelHeads(torch.autograd.Function):
+    """The NSA part of the hybrid layer as one autograd node (see :func:`nsa_attention_on_model_heads`).
+
+    Forward: the model's query is laid out as the padded heads, text rows zeroed, in one pass
+    (:func:`head_layout.pad_query`), the three branches run on it and the mix folds the heads back. Backward: the
+    mix's backward also gives each branch its softmax-backward term, the selected and window branches add dk/dv into
+    one float32 pair, and the three padded dq come back to the model's heads in one pass
+    (:func:`head_layout.fold_query_grads`)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, k_cmp, v_cmp, gates, rows_on, block_count, block_size, window_size, scale, padded_heads,
+                active, launch):
+        num_keys, num_rows, heads = k.shape[1], q.shape[1], q.shape[2]
+        q_pad = pad_query(q, padded_heads, rows_on)
+        o_cmp, lse_cmp = compression_attention_fwd(q_pad, k_cmp, v_cmp, block_size, scale, num_keys, active, launch)
+        block_indices = _select_blocks(q_pad, k_cmp, lse_cmp, block_count, block_size, scale, num_keys, 0, launch)
+        o_slc, lse_slc = selected_attention_fwd(q_pad, k, v, block_indices, block_size, scale,
+                                                launch.selected_schedule(num_rows), launch)
+        o_swd, lse_swd = band_attention_fwd(q_pad, k, v, scale, window_size, None, None, active, launch)
+        ctx.save_for_backward(q_pad, k, v, k_cmp, v_cmp, gates, rows_on, o_cmp, lse_cmp, block_indices, o_slc,
+                              lse_slc, o_swd, lse_swd)
+        ctx.cfg = (block_size, window_size, scale, active, launch, heads, q.dtype)
+        return mix_fwd(o_cmp, o_slc, o_swd, gates, heads)
+
+    @staticmethod
+    def backward(ctx, dout):
+        (q_pad, k, v, k_cmp, v_cmp, gates, rows_on, o_cmp, lse_cmp, block_indices, o_slc, lse_slc, o_swd,
+         lse_swd) = ctx.saved_tensors
+        block_size, window_size, scale, active, launch, heads, dtype = ctx.cfg
+        num_keys = k.shape[1]
+        d_cmp, d_slc, d_swd, dgates, (delta_cmp, delta_slc, delta_swd) = mix_bwd(
+            o_cmp, o_slc, o_swd, gates, dout, fold_to=heads, deltas=True)
+        dq_cmp, dk_cmp, dv_cmp = compression_attention_bwd(q_pad, k_cmp, v_cmp, o_cmp, lse_cmp, d_cmp, block_size,
+                                                           scale, num_keys, active, launch, delta_cmp)
+        del d_cmp
+        dq_slc, dk, dv = selected_attention_bwd(q_pad, k, v, block_indices, o_slc, lse_slc, d_slc, block_size, scale,
+                                                launch=launch, active_heads=active, delta=delta_slc)
+        del d_slc
+        dq_swd, dk, dv = band_attention_bwd(q_pad, k, v, o_swd, lse_swd, d_swd, scale, window_size, None, None,
+                                            active, dk, dv, launch, delta_swd)
+        del d_swd
+        dq = fold_query_grads([dq_cmp, dq_slc, dq_swd], heads, rows_on, dtype)
+        return (dq, dk.to(k.dtype), dv.to(v.dtype), dk_cmp, dv_cmp, dgates.to(gates.dtype), None, None, None, None,
+                None, None, None, None)
+
+
+def nsa_attention_on_model_heads(q, k, v, gates, *, block_count, block_size, window_size, scale, rows_on=None,
+                                 launch=DEFAULT_LAUNCH):
+    """The NSA part of the hybrid layer on the model's query heads: ``reference.nsa_attention_on_model_heads``.
+
+    Args:
+        q: ``[B, Tq, H, D]`` (any strides), the model's query; k, v: ``[B, Tk, Hkv, D]``; gates: ``[B, Tq, P, 3]``
+            on the padded layout (``P`` from ``reference.nsa_head_layout``); rows_on: bool ``[B, Tq]`` or None,
+            the query rows that keep their query (the others take the NSA of a zero query, as the mixed path's
+            masked query does).
+
+    Returns:
+        ``[B, Tq, H, D]``, equal to ``nsa_attention(pad_heads(q * rows_on), k, v, gates, ..., fold_to=H)`` and with
+        the same gradients; the padded query is written once (no masked copy, no concatenation) and its gradient
+        comes back from the three branches in one pass. The padded heads past ``2H`` (zero query, zero gates) are
+        not computed.
+    """
+    heads = q.shape[2]
+    padded_heads, _ = _ref.nsa_head_layout(heads, k.shape[2])
+    if gates.shape != (*q.shape[:2], padded_heads, 3):
+        raise ValueError(f"gates must be [B, Tq, {padded_heads}, 3] on the padded layout of {heads} heads, got "
+                         f"{tuple(gates.shape)}")
+    k_cmp, v_cmp = compress_kv(k, block_size), compress_kv(v, block_size)
+    return _NSAOnModelHeads.apply(q, k, v, k_cmp.contiguous(), v_cmp.contiguous(), gates.to(q.dtype).contiguous(),
+                                  rows_on, int(block_count), int(block_size), int(window_size), float(scale),
+                                  padded_heads, 2 * heads, launch)
+
+
 # rows per step of the elementwise work on [Tq, H, D] tensors in a pass without gradients (bounded temporaries)
 _ROW_STEP = 16384
 
@@ -107,7 +181,8 @@ def _prefix_means(v_t: torch.Tensor, key_valid: torch.Tensor | None, group: int)
     """Running mean of the visible values as a function of rows: ``v_t`` ``[B, Tk, Hkv, D]`` ->
     ``means(rows_pos, rows_on)`` giving ``[B, len(rows_pos), Hkv * group, D]`` in ``v_t``'s dtype (float32 sums,
     rounded once), zero at the rows where ``rows_on`` (bool ``[B, len(rows_pos)]``) is off. The query heads of a
-    kv head come out of one broadcasting product: no float32 or per-head copy exists beside the result."""
+    kv head are written in one pass (``head_layout.broadcast_kv_heads``): no float32 or per-head copy exists beside
+    the result."""
     vf = v_t.float()
     if key_valid is not None:
         w = key_valid.to(torch.float32)
@@ -122,8 +197,7 @@ def _prefix_means(v_t: torch.Tensor, key_valid: torch.Tensor | None, group: int)
     def means(rows_pos, rows_on):
         rows_count = (rows_pos + 1).to(torch.float32)[None, :] if counts is None else counts[:, rows_pos]
         mean = (sums[:, rows_pos] / rows_count.clamp_min(1.0)[:, :, None, None]).to(v_t.dtype)
-        per_head = mean[:, :, :, None, :].expand(-1, -1, -1, group, -1)
-        return (per_head * rows_on[:, :, None, None, None].to(v_t.dtype)).flatten(2, 3)
+        return broadcast_kv_heads(mean, group, rows_on)
 
     return means
 
@@ -191,7 +265,8 @@ def dense_attention(q, k, v, scale, key_padding_mask=None, zero_rows=None):
 
 def nsa_branches(active_heads: int, pass_rows: int, launch=DEFAULT_LAUNCH) -> _ref.NSABranches:
     """The Triton NSA steps for ``reference.nsa_attention_in_chunks``: heads from ``active_heads`` on skipped (see
-    :func:`nsa_attention`), the selected-attention schedule chosen for a pass of ``pass_rows`` query rows."""
+    :func:`nsa_attention`), the selected-attention schedule chosen for a pass of ``pass_rows`` query rows, each
+    chunk's padded query written in one pass."""
     return _ref.NSABranches(
         compress_kv=compress_kv,
         compression_attention=functools.partial(compression_attention, active_heads=active_heads),
@@ -200,6 +275,7 @@ def nsa_branches(active_heads: int, pass_rows: int, launch=DEFAULT_LAUNCH) -> _r
                                              launch=launch),
         window_attention=functools.partial(window_attention, active_heads=active_heads),
         mix_branches=mix_branches,
+        pad_query=pad_query,
     )
 
 
@@ -220,4 +296,5 @@ def hybrid_attention(query, key, value, gate_logits, token_is_vision, attention_
                                  block_size=block_size, block_count=block_count, window_size=window_size,
                                  scale=sc, return_intermediates=return_intermediates, nsa_fn=nsa_fn,
                                  dense_fn=dense_fn, query_chunk=query_chunk,
-                                 nsa_branches=nsa_branches(active, query.shape[2], launch))
+                                 nsa_branches=nsa_branches(active, query.shape[2], launch),
+                                 nsa_heads_fn=functools.partial(nsa_attention_on_model_heads, launch=launch))

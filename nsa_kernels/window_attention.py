@@ -156,14 +156,19 @@ def _band_bwd_dkv_kernel(
             rows = r0 + tl.arange(0, BM)
             rmask = rows < r_hi
             pos = _row_positions(pos_ptr, b, rows, rmask, Tq, OFF, HAS_POS)
-            io_mask = rmask[:, None] & dmask[None, :]
-            row_off = head_rows_offsets(b, h, rows, dd, Tq, H, D)
-            bq = tl.load(q + row_off, mask=io_mask, other=0.0)
-            bdo = tl.load(do + row_off, mask=io_mask, other=0.0)
-            lse2 = tl.load(lse + (b * Tq + rows) * H + h, mask=rmask, other=float("inf"))
-            dlt = tl.load(delta + (b * Tq + rows) * H + h, mask=rmask, other=0.0)
-            vis = (cols[None, :] <= pos[:, None]) & (cols[None, :] > pos[:, None] - W) & col_ok[None, :]
-            dk_acc, dv_acc = dkv_step(bq, bk, bv, bdo, vis, lse2, dlt, dk_acc, dv_acc, qk_scale, PREC, False)
+            if HAS_POS:  # gathered rows scan every tile: skip those that end before this key tile
+                sees_tile = tl.max(pos, 0) >= k_lo
+            else:
+                sees_tile = True
+            if sees_tile:
+                io_mask = rmask[:, None] & dmask[None, :]
+                row_off = head_rows_offsets(b, h, rows, dd, Tq, H, D)
+                bq = tl.load(q + row_off, mask=io_mask, other=0.0)
+                bdo = tl.load(do + row_off, mask=io_mask, other=0.0)
+                lse2 = tl.load(lse + (b * Tq + rows) * H + h, mask=rmask, other=float("inf"))
+                dlt = tl.load(delta + (b * Tq + rows) * H + h, mask=rmask, other=0.0)
+                vis = (cols[None, :] <= pos[:, None]) & (cols[None, :] > pos[:, None] - W) & col_ok[None, :]
+                dk_acc, dv_acc = dkv_step(bq, bk, bv, bdo, vis, lse2, dlt, dk_acc, dv_acc, qk_scale, PREC, False)
     out_off = ((b * Tk + cols[:, None]) * HKV + g) * D + dd[None, :]
     dk_acc = dk_acc * scale
     if ACCUMULATE:
@@ -209,23 +214,24 @@ def band_attention_fwd(q, k, v, scale, window=None, positions=None, key_valid=No
 
 
 def band_attention_bwd(q, k, v, o, lse, do, scale, window=None, positions=None, key_valid=None,
-                       active_heads=None, dk_acc=None, dv_acc=None, launch=DEFAULT_LAUNCH):
-    """Returns ``dq`` (q dtype) and float32 ``dk``, ``dv`` (added into ``dk_acc``/``dv_acc`` when given)."""
+                       active_heads=None, dk_acc=None, dv_acc=None, launch=DEFAULT_LAUNCH, delta=None):
+    """Returns ``dq`` (q dtype) and float32 ``dk``, ``dv`` (added into ``dk_acc``/``dv_acc`` when given).
+    ``delta``: ``<o, do>`` ``[B, Tq, H]`` float32 when already known (computed here otherwise)."""
     run_dq, run_dkv, grads = band_attention_bwd_kernels(q, k, v, o, lse, do, scale, window, positions, key_valid,
-                                                        active_heads, dk_acc, dv_acc, launch)
+                                                        active_heads, dk_acc, dv_acc, launch, delta)
     run_dq()
     run_dkv()
     return grads
 
 
 def band_attention_bwd_kernels(q, k, v, o, lse, do, scale, window=None, positions=None, key_valid=None,
-                               active_heads=None, dk_acc=None, dv_acc=None, launch=DEFAULT_LAUNCH):
+                               active_heads=None, dk_acc=None, dv_acc=None, launch=DEFAULT_LAUNCH, delta=None):
     """The backward as two launches: ``(run_dq, run_dkv, (dq, dk, dv))``, each ``run_*`` a no-argument call that
     fills its buffers. :func:`band_attention_bwd` runs both; timing runs each."""
     B, Tq, H, D, Tk, HKV, W, pos, kvalid, active, bd, bm, bn = _prep(q, k, window, positions, key_valid,
                                                                       active_heads)
     do = do.contiguous()
-    delta = attention_delta(o, do)  # [B, Tq, H]
+    delta = attention_delta(o, do) if delta is None else delta  # [B, Tq, H]
     dq = torch.empty(B, Tq, H, D, device=q.device, dtype=q.dtype)
     accumulate = dk_acc is not None
     dk = dk_acc if accumulate else torch.empty(B, Tk, HKV, D, device=q.device, dtype=torch.float32)

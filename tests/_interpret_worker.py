@@ -524,6 +524,53 @@ def gate_mix_folded():
 
 
 @check
+def nsa_on_model_heads():
+    """The NSA part on the model's heads as one autograd node (the padded, row-masked query written in one pass; the
+    mix's backward giving each branch its delta; dk/dv of two branches in one float32 pair; the three branches' dq
+    folded back in one pass) against the reference's composition (masked copy, ``pad_heads``, ``nsa_attention``):
+    values and the gradients of the query (a strided view, as the model passes it), keys, values and gates. 12 heads
+    over 2 kv heads lay out as 32 padded heads, so kv group 0 holds copies of both kinds and group 1 ends in zero
+    heads (the 7B's layout in small); with and without row flags, and one chunk continuing a cache (selected
+    attention one row per program, the others in tiles of rows over the union of their blocks). Also the layout
+    passes alone: pad_query equals the reference's, fold_query_grads its autograd gradient, broadcast_kv_heads (the
+    dense part's running means per query head) a repeat and mask of the kv heads, with its gradient."""
+    from nsa_kernels import head_layout as HL
+    from nsa_kernels import reference as R
+    from nsa_kernels import triton_nsa as TN
+
+    import dataclasses
+
+    Hq, Hkv, D, bs, bc, w = 12, 2, 16, 16, 4, 24
+    P, _ = R.nsa_head_layout(Hq, Hkv)
+    per_row = dataclasses.replace(TN.DEFAULT_LAUNCH, selected_tile_max_rows=0)
+    msgs = []
+    for Tq, Tk, flagged in ((90, 90, False), (90, 90, True), (40, 75, True)):
+        query = _rand(1, Hq, Tq, D, seed=Tq + Tk)  # [B, H, T, D] as the model holds it; the NSA reads a view
+        k, v = _rand(1, Tk, Hkv, D, seed=81), _rand(1, Tk, Hkv, D, seed=82)
+        gates = torch.sigmoid(_rand(1, Tq, P, 3, seed=83))
+        gates[:, :, 2 * Hq:] = 0
+        rows_on = (torch.arange(Tq) % 7 != 3)[None] if flagged else None
+        kw = dict(block_count=bc, block_size=bs, window_size=w, scale=D ** -0.5, rows_on=rows_on)
+        launch = per_row if Tq < Tk else TN.DEFAULT_LAUNCH  # the chunk: one row per selected program
+        msgs.append(f"T={Tq}/{Tk}{' flags' if flagged else ''}: " + _compare_fn(
+            "nsa", lambda q, k, v, g: TN.nsa_attention_on_model_heads(q.transpose(1, 2), k, v, g, launch=launch,
+                                                                     **kw),
+            lambda q, k, v, g: R.nsa_attention_on_model_heads(q.transpose(1, 2), k, v, g, **kw),
+            (query, k, v, gates)))
+    q = _rand(2, 5, 9, 24, seed=84).transpose(1, 2)  # strided [B, T, H, D]
+    on = torch.rand(2, 9, generator=torch.Generator().manual_seed(85)) > 0.4
+    msgs.append(_close("pad_query", HL.pad_query(q, 16, on), R.pad_query(q, 16, on), 0.0))
+    grads = [_rand(2, 9, 16, 24, seed=86 + i) for i in range(3)]
+    leaf = q.detach().clone().requires_grad_(True)
+    (expect,) = torch.autograd.grad(R.pad_heads(leaf * on[:, :, None, None], 16), leaf, sum(grads))
+    msgs.append(_close("fold_query_grads", HL.fold_query_grads(grads, 5, on), expect, 1e-6))
+    kv_rows = _rand(2, 9, 2, 24, seed=90)  # kv heads -> 2 x 3 query heads, rows flagged
+    msgs.append(_compare_fn("broadcast_kv_heads", lambda x: HL.broadcast_kv_heads(x, 3, on),
+                            lambda x: x.repeat_interleave(3, dim=2) * on[:, :, None, None], (kv_rows,), tol=1e-6))
+    return "; ".join(msgs)
+
+
+@check
 def attention_delta_layouts():
     """The backward's delta = sum_d o * do in one pass: both output layouts, a head dim below the tile width and a
     row count that is no multiple of the rows per program; mismatched shapes refused."""

@@ -26,7 +26,7 @@ SHARDS = [
      "selected_dkv_skips_inactive_heads"],
     ["small_nsa_with_gates_T100", "small_hybrid_mixed_padded", "small_branches_chunk", "conf_topk_T320_bc3_q0",
      "selected_union_tiles", "tile_unions_against_sets", "hybrid_in_query_chunks", "attention_delta_layouts",
-     "selected_dkv_row_lists_in_items", "int64_offsets", "gate_mix_folded"],
+     "selected_dkv_row_lists_in_items", "int64_offsets", "gate_mix_folded", "nsa_on_model_heads"],
 ]
 ALL = [name for shard in SHARDS for name in shard]
 
@@ -71,6 +71,32 @@ def test_mix_branches_rejects_mismatched_inputs():
         mix_branches(o, o, o, torch.zeros(1, 5, 4, 2))
     with pytest.raises(ValueError, match="do not match"):
         mix_branches(o, o[:, :4], o, torch.zeros(1, 5, 4, 3))
+
+
+def test_head_layout_passes_reject_what_they_cannot_lay_out():
+    """pad_query, fold_query_grads and the NSA on the model's heads check their inputs before launching anything
+    (so this runs without a GPU) and say what was expected."""
+    import torch
+
+    from nsa_kernels import triton_nsa as TN
+    from nsa_kernels.head_layout import fold_query_grads, pad_query
+
+    q = torch.zeros(1, 6, 5, 8)
+    with pytest.raises(ValueError, match="8 padded heads cannot hold two copies of 5 heads"):
+        pad_query(q, 8)
+    with pytest.raises(ValueError, match=r"rows_on must be \[B, T\] = \(1, 6\)"):
+        pad_query(q, 16, torch.ones(1, 5, dtype=torch.bool))
+    g = torch.zeros(1, 6, 16, 8)
+    with pytest.raises(ValueError, match="one to three gradients of one shape"):
+        fold_query_grads([g, g[:, :5]], 5)
+    with pytest.raises(ValueError, match="one to three gradients"):
+        fold_query_grads([g] * 4, 5)
+    with pytest.raises(ValueError, match="16 padded heads cannot hold two copies of 9 heads"):
+        fold_query_grads([g], 9)
+    with pytest.raises(ValueError, match=r"gates must be \[B, Tq, 16, 3\]"):
+        TN.nsa_attention_on_model_heads(q, torch.zeros(1, 6, 1, 8), torch.zeros(1, 6, 1, 8),
+                                        torch.zeros(1, 6, 10, 3), block_count=2, block_size=16, window_size=4,
+                                        scale=1.0)
 
 
 def test_tile_unions_rejects_bad_tile_rows():

@@ -320,3 +320,36 @@ def test_hybrid_in_query_chunks_equals_one_piece(T):
         whole = TN.hybrid_attention(q, k, v, logits, vision, None, **kw)
     assert torch.isfinite(pieces).all()
     assert torch.equal(pieces, whole)
+
+
+@pytest.mark.parametrize("T", [2048])
+def test_hybrid_on_model_heads_gradients(T):
+    """The hybrid layer as the model calls it (28 / 4 heads, text | video | text, the query a [B, H, T, D] tensor):
+    its NSA part reads the model's query in place and folds the three branches' dq in one pass. float32 values
+    and gradients of query, key, value and gate logits against the reference's autograd; bf16 against float32."""
+    g = torch.Generator(device=DEV).manual_seed(T)
+    query = torch.randn(1, 28, T, D, device=DEV, generator=g)
+    key = torch.randn(1, HKV, T, D, device=DEV, generator=g)
+    value = torch.randn(1, HKV, T, D, device=DEV, generator=g)
+    logits = torch.randn(1, T, 28, 3, device=DEV, generator=g)
+    vision = torch.zeros(1, T, dtype=torch.bool, device=DEV)
+    vision[:, 100:T - 40] = True
+    go = torch.randn(1, T, 28, D, device=DEV, generator=g)
+    kw = dict(block_size=BS, block_count=BC, window_size=W)
+
+    def run(fn, dtype):
+        xs = [x.to(dtype).detach().requires_grad_(True) for x in (query, key, value, logits)]
+        out = fn(*xs, vision, **kw)
+        return out, torch.autograd.grad(out, xs, go.to(dtype))
+
+    out32, g32 = run(TN.hybrid_attention, torch.float32)
+    out_ref, g_ref = run(R.hybrid_attention, torch.float32)
+    errs = [_rel(out32, out_ref)] + [_rel(a, b) for a, b in zip(g32, g_ref)]
+    print(f"\nT={T} fp32 vs reference: out {errs[0]:.1e} dq {errs[1]:.1e} dk {errs[2]:.1e} dv {errs[3]:.1e} "
+          f"dlogits {errs[4]:.1e}")
+    assert max(errs) < 1e-4
+    outb, gb = run(TN.hybrid_attention, torch.bfloat16)
+    errs = [_rel(outb, out32)] + [_rel(a, b) for a, b in zip(gb, g32)]
+    print(f"T={T} bf16 vs fp32 kernels: out {errs[0]:.1e} dq {errs[1]:.1e} dk {errs[2]:.1e} dv {errs[3]:.1e} "
+          f"dlogits {errs[4]:.1e}")
+    assert max(errs) < 5e-2
