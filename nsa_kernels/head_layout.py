@@ -1,9 +1,9 @@
 """The padded head layout of the NSA kernels on Triton, to and from the model's heads.
 
 The NSA steps run on ``P`` padded heads (``reference.nsa_head_layout``: the model's ``H`` query heads, the same
-again, then zero heads). The padded query is written here in one pass (torch's concatenation of the two copies
-and the zeros, after a masked copy, took 2.2 ms at 64K tokens on an H200; this pass 0.4 ms), and the branches'
-padded query gradients come back to the model's heads in one pass too:
+again, then zero heads). The padded query is written here in one pass instead of a masked copy and a
+concatenation (``docs/benchmarks.md``), and the branches' padded query gradients come back to the model's heads in
+one pass too:
 
 * :func:`pad_query`: ``[B, T, H, D]`` (any strides) and optional row flags -> contiguous ``[B, T, P, D]``, equal to
   ``reference.pad_query`` (``pad_heads`` of the query with the rows whose flag is off zeroed);

@@ -464,7 +464,7 @@ class NSABranches:
     selected_attention: Callable
     window_attention: Callable
     mix_branches: Callable
-    pad_query: Callable = None  # :func:`pad_query` signature; None: this module's
+    pad_query: Callable = pad_query
 
 
 def nsa_attention_in_chunks(
@@ -610,7 +610,7 @@ def _add_nsa_in_chunks(target, rows, q, k, v, gate_logits, vision, mixed, padded
         else:
             target.index_add_(0, rows[start:stop], folded)
 
-    pad = pad_query if branches is None or branches.pad_query is None else branches.pad_query
+    pad = (REFERENCE_BRANCHES if branches is None else branches).pad_query
 
     def query_rows(start, stop):
         return pad(q[:, start:stop], padded_heads, query_vision[None, start:stop] if mixed else None)
@@ -734,18 +734,16 @@ def hybrid_attention(
             _add_nsa_in_chunks(out[b], rows, q_b, k_b, v_b, logits, vision, mixed_samples[b], padded_heads,
                                query_chunk, nsa_branches, nsa_kwargs)
             continue
-        on_model_heads = nsa_heads_fn is not None and not return_intermediates
-        query_vision_b = vision[-q_b.shape[1] :]
-        if mixed_samples[b] and on_model_heads:  # the query is masked by the NSA function itself (rows_on)
+        rows_on = None  # the query is masked where it is laid out as the padded heads (pad_query)
+        if mixed_samples[b]:
+            query_vision_b = vision[-q_b.shape[1] :]
+            rows_on = query_vision_b[None]
             _, k_b, v_b, logits = mask_mixed_inputs(None, k_b, v_b, logits, query_vision_b, vision)
-        elif mixed_samples[b]:
-            q_b, k_b, v_b, logits = mask_mixed_inputs(q_b, k_b, v_b, logits, query_vision_b, vision)
         gates = pad_heads(torch.sigmoid(logits), padded_heads)
-        if on_model_heads:
-            result = nsa_heads_fn(q_b, k_b, v_b, gates, rows_on=query_vision_b[None] if mixed_samples[b] else None,
-                                  **nsa_kwargs)
+        if nsa_heads_fn is not None and not return_intermediates:
+            result = nsa_heads_fn(q_b, k_b, v_b, gates, rows_on=rows_on, **nsa_kwargs)
         else:
-            result = nsa_fn(pad_heads(q_b, padded_heads), k_b, v_b, gates, **nsa_kwargs, fold_to=num_heads,
+            result = nsa_fn(pad_query(q_b, padded_heads, rows_on), k_b, v_b, gates, **nsa_kwargs, fold_to=num_heads,
                             **({"return_intermediates": True} if return_intermediates else {}))
         nsa_out, extra = result if return_intermediates else (result, None)
         nsa_rows.append((b, rows, nsa_out))  # [1, m, Hq, D]
