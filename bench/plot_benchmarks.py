@@ -26,8 +26,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-LAYER_RUN = "h200_layer_2026-12-03_late.json"
-E2E_RUN = "h200_e2e_2026-12-03_late.json"
+LAYER_RUN = "h200_layer_2026-12-04_pm.json"
+E2E_RUN = "h200_e2e_2026-12-04_pm.json"
 MEMORY_RUNS = ("h200_memory_2026-12-03_run1.json", "h200_memory_2026-12-03_run3.json")
 
 
@@ -115,7 +115,10 @@ def main(argv=None):
     right.set_xticks(range(len(lengths)), [f"{int(n) // 1024}K" for n in lengths])
     right.set(xlabel="video tokens", ylabel="prefill time (s)", title="7B prefill, time to first token (H200)")
     right.legend(fontsize=8)
-    fig.suptitle("docs/benchmarks.md: one H200, 2026-12-03 (dense: PyTorch's SDPA choice, cuDNN; and flash)",
+    layer_date = json.load(open(os.path.join(args.results, LAYER_RUN)))["date"]
+    e2e_date = json.load(open(os.path.join(args.results, E2E_RUN)))["meta"]["date"]
+    dates = sorted({layer_date[:10], e2e_date[:10]})
+    fig.suptitle(f"docs/benchmarks.md: one H200, {', '.join(dates)} (dense: PyTorch's SDPA choice, cuDNN; and flash)",
                  fontsize=9)
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)

@@ -84,6 +84,7 @@ class LaunchSettings:
     topk_rows_per_program: int = 4
     topk_warps: int = 4
     mix_rows: int = 16  # (token, head) rows per gate-mixing program
+    band_programs_per_sm: int = 4  # band attention splits a row tile's keys over programs below this many
 
     def selected_schedule(self, pass_rows: int) -> int:
         """Rows per selected-attention forward program for a pass of ``pass_rows`` query rows (the union size of a
@@ -140,6 +141,16 @@ def attention_delta(o: torch.Tensor, do: torch.Tensor, heads_first: bool = False
             o.contiguous(), do.contiguous(), out, n_rows, T, P, D=D, BR=rows_per_program, BD=check_dim(D),
             HEADS_FIRST=heads_first, num_warps=4)
     return out
+
+
+def row_flags(flags: torch.Tensor | None, shape, name: str = "rows_on", what: str = "[B, T]") -> torch.Tensor | None:
+    """Bool row flags as the kernels read them (int8, contiguous), after checking they are ``shape``; None stays
+    None. ``name`` and ``what`` say in the error which argument and which shape were meant."""
+    if flags is None:
+        return None
+    if tuple(flags.shape) != tuple(shape):
+        raise ValueError(f"{name} must be {what} = {tuple(shape)}, got {tuple(flags.shape)}")
+    return flags.to(torch.int8).contiguous()
 
 
 INT32_OFFSET_LIMIT = 2**31

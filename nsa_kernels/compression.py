@@ -17,26 +17,115 @@ import triton
 import triton.language as tl
 
 from ._triton_utils import (DEFAULT_LAUNCH, LOG2E, attention_delta, check_dim, dkv_step, dot_precision, dq_step,
-                           head_rows_offsets, load_head_rows, load_kv_tile, online_softmax_step, row_tile_program,
-                           wide_offsets)
+                           head_rows_offsets, load_head_rows, load_kv_tile, online_softmax_step, row_flags,
+                           row_tile_program, wide_offsets)
+
+
+@triton.jit
+def _block_rows(T, HKV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr):
+    """Program ids of the pooling kernels (grid ``(NB, B * Hkv)``): sample, kv head, block, the block's token rows
+    (int64: 2**31 elements of ``[B, T, Hkv, D]`` come at 4M tokens) and their mask, the feature lanes, the element
+    offsets of the ``[BS, BD]`` tile in a contiguous ``[B, T, Hkv, D]`` tensor, its mask, the block's token count."""
+    blk = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    b = pid_bg // HKV
+    g = pid_bg % HKV
+    rows = (blk * BS + tl.arange(0, BS)).to(tl.int64)
+    rmask = rows < T
+    dd = tl.arange(0, BD)
+    off = ((b * T + rows[:, None]) * HKV + g) * D + dd[None, :]
+    count = tl.minimum(T - blk * BS, BS).to(tl.float32)
+    return b, g, blk, rows, rmask, dd, off, rmask[:, None] & (dd < D)[None, :], count
+
+
+@triton.jit
+def _rows_on(x, on, b, rows, rmask, T, HAS_ON: tl.constexpr):
+    """``x`` ``[BS, *]`` with the rows whose flag (int8 ``[B, T]``) is off zeroed."""
+    if HAS_ON:
+        x = tl.where((tl.load(on + b * T + rows, mask=rmask, other=0) != 0)[:, None], x, 0.0)
+    return x
+
+
+@triton.jit
+def _pool_blocks_kernel(x, on, x_out, pooled, T, sxb, sxt, sxh, sxd, HKV: tl.constexpr, D: tl.constexpr,
+                        BS: tl.constexpr, BD: tl.constexpr, HAS_ON: tl.constexpr, WRITE_X: tl.constexpr):
+    # pooled: contiguous [B, NB, HKV, D]; x_out (WRITE_X): contiguous [B, T, HKV, D], x with its flagged-off rows zero
+    b, g, blk, rows, rmask, dd, off, mask, count = _block_rows(T, HKV, D, BS, BD)
+    xt = tl.load(x + b * sxb + g * sxh + rows[:, None] * sxt + dd[None, :] * sxd, mask=mask, other=0.0)
+    xt = _rows_on(xt, on, b, rows, rmask, T, HAS_ON)
+    if WRITE_X:
+        tl.store(x_out + off, xt, mask=mask)
+    mean = tl.sum(xt.to(tl.float32), 0) / count
+    tl.store(pooled + ((b * tl.num_programs(0) + blk) * HKV + g) * D + dd, mean.to(pooled.dtype.element_ty),
+             mask=dd < D)
+
+
+@triton.jit
+def _unpool_grads_kernel(acc, d_pooled, on, out, T, HKV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
+                         BD: tl.constexpr, HAS_ACC: tl.constexpr, HAS_ON: tl.constexpr):
+    # out[b, t, g] = on[t] * (acc[b, t, g] + d_pooled[b, t // BS, g] / count), float32 sums rounded once;
+    # acc: float32 contiguous [B, T, HKV, D]; d_pooled: contiguous [B, NB, HKV, D]; out: contiguous like acc
+    b, g, blk, rows, rmask, dd, off, mask, count = _block_rows(T, HKV, D, BS, BD)
+    block_grad = tl.load(d_pooled + ((b * tl.num_programs(0) + blk) * HKV + g) * D + dd, mask=dd < D,
+                         other=0.0).to(tl.float32) / count
+    val = tl.zeros([BS, BD], dtype=tl.float32) + block_grad[None, :]
+    if HAS_ACC:
+        val += tl.load(acc + off, mask=mask, other=0.0)
+    val = _rows_on(val, on, b, rows, rmask, T, HAS_ON)
+    tl.store(out + off, val.to(out.dtype.element_ty), mask=mask)
+
+
+def pool_blocks(x: torch.Tensor, block_size: int, rows_on: torch.Tensor | None = None):
+    """``x`` ``[B, T, Hkv, D]`` (any strides) -> ``(x_on, pooled)``: ``x`` with the rows whose ``rows_on`` flag (bool
+    ``[B, T]``) is off zeroed (``x`` itself when no flags are given; else a contiguous copy) and the mean of each
+    block of ``block_size`` rows of it, ``[B, ceil(T / block_size), Hkv, D]`` in ``x``'s dtype (float32 sums over
+    the tokens present, rounded once). One pass, no float32 copy; no autograd (see :func:`unpool_grads`)."""
+    B, T, HKV, D = x.shape
+    NB = -(-T // block_size)
+    flags = row_flags(rows_on, x.shape[:2])
+    x_on = x if flags is None else torch.empty(B, T, HKV, D, device=x.device, dtype=x.dtype)
+    pooled = torch.empty(B, NB, HKV, D, device=x.device, dtype=x.dtype)
+    if NB and B * HKV:
+        _pool_blocks_kernel[(NB, B * HKV)](x, flags if flags is not None else x, x_on, pooled, T, *x.stride(),
+                                           HKV=HKV, D=D, BS=block_size, BD=check_dim(D), HAS_ON=flags is not None,
+                                           WRITE_X=flags is not None, num_warps=4)
+    return x_on, pooled
+
+
+def unpool_grads(d_pooled: torch.Tensor, block_size: int, num_rows: int, acc: torch.Tensor | None = None,
+                 rows_on: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The gradient of ``x`` through :func:`pool_blocks` ``[B, num_rows, Hkv, D]``: each block's gradient
+    ``d_pooled`` ``[B, NB, Hkv, D]`` spread over its tokens, plus ``acc`` (float32 ``[B, num_rows, Hkv, D]``, the
+    gradient ``x_on`` received elsewhere) when given, zero at the rows whose flag is off; float32 sums, rounded
+    once to ``dtype`` (``d_pooled``'s by default)."""
+    B, NB, HKV, D = d_pooled.shape
+    out = torch.empty(B, num_rows, HKV, D, device=d_pooled.device, dtype=dtype or d_pooled.dtype)
+    flags = row_flags(rows_on, out.shape[:2])
+    if NB and B * HKV:
+        _unpool_grads_kernel[(NB, B * HKV)](acc if acc is not None else out, d_pooled.contiguous(),
+                                            flags if flags is not None else out, out, num_rows, HKV=HKV, D=D,
+                                            BS=block_size, BD=check_dim(D), HAS_ACC=acc is not None,
+                                            HAS_ON=flags is not None, num_warps=4)
+    return out
+
+
+class _CompressKV(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, block_size):
+        ctx.cfg = (block_size, x.shape[1])
+        return pool_blocks(x, block_size)[1]
+
+    @staticmethod
+    def backward(ctx, grad):
+        block_size, num_rows = ctx.cfg
+        return unpool_grads(grad, block_size, num_rows), None
 
 
 def compress_kv(x: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Mean-pool ``[B, T, Hkv, D]`` over consecutive blocks -> ``[B, ceil(T / block_size), Hkv, D]``.
-
-    A final partial block is divided by the number of tokens present. Accumulates in float32, returns the
-    input dtype. Differentiable through plain torch ops (a reshape and a sum).
-    """
-    batch, length, heads, dim = x.shape
-    nb = -(-length // block_size)
-    pad = nb * block_size - length
-    xf = x.float()
-    if pad:
-        xf = torch.nn.functional.pad(xf, (0, 0, 0, 0, 0, pad))
-    sums = xf.view(batch, nb, block_size, heads, dim).sum(dim=2)
-    counts = torch.full((nb,), float(block_size), device=x.device, dtype=torch.float32)
-    counts[-1] = float(length - (nb - 1) * block_size)
-    return (sums / counts[None, :, None, None]).to(x.dtype)
+    """Mean-pool ``[B, T, Hkv, D]`` over consecutive blocks -> ``[B, ceil(T / block_size), Hkv, D]``, as
+    ``reference.compress_kv`` (a final partial block divided by the tokens present, float32 sums, the input dtype
+    out); one Triton pass each way (:func:`pool_blocks`)."""
+    return _CompressKV.apply(x, int(block_size))
 
 
 @triton.jit
@@ -270,5 +359,5 @@ def compression_attention(q, k_cmp, v_cmp, block_size, scale=None, num_keys=None
                                               float(scale), num_keys, active_heads)
 
 
-__all__ = ["compress_kv", "compression_attention", "compression_attention_fwd", "compression_attention_bwd",
-           "compression_attention_bwd_kernels"]
+__all__ = ["compress_kv", "pool_blocks", "unpool_grads", "compression_attention", "compression_attention_fwd",
+           "compression_attention_bwd", "compression_attention_bwd_kernels"]

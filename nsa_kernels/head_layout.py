@@ -9,9 +9,7 @@ one pass too:
   ``reference.pad_query`` (``pad_heads`` of the query with the rows whose flag is off zeroed);
 * :func:`fold_query_grads`: padded gradients ``[B, T, P, D]`` of one or more branches -> ``[B, T, H, D]``, the
   gradient of that padding: ``sum_i (g_i[h] + g_i[h + H])``, zero at the flagged-off rows (float32 sums, rounded
-  once);
-* :func:`broadcast_kv_heads`: rows of the kv heads ``[B, T, Hkv, D]`` given to each query head of their group, with
-  row flags (the dense part's running means of the values at the zero-query rows).
+  once).
 """
 
 from __future__ import annotations
@@ -20,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import check_dim, flat_row_tile
+from ._triton_utils import check_dim, flat_row_tile, row_flags
 
 _ROWS = 16  # (token, head) rows per program
 
@@ -62,83 +60,13 @@ def _fold_grads_kernel(g0, g1, g2, qon, out, n_rows, H: tl.constexpr, P: tl.cons
     tl.store(out + off, acc.to(out.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _broadcast_heads_kernel(x, on, out, n_rows, H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
-                            BR: tl.constexpr, BD: tl.constexpr):
-    # out: contiguous [n_rows = B * T * H, D]; x: contiguous [B * T * (H / GROUP), D]; on: int8 [B * T]
-    rows, rmask, off, mask = flat_row_tile(n_rows, D, BR, BD)
-    bt = rows // H
-    src = bt * (H // GROUP) + rows % H // GROUP
-    ok = rmask & (tl.load(on + bt, mask=rmask, other=0) != 0)
-    dd = tl.arange(0, BD)
-    x_rows = tl.load(x + src[:, None] * D + dd[None, :], mask=ok[:, None] & (dd < D)[None, :], other=0.0)
-    tl.store(out + off, x_rows, mask=mask)
-
-
-@triton.jit
-def _sum_heads_kernel(grad, on, out, n_rows, HKV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
-                      BR: tl.constexpr, BD: tl.constexpr):
-    # out: contiguous [n_rows = B * T * HKV, D]; grad: contiguous [B * T * HKV * GROUP, D]; on: int8 [B * T]
-    rows, rmask, off, mask = flat_row_tile(n_rows, D, BR, BD)
-    ok = rmask & (tl.load(on + rows // HKV, mask=rmask, other=0) != 0)
-    acc = tl.zeros([BR, BD], dtype=tl.float32)
-    for j in tl.static_range(GROUP):  # query row (token, kv head * GROUP + j) of each kv-head row
-        acc += tl.load(grad + off + (rows * (GROUP - 1) + j)[:, None] * D, mask=mask & ok[:, None],
-                       other=0.0).to(tl.float32)
-    tl.store(out + off, acc.to(out.dtype.element_ty), mask=mask)
-
-
-class _BroadcastHeads(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, flags):
-        B, T, HKV, D = x.shape
-        x = x.contiguous()
-        out = x.new_empty(B, T, HKV * group, D)
-        n_rows = out.numel() // D
-        if n_rows:
-            _broadcast_heads_kernel[(triton.cdiv(n_rows, _ROWS),)](x, flags, out, n_rows, H=HKV * group, GROUP=group,
-                                                                   D=D, BR=_ROWS, BD=check_dim(D), num_warps=4)
-        ctx.save_for_backward(flags)
-        ctx.group = group
-        ctx.x_shape = x.shape
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        (flags,) = ctx.saved_tensors
-        B, T, HKV, D = ctx.x_shape
-        grad = grad.contiguous()
-        out = grad.new_empty(B, T, HKV, D)
-        n_rows = out.numel() // D
-        if n_rows:
-            _sum_heads_kernel[(triton.cdiv(n_rows, _ROWS),)](grad, flags, out, n_rows, HKV=HKV, GROUP=ctx.group, D=D,
-                                                             BR=_ROWS, BD=check_dim(D), num_warps=4)
-        return out, None, None
-
-
-def broadcast_kv_heads(x: torch.Tensor, group: int, rows_on: torch.Tensor) -> torch.Tensor:
-    """``[B, T, Hkv, D]`` -> ``[B, T, Hkv * group, D]``: query head ``h`` gets kv head ``h // group``'s row, zero
-    at the rows whose ``rows_on`` flag (bool ``[B, T]``) is off. Differentiable in ``x`` (its gradient sums each
-    group's heads, float32, rounded once). One pass each way instead of a broadcasting product over ``[B, T, Hkv,
-    group, D]`` and its reduction."""
-    return _BroadcastHeads.apply(x, int(group), _flags(rows_on, x.shape[:2]))
-
-
-def _flags(rows_on: torch.Tensor | None, shape) -> torch.Tensor | None:
-    if rows_on is None:
-        return None
-    if rows_on.shape != shape:
-        raise ValueError(f"rows_on must be [B, T] = {tuple(shape)}, got {tuple(rows_on.shape)}")
-    return rows_on.to(torch.int8).contiguous()
-
-
 def pad_query(q: torch.Tensor, padded_heads: int, rows_on: torch.Tensor | None = None) -> torch.Tensor:
     """``[B, T, H, D]`` (any strides) -> contiguous ``[B, T, P, D]``: heads ``0..H-1``, the same again, zeros;
     rows whose ``rows_on`` flag (bool ``[B, T]``) is off are zero."""
     B, T, H, D = q.shape
     if padded_heads < 2 * H:
         raise ValueError(f"{padded_heads} padded heads cannot hold two copies of {H} heads")
-    flags = _flags(rows_on, (B, T))
+    flags = row_flags(rows_on, (B, T))
     out = q.new_empty(B, T, padded_heads, D)
     n_rows = out.numel() // D
     if n_rows:
@@ -159,7 +87,7 @@ def fold_query_grads(grads, num_heads: int, rows_on: torch.Tensor | None = None,
     B, T, P, D = grads[0].shape
     if P < 2 * num_heads:
         raise ValueError(f"{P} padded heads cannot hold two copies of {num_heads} heads")
-    flags = _flags(rows_on, (B, T))
+    flags = row_flags(rows_on, (B, T))
     out = grads[0].new_empty(B, T, num_heads, D, dtype=dtype or grads[0].dtype)
     n_rows = out.numel() // D
     if n_rows:
@@ -170,4 +98,4 @@ def fold_query_grads(grads, num_heads: int, rows_on: torch.Tensor | None = None,
     return out
 
 
-__all__ = ["pad_query", "fold_query_grads", "broadcast_kv_heads"]
+__all__ = ["pad_query", "fold_query_grads"]

@@ -430,18 +430,23 @@ def nsa_attention(
     )
 
 
-def nsa_attention_on_model_heads(q, k, v, gates, *, block_count, block_size, window_size, scale, rows_on=None):
+def nsa_attention_on_model_heads(q, k, v, gates, *, block_count, block_size, window_size, scale, rows_on=None,
+                                 keys_on=None):
     """The NSA part of the hybrid layer on the model's query heads (reference-semantics section 4).
 
     Args:
         q: ``[B, Tq, H, D]``; k, v: ``[B, Tk, Hkv, D]``; gates: ``[B, Tq, P, 3]`` on the padded layout
             (:func:`nsa_head_layout`); rows_on: bool ``[B, Tq]`` or None: the rows whose flag is off get a zero
-            query (the mixed path's text rows).
+            query (the mixed path's text rows); keys_on: bool ``[B, Tk]`` or None: the key rows whose flag is off
+            get a zero key and value (the mixed path's text keys).
 
     Returns:
-        ``[B, Tq, H, D]``: :func:`nsa_attention` of ``pad_heads(q)`` (masked by ``rows_on``) with ``fold_to=H``.
+        ``[B, Tq, H, D]``: :func:`nsa_attention` of ``pad_heads(q)`` (masked by ``rows_on``) over ``k``, ``v``
+        (masked by ``keys_on``) with ``fold_to=H``.
     """
     padded_heads, _ = nsa_head_layout(q.shape[2], k.shape[2])
+    if keys_on is not None:
+        k, v = k * keys_on[:, :, None, None], v * keys_on[:, :, None, None]
     return nsa_attention(pad_query(q, padded_heads, rows_on), k, v, gates, block_count=block_count,
                          block_size=block_size, window_size=window_size, scale=scale, fold_to=q.shape[2])
 
@@ -664,9 +669,9 @@ def hybrid_attention(
             64-head query, gates and branch outputs exist for one chunk at a time. Same values.
         nsa_branches: the backend's NSA steps for the chunked NSA part (this module's by default).
         nsa_heads_fn: when given, computes the NSA part of a pass without intermediates in place of ``nsa_fn``, on
-            the model's heads: :func:`nsa_attention_on_model_heads` signature (the unmasked query and the mixed
-            path's query rows as ``rows_on``), so that a backend lays out the padded query (and folds its gradient)
-            its own way.
+            the model's heads: :func:`nsa_attention_on_model_heads` signature (the unmasked query, keys and values,
+            and the mixed path's vision rows as ``rows_on`` and ``keys_on``), so that a backend lays out the padded
+            query and the masked keys (and folds their gradients) its own way.
 
     Returns:
         ``[B, Tq, Hq, D]`` (the input of ``o_proj``); with ``return_intermediates``, also a list with one dict
@@ -734,15 +739,19 @@ def hybrid_attention(
             _add_nsa_in_chunks(out[b], rows, q_b, k_b, v_b, logits, vision, mixed_samples[b], padded_heads,
                                query_chunk, nsa_branches, nsa_kwargs)
             continue
-        rows_on = None  # the query is masked where it is laid out as the padded heads (pad_query)
+        # the mixed path's text rows are masked where the NSA part lays out its inputs: the query's by
+        # pad_query, the keys' and values' by nsa_heads_fn (keys_on) or here
+        rows_on = keys_on = None
         if mixed_samples[b]:
             query_vision_b = vision[-q_b.shape[1] :]
-            rows_on = query_vision_b[None]
-            _, k_b, v_b, logits = mask_mixed_inputs(None, k_b, v_b, logits, query_vision_b, vision)
+            rows_on, keys_on = query_vision_b[None], vision[None]
+            logits = _vision_rows(logits, query_vision_b)
         gates = pad_heads(torch.sigmoid(logits), padded_heads)
         if nsa_heads_fn is not None and not return_intermediates:
-            result = nsa_heads_fn(q_b, k_b, v_b, gates, rows_on=rows_on, **nsa_kwargs)
+            result = nsa_heads_fn(q_b, k_b, v_b, gates, rows_on=rows_on, keys_on=keys_on, **nsa_kwargs)
         else:
+            if keys_on is not None:
+                k_b, v_b = _vision_rows(k_b, vision), _vision_rows(v_b, vision)
             result = nsa_fn(pad_query(q_b, padded_heads, rows_on), k_b, v_b, gates, **nsa_kwargs, fold_to=num_heads,
                             **({"return_intermediates": True} if return_intermediates else {}))
         nsa_out, extra = result if return_intermediates else (result, None)

@@ -335,18 +335,23 @@ def _invert(bi, Tq, Tk, HKV, S, block_size, OFF, item_rows, group_class, num_cla
     B = bi.shape[0]
     NB = -(-Tk // block_size)
     dev = bi.device
-    idx = bi.long()
-    pos = torch.arange(Tq, device=dev) + OFF
-    cls = torch.tensor(group_class, device=dev)[None, None, :, None]
+    # int32 slots: the radix sort runs half the passes of int64 keys; the lists' bounds come from the sorted slots
+    # by binary search (an atomic histogram of millions of entries took longer than the sort)
+    i32 = torch.int32
+    idx = bi.to(i32)
+    pos = torch.arange(Tq, device=dev, dtype=i32) + OFF
+    cls = torch.tensor(group_class, device=dev, dtype=i32)[None, None, :, None]
     valid = (idx >= 0) & (idx * block_size <= pos[None, :, None, None]) & (cls >= 0)
-    bg = (torch.arange(B, device=dev)[:, None] * HKV + torch.arange(HKV, device=dev)[None, :])[:, None, :, None]
+    bg = (torch.arange(B, device=dev, dtype=i32)[:, None] * HKV +
+          torch.arange(HKV, device=dev, dtype=i32)[None, :])[:, None, :, None]
     n_keys = B * HKV * NB
     n_slots = num_classes * n_keys  # slot = class * n_keys + key: class-major order
     slots = torch.where(valid, cls * n_keys + bg * NB + idx, n_slots).flatten()
-    _, perm = torch.sort(slots, stable=True)
+    sorted_slots, perm = torch.sort(slots, stable=True)
     rows = (perm // (HKV * S)) % Tq
-    counts = torch.bincount(slots, minlength=n_slots + 1)[:n_slots]
-    offsets = torch.cumsum(counts, 0) - counts
+    bounds = torch.searchsorted(sorted_slots, torch.arange(n_slots + 1, device=dev, dtype=i32))
+    offsets = bounds[:-1]
+    counts = bounds[1:] - offsets
     n_items = (counts + item_rows - 1) // item_rows
     class_items = n_items.view(num_classes, n_keys).sum(1).tolist()
     total = sum(class_items)
@@ -355,7 +360,6 @@ def _invert(bi, Tq, Tk, HKV, S, block_size, OFF, item_rows, group_class, num_cla
     within = torch.arange(total, device=dev) - first_item[item_slot]
     item_start = offsets[item_slot] + within * item_rows
     item_end = torch.minimum(item_start + item_rows, offsets[item_slot] + counts[item_slot])
-    i32 = torch.int32
     return (item_slot.remainder(n_keys).to(i32).contiguous(), item_start.to(i32).contiguous(),
             item_end.to(i32).contiguous(), rows.to(i32).contiguous(), NB, class_items)
 

@@ -22,9 +22,11 @@ import torch
 
 from . import reference as _ref
 from ._triton_utils import DEFAULT_LAUNCH, LaunchSettings
-from .compression import compress_kv, compression_attention, compression_attention_bwd, compression_attention_fwd
+from .compression import (compress_kv, compression_attention, compression_attention_bwd_kernels,
+                          compression_attention_fwd, pool_blocks, unpool_grads)
 from .gate_mix import mix_branches, mix_bwd, mix_fwd
-from .head_layout import broadcast_kv_heads, fold_query_grads, pad_query
+from .head_layout import fold_query_grads, pad_query
+from .running_mean import running_means
 from .selected_attention import selected_attention, selected_attention_bwd, selected_attention_fwd
 from .selection import select_blocks as _select_blocks
 from .window_attention import band_attention, band_attention_bwd, band_attention_fwd, window_attention
@@ -93,73 +95,79 @@ class _NSAOnModelHeads(torch.autograd.Function):
     """The NSA part of the hybrid layer as one autograd node (see :func:`nsa_attention_on_model_heads`).
 
     Forward: the model's query is laid out as the padded heads, text rows zeroed, in one pass
-    (:func:`head_layout.pad_query`), the three branches run on it and the mix folds the heads back. Backward: the
-    mix's backward also gives each branch its softmax-backward term, the selected and window branches add dk/dv into
-    one float32 pair, and the three padded dq come back to the model's heads in one pass
-    (:func:`head_layout.fold_query_grads`)."""
+    (:func:`head_layout.pad_query`); keys and values get their text rows zeroed and their block means in one pass
+    each (:func:`compression.pool_blocks`); the three branches run on them and the mix folds the heads back.
+    Backward: the mix's backward also gives each branch its softmax-backward term, the selected and window branches
+    add dk/dv into one float32 pair, the compression branch's block gradients are spread over the blocks' tokens and
+    added to it in one pass each (:func:`compression.unpool_grads`), and the three padded dq come back to the
+    model's heads in one pass (:func:`head_layout.fold_query_grads`)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, k_cmp, v_cmp, gates, rows_on, block_count, block_size, window_size, scale, padded_heads,
+    def forward(ctx, q, k, v, gates, rows_on, keys_on, block_count, block_size, window_size, scale, padded_heads,
                 active, launch):
         num_keys, num_rows, heads = k.shape[1], q.shape[1], q.shape[2]
         q_pad = pad_query(q, padded_heads, rows_on)
+        k_on, k_cmp = pool_blocks(k, block_size, keys_on)
+        v_on, v_cmp = pool_blocks(v, block_size, keys_on)
         o_cmp, lse_cmp = compression_attention_fwd(q_pad, k_cmp, v_cmp, block_size, scale, num_keys, active, launch)
         block_indices = _select_blocks(q_pad, k_cmp, lse_cmp, block_count, block_size, scale, num_keys, 0, launch)
-        o_slc, lse_slc = selected_attention_fwd(q_pad, k, v, block_indices, block_size, scale,
+        o_slc, lse_slc = selected_attention_fwd(q_pad, k_on, v_on, block_indices, block_size, scale,
                                                 launch.selected_schedule(num_rows), launch)
-        o_swd, lse_swd = band_attention_fwd(q_pad, k, v, scale, window_size, None, None, active, launch)
-        ctx.save_for_backward(q_pad, k, v, k_cmp, v_cmp, gates, rows_on, o_cmp, lse_cmp, block_indices, o_slc,
-                              lse_slc, o_swd, lse_swd)
-        ctx.cfg = (block_size, window_size, scale, active, launch, heads, q.dtype)
+        o_swd, lse_swd = band_attention_fwd(q_pad, k_on, v_on, scale, window_size, None, None, active, launch)
+        ctx.save_for_backward(q_pad, k_on, v_on, k_cmp, v_cmp, gates, rows_on, keys_on, o_cmp, lse_cmp,
+                              block_indices, o_slc, lse_slc, o_swd, lse_swd)
+        ctx.cfg = (block_size, window_size, scale, active, launch, heads, q.dtype, k.dtype)
         return mix_fwd(o_cmp, o_slc, o_swd, gates, heads)
 
     @staticmethod
     def backward(ctx, dout):
-        (q_pad, k, v, k_cmp, v_cmp, gates, rows_on, o_cmp, lse_cmp, block_indices, o_slc, lse_slc, o_swd,
-         lse_swd) = ctx.saved_tensors
-        block_size, window_size, scale, active, launch, heads, dtype = ctx.cfg
-        num_keys = k.shape[1]
+        (q_pad, k_on, v_on, k_cmp, v_cmp, gates, rows_on, keys_on, o_cmp, lse_cmp, block_indices, o_slc, lse_slc,
+         o_swd, lse_swd) = ctx.saved_tensors
+        block_size, window_size, scale, active, launch, heads, q_dtype, kv_dtype = ctx.cfg
+        num_keys = k_on.shape[1]
         d_cmp, d_slc, d_swd, dgates, (delta_cmp, delta_slc, delta_swd) = mix_bwd(
             o_cmp, o_slc, o_swd, gates, dout, fold_to=heads, deltas=True)
-        dq_cmp, dk_cmp, dv_cmp = compression_attention_bwd(q_pad, k_cmp, v_cmp, o_cmp, lse_cmp, d_cmp, block_size,
-                                                           scale, num_keys, active, launch, delta_cmp)
+        run_dq, run_dkv, (dq_cmp, dk_cmp, dv_cmp) = compression_attention_bwd_kernels(
+            q_pad, k_cmp, v_cmp, o_cmp, lse_cmp, d_cmp, block_size, scale, num_keys, active, launch, delta_cmp)
+        run_dq()
+        run_dkv()
         del d_cmp
-        dq_slc, dk, dv = selected_attention_bwd(q_pad, k, v, block_indices, o_slc, lse_slc, d_slc, block_size, scale,
-                                                launch=launch, active_heads=active, delta=delta_slc)
+        dq_slc, dk, dv = selected_attention_bwd(q_pad, k_on, v_on, block_indices, o_slc, lse_slc, d_slc, block_size,
+                                                scale, launch=launch, active_heads=active, delta=delta_slc)
         del d_slc
-        dq_swd, dk, dv = band_attention_bwd(q_pad, k, v, o_swd, lse_swd, d_swd, scale, window_size, None, None,
+        dq_swd, dk, dv = band_attention_bwd(q_pad, k_on, v_on, o_swd, lse_swd, d_swd, scale, window_size, None, None,
                                             active, dk, dv, launch, delta_swd)
         del d_swd
-        dq = fold_query_grads([dq_cmp, dq_slc, dq_swd], heads, rows_on, dtype)
-        return (dq, dk.to(k.dtype), dv.to(v.dtype), dk_cmp, dv_cmp, dgates.to(gates.dtype), None, None, None, None,
-                None, None, None, None)
+        dq = fold_query_grads([dq_cmp, dq_slc, dq_swd], heads, rows_on, q_dtype)
+        dk = unpool_grads(dk_cmp, block_size, num_keys, dk, keys_on, kv_dtype)
+        dv = unpool_grads(dv_cmp, block_size, num_keys, dv, keys_on, kv_dtype)
+        return (dq, dk, dv, dgates.to(gates.dtype), None, None, None, None, None, None, None, None, None)
 
 
 def nsa_attention_on_model_heads(q, k, v, gates, *, block_count, block_size, window_size, scale, rows_on=None,
-                                 launch=DEFAULT_LAUNCH):
+                                 keys_on=None, launch=DEFAULT_LAUNCH):
     """The NSA part of the hybrid layer on the model's query heads: ``reference.nsa_attention_on_model_heads``.
 
     Args:
-        q: ``[B, Tq, H, D]`` (any strides), the model's query; k, v: ``[B, Tk, Hkv, D]``; gates: ``[B, Tq, P, 3]``
-            on the padded layout (``P`` from ``reference.nsa_head_layout``); rows_on: bool ``[B, Tq]`` or None,
-            the query rows that keep their query (the others take the NSA of a zero query, as the mixed path's
-            masked query does).
+        q: ``[B, Tq, H, D]`` (any strides), the model's query; k, v: ``[B, Tk, Hkv, D]`` (any strides); gates:
+            ``[B, Tq, P, 3]`` on the padded layout (``P`` from ``reference.nsa_head_layout``); rows_on: bool
+            ``[B, Tq]`` or None, the query rows that keep their query (the others take the NSA of a zero query, as
+            the mixed path's masked query does); keys_on: bool ``[B, Tk]`` or None, the key rows that keep their
+            key and value (the others are zero, as the mixed path's masked keys and values).
 
     Returns:
-        ``[B, Tq, H, D]``, equal to ``nsa_attention(pad_heads(q * rows_on), k, v, gates, ..., fold_to=H)`` and with
-        the same gradients; the padded query is written once (no masked copy, no concatenation) and its gradient
-        comes back from the three branches in one pass. The padded heads past ``2H`` (zero query, zero gates) are
-        not computed.
+        ``[B, Tq, H, D]``, equal to ``nsa_attention(pad_heads(q * rows_on), k * keys_on, v * keys_on, gates, ...,
+        fold_to=H)`` and with the same gradients; the padded query is written once (no masked copy, no
+        concatenation) and its gradient comes back from the three branches in one pass; keys and values are masked
+        and pooled in one pass each way. The padded heads past ``2H`` (zero query, zero gates) are not computed.
     """
     heads = q.shape[2]
     padded_heads, _ = _ref.nsa_head_layout(heads, k.shape[2])
     if gates.shape != (*q.shape[:2], padded_heads, 3):
         raise ValueError(f"gates must be [B, Tq, {padded_heads}, 3] on the padded layout of {heads} heads, got "
                          f"{tuple(gates.shape)}")
-    k_cmp, v_cmp = compress_kv(k, block_size), compress_kv(v, block_size)
-    return _NSAOnModelHeads.apply(q, k, v, k_cmp.contiguous(), v_cmp.contiguous(), gates.to(q.dtype).contiguous(),
-                                  rows_on, int(block_count), int(block_size), int(window_size), float(scale),
-                                  padded_heads, 2 * heads, launch)
+    return _NSAOnModelHeads.apply(q, k, v, gates.to(q.dtype).contiguous(), rows_on, keys_on, int(block_count),
+                                  int(block_size), int(window_size), float(scale), padded_heads, 2 * heads, launch)
 
 
 # rows per step of the elementwise work on [Tq, H, D] tensors in a pass without gradients (bounded temporaries)
@@ -175,31 +183,6 @@ def _zero_rows(q_t: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         parts = [(q_t[:, a:e] == 0).flatten(2).all(dim=2) for a, e in _row_spans(q_t.shape[1], _ROW_STEP)]
     return torch.cat(parts, dim=1) if parts else q_t.new_zeros(q_t.shape[:2], dtype=torch.bool)
-
-
-def _prefix_means(v_t: torch.Tensor, key_valid: torch.Tensor | None, group: int):
-    """Running mean of the visible values as a function of rows: ``v_t`` ``[B, Tk, Hkv, D]`` ->
-    ``means(rows_pos, rows_on)`` giving ``[B, len(rows_pos), Hkv * group, D]`` in ``v_t``'s dtype (float32 sums,
-    rounded once), zero at the rows where ``rows_on`` (bool ``[B, len(rows_pos)]``) is off. The query heads of a
-    kv head are written in one pass (``head_layout.broadcast_kv_heads``): no float32 or per-head copy exists beside
-    the result."""
-    vf = v_t.float()
-    if key_valid is not None:
-        w = key_valid.to(torch.float32)
-        vf = vf * w[:, :, None, None]
-        counts = torch.cumsum(w, dim=1)
-    else:
-        counts = None
-    # scan along the innermost axis: CUDA's scan over an outer axis runs one thread per column, far slower
-    sums = torch.cumsum(vf.permute(0, 2, 3, 1).contiguous(), dim=-1).permute(0, 3, 1, 2)
-    del vf
-
-    def means(rows_pos, rows_on):
-        rows_count = (rows_pos + 1).to(torch.float32)[None, :] if counts is None else counts[:, rows_pos]
-        mean = (sums[:, rows_pos] / rows_count.clamp_min(1.0)[:, :, None, None]).to(v_t.dtype)
-        return broadcast_kv_heads(mean, group, rows_on)
-
-    return means
 
 
 def dense_attention(q, k, v, scale, key_padding_mask=None, zero_rows=None):
@@ -233,14 +216,14 @@ def dense_attention(q, k, v, scale, key_padding_mask=None, zero_rows=None):
     # one host sync for both sizes, before any attention work of this call is queued
     n_att, any_means, all_attend = (torch.stack([attend.sum(dim=1).max(), means_needed.any(), attend.all()]).tolist()
                                     if Tq else (0, False, True))
-    means = _prefix_means(v_t, key_padding_mask, group) if any_means else None
+    means = running_means(v_t, key_padding_mask, group) if any_means else None
     means_first = any_means and not in_place and n_att < Tq  # the means make the output, attending rows added
     if n_att == Tq:  # some sample attends with every row: run all rows in place of a gather
         out = band_attention(q_t, k_t, v_t, scale, None, None, key_padding_mask)
         if not all_attend:
             out = out.mul_(attend[:, :, None, None]) if in_place else out * attend[:, :, None, None]
     elif means_first:  # zero at the attending rows
-        out = means(pos_all, means_needed)
+        out = means(Tk - Tq, Tk, means_needed)
     else:
         out = torch.zeros(B, Tq, Hq, D, device=dev, dtype=q.dtype)
     if 0 < n_att < Tq:
@@ -257,9 +240,9 @@ def dense_attention(q, k, v, scale, key_padding_mask=None, zero_rows=None):
     if any_means and not means_first:
         if in_place:
             for a, e in _row_spans(Tq, _ROW_STEP):
-                out[:, a:e] += means(pos_all[a:e], means_needed[:, a:e])
+                out[:, a:e] += means(Tk - Tq + a, Tk - Tq + e, means_needed[:, a:e])
         else:
-            out = out + means(pos_all, means_needed)
+            out = out + means(Tk - Tq, Tk, means_needed)
     return out
 
 

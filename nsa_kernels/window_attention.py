@@ -7,9 +7,15 @@ array for gathered rows, ``-1`` marking an empty padding row) of head ``h`` atte
 are all-zero queries with zero gates: they are not computed (output 0, no gradient).
 
 A row that sees no key (padding rows) outputs 0.
+
+When the row tiles are too few to fill the GPU (the dense part's text rows, a handful of tiles over the whole
+sequence; one decoded row), each row tile's keys are split into runs of whole key tiles, one program each, and
+the partial softmax states (forward) or partial ``dq`` (backward) are combined afterwards (:func:`key_splits`).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -49,22 +55,37 @@ def _band_visible(cols, pos, W, b, Tk, cmask, kvalid_ptr, HAS_KVALID: tl.constex
 
 
 @triton.jit
+def _split_range(lo, hi, BN: tl.constexpr, SPLIT: tl.constexpr):
+    """This program's part of the key range ``[lo, hi)``: all of it, or with ``SPLIT`` the ``program_id(2)``-th of
+    ``num_programs(2)`` runs of whole key tiles (so each tile is cut as without splits)."""
+    if SPLIT:
+        per = tl.cdiv(tl.cdiv(tl.maximum(hi - lo, 0), tl.num_programs(2)), BN) * BN
+        lo = lo + tl.program_id(2) * per
+        hi = tl.minimum(hi, lo + per)
+    return lo, hi
+
+
+@triton.jit
 def _band_fwd_kernel(
-    q, k, v, o, lse, pos_ptr, kvalid_ptr,
+    q, k, v, o, lse, part_acc, part_stats, pos_ptr, kvalid_ptr,
     sqb, sqt, sqh, sqd,
     skb, skt, skh, skd,
     svb, svt, svh, svd,
-    Tq, Tk, OFF, W, H_ACTIVE, qk_scale,
+    Tq, Tk, OFF, W, H_ACTIVE, qk_scale, split_stride,
     H: tl.constexpr, HKV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
-    HAS_POS: tl.constexpr, HAS_KVALID: tl.constexpr, WIDE: tl.constexpr,
+    HAS_POS: tl.constexpr, HAS_KVALID: tl.constexpr, WIDE: tl.constexpr, SPLIT: tl.constexpr,
 ):
+    # SPLIT: write the unnormalised state of this program's keys (part_acc float32 [S, B, Tq, H, D], part_stats
+    # float32 [S, 2, B, Tq, H] holding m and l, split_stride = B * Tq * H) for _band_combine_kernel
     b, h, g, rows, rmask, dd, dmask, io_mask = row_tile_program(Tq, H, GROUP, D, BM, BD, WIDE)
     o_ptr = o + head_rows_offsets(b, h, rows, dd, Tq, H, D)
     if h >= H_ACTIVE:
-        tl.store(o_ptr, tl.zeros([BM, BD], dtype=o.dtype.element_ty), mask=io_mask)
+        if not SPLIT:  # with splits the combine writes the zeros
+            tl.store(o_ptr, tl.zeros([BM, BD], dtype=o.dtype.element_ty), mask=io_mask)
     else:
         pos, lo, hi = _band_rows(pos_ptr, b, rows, rmask, Tq, Tk, OFF, W, HAS_POS)
+        lo, hi = _split_range(lo, hi, BN, SPLIT)
         bq = load_head_rows(q, b, h, rows, dd, io_mask, sqb, sqt, sqh, sqd)
         m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BM], dtype=tl.float32)
@@ -75,10 +96,47 @@ def _band_fwd_kernel(
             bk, bv = load_kv_tile(k, v, b, g, cols, cmask, dd, dmask, skb, skt, skh, skd, svb, svt, svh, svd)
             vis = _band_visible(cols, pos, W, b, Tk, cmask, kvalid_ptr, HAS_KVALID)
             m_i, l_i, acc = online_softmax_step(bq, bk, bv, vis, m_i, l_i, acc, qk_scale, PREC)
+        if SPLIT:
+            split = tl.program_id(2)
+            stat_off = (b * Tq + rows) * H + h
+            tl.store(part_acc + split * split_stride * D + head_rows_offsets(b, h, rows, dd, Tq, H, D), acc,
+                     mask=io_mask)
+            tl.store(part_stats + 2 * split * split_stride + stat_off, m_i, mask=rmask)
+            tl.store(part_stats + (2 * split + 1) * split_stride + stat_off, l_i, mask=rmask)
+        else:
+            empty = l_i == 0.0
+            out = acc / tl.where(empty, 1.0, l_i)[:, None]
+            tl.store(o_ptr, out.to(o.dtype.element_ty), mask=io_mask)
+            tl.store(lse + (b * Tq + rows) * H + h, tl.where(empty, float("inf"), m_i + tl.log2(l_i)), mask=rmask)
+
+
+@triton.jit
+def _band_combine_kernel(
+    part_acc, part_stats, o, lse, Tq, H_ACTIVE, n_splits, split_stride,
+    H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, WIDE: tl.constexpr,
+):
+    """Output and base-2 log-sum-exp of each row from the split programs' states (layout in _band_fwd_kernel)."""
+    b, h, g, rows, rmask, dd, dmask, io_mask = row_tile_program(Tq, H, 1, D, BM, BD, WIDE)
+    row_off = head_rows_offsets(b, h, rows, dd, Tq, H, D)
+    if h >= H_ACTIVE:
+        tl.store(o + row_off, tl.zeros([BM, BD], dtype=o.dtype.element_ty), mask=io_mask)
+    else:
+        stat_off = (b * Tq + rows) * H + h
+        m = tl.full([BM], float("-inf"), dtype=tl.float32)
+        for split in range(0, n_splits):
+            m = tl.maximum(m, tl.load(part_stats + 2 * split * split_stride + stat_off, mask=rmask,
+                                      other=float("-inf")))
+        m_use = tl.where(m == float("-inf"), 0.0, m)
+        l_i = tl.zeros([BM], dtype=tl.float32)
+        acc = tl.zeros([BM, BD], dtype=tl.float32)
+        for split in range(0, n_splits):
+            m_s = tl.load(part_stats + 2 * split * split_stride + stat_off, mask=rmask, other=float("-inf"))
+            alpha = tl.exp2(m_s - m_use)
+            l_i += alpha * tl.load(part_stats + (2 * split + 1) * split_stride + stat_off, mask=rmask, other=0.0)
+            acc += alpha[:, None] * tl.load(part_acc + split * split_stride * D + row_off, mask=io_mask, other=0.0)
         empty = l_i == 0.0
-        out = acc / tl.where(empty, 1.0, l_i)[:, None]
-        tl.store(o_ptr, out.to(o.dtype.element_ty), mask=io_mask)
-        tl.store(lse + (b * Tq + rows) * H + h, tl.where(empty, float("inf"), m_i + tl.log2(l_i)), mask=rmask)
+        tl.store(o + row_off, (acc / tl.where(empty, 1.0, l_i)[:, None]).to(o.dtype.element_ty), mask=io_mask)
+        tl.store(lse + stat_off, tl.where(empty, float("inf"), m + tl.log2(l_i)), mask=rmask)
 
 
 @triton.jit
@@ -87,17 +145,21 @@ def _band_bwd_dq_kernel(
     sqb, sqt, sqh, sqd,
     skb, skt, skh, skd,
     svb, svt, svh, svd,
-    Tq, Tk, OFF, W, H_ACTIVE, qk_scale, scale,
+    Tq, Tk, OFF, W, H_ACTIVE, qk_scale, scale, split_stride,
     H: tl.constexpr, HKV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
-    HAS_POS: tl.constexpr, HAS_KVALID: tl.constexpr, WIDE: tl.constexpr,
+    HAS_POS: tl.constexpr, HAS_KVALID: tl.constexpr, WIDE: tl.constexpr, SPLIT: tl.constexpr,
 ):
+    # SPLIT: dq is float32 [S, B, Tq, H, D] (split_stride = B * Tq * H), each split's part of the sum over keys
     b, h, g, rows, rmask, dd, dmask, io_mask = row_tile_program(Tq, H, GROUP, D, BM, BD, WIDE)
     row_off = head_rows_offsets(b, h, rows, dd, Tq, H, D)
+    if SPLIT:
+        dq += tl.program_id(2) * split_stride * D
     if h >= H_ACTIVE:
         tl.store(dq + row_off, tl.zeros([BM, BD], dtype=dq.dtype.element_ty), mask=io_mask)
     else:
         pos, lo, hi = _band_rows(pos_ptr, b, rows, rmask, Tq, Tk, OFF, W, HAS_POS)
+        lo, hi = _split_range(lo, hi, BN, SPLIT)
         bq = load_head_rows(q, b, h, rows, dd, io_mask, sqb, sqt, sqh, sqd)
         bdo = tl.load(do + row_off, mask=io_mask, other=0.0)
         lse2 = tl.load(lse + (b * Tq + rows) * H + h, mask=rmask, other=float("inf"))
@@ -178,7 +240,24 @@ def _band_bwd_dkv_kernel(
     tl.store(dv + out_off, dv_acc, mask=kv_mask)
 
 
-def _prep(q, k, window, positions, key_valid, active_heads):
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def key_splits(row_programs: int, key_tiles: int, device: torch.device, launch=DEFAULT_LAUNCH) -> int:
+    """Programs per row tile, each over a run of its ``key_tiles`` key tiles: 1 when the ``row_programs`` row
+    tiles fill the GPU (``launch.band_programs_per_sm`` per SM), else as many as get there, at least 8 key tiles
+    each. Off the GPU (the interpreter) 1."""
+    if device.type != "cuda":
+        return 1
+    target = launch.band_programs_per_sm * _sm_count(device.index if device.index is not None else 0)
+    if row_programs >= target:
+        return 1
+    return max(1, min(triton.cdiv(target, row_programs), key_tiles // 8))
+
+
+def _prep(q, k, window, positions, key_valid, active_heads, splits, launch):
     B, Tq, H, D = q.shape
     Tk, HKV = k.shape[1], k.shape[2]
     if H % HKV:
@@ -191,101 +270,126 @@ def _prep(q, k, window, positions, key_valid, active_heads):
     bm, bn = 64, 64
     if bd > 128:
         bm, bn = 32, 32
-    return B, Tq, H, D, Tk, HKV, W, pos, kvalid, active, bd, bm, bn
+    row_programs = triton.cdiv(Tq, bm) * B * H
+    if splits is None:
+        splits = key_splits(row_programs, triton.cdiv(min(Tk, W + bm - 1), bn), q.device, launch)
+    elif splits < 1:
+        raise ValueError(f"key_splits must be at least 1, got {splits}")
+    return B, Tq, H, D, Tk, HKV, W, pos, kvalid, active, bd, bm, bn, int(splits)
 
 
 def band_attention_fwd(q, k, v, scale, window=None, positions=None, key_valid=None, active_heads=None,
-                       launch=DEFAULT_LAUNCH):
+                       launch=DEFAULT_LAUNCH, key_splits=None):
     """q ``[B, Tq, H, D]``, k/v ``[B, Tk, Hkv, D]`` (any strides). Returns ``(o [B, Tq, H, D], lse2)``,
-    ``lse2`` the base-2 log-sum-exp ``[B, Tq, H]`` float32 (``inf`` for empty rows)."""
-    B, Tq, H, D, Tk, HKV, W, pos, kvalid, active, bd, bm, bn = _prep(q, k, window, positions, key_valid,
-                                                                      active_heads)
+    ``lse2`` the base-2 log-sum-exp ``[B, Tq, H]`` float32 (``inf`` for empty rows). ``key_splits``: programs
+    per row tile over its keys (chosen by :func:`key_splits` when None)."""
+    B, Tq, H, D, Tk, HKV, W, pos, kvalid, active, bd, bm, bn, splits = _prep(q, k, window, positions, key_valid,
+                                                                              active_heads, key_splits, launch)
     o = torch.empty(B, Tq, H, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, Tq, H, device=q.device, dtype=torch.float32)
+    split = splits > 1
+    part_acc = torch.empty(splits, B, Tq, H, D, device=q.device, dtype=torch.float32) if split else o
+    part_stats = torch.empty(splits, 2, B, Tq, H, device=q.device, dtype=torch.float32) if split else o
+    wide = wide_offsets(q, k, v, o, part_acc)
     dummy = o
-    _band_fwd_kernel[(triton.cdiv(Tq, bm), B * H)](
-        q, k, v, o, lse, pos if pos is not None else dummy, kvalid if kvalid is not None else dummy,
-        *q.stride(), *k.stride(), *v.stride(), Tq, Tk, Tk - Tq, W, active, scale * LOG2E,
+    _band_fwd_kernel[(triton.cdiv(Tq, bm), B * H, splits)](
+        q, k, v, o, lse, part_acc, part_stats, pos if pos is not None else dummy,
+        kvalid if kvalid is not None else dummy,
+        *q.stride(), *k.stride(), *v.stride(), Tq, Tk, Tk - Tq, W, active, scale * LOG2E, B * Tq * H,
         H=H, HKV=HKV, GROUP=H // HKV, D=D, BM=bm, BN=bn, BD=bd, PREC=dot_precision(q.dtype),
-        HAS_POS=pos is not None, HAS_KVALID=kvalid is not None, WIDE=wide_offsets(q, k, v, o),
+        HAS_POS=pos is not None, HAS_KVALID=kvalid is not None, WIDE=wide, SPLIT=split,
         num_warps=launch.attention_warps, num_stages=2,
     )
+    if split:
+        _band_combine_kernel[(triton.cdiv(Tq, bm), B * H)](part_acc, part_stats, o, lse, Tq, active, splits,
+                                                            B * Tq * H, H=H, D=D, BM=bm, BD=bd, WIDE=wide,
+                                                            num_warps=4)
     return o, lse
 
 
 def band_attention_bwd(q, k, v, o, lse, do, scale, window=None, positions=None, key_valid=None,
-                       active_heads=None, dk_acc=None, dv_acc=None, launch=DEFAULT_LAUNCH, delta=None):
+                       active_heads=None, dk_acc=None, dv_acc=None, launch=DEFAULT_LAUNCH, delta=None,
+                       key_splits=None):
     """Returns ``dq`` (q dtype) and float32 ``dk``, ``dv`` (added into ``dk_acc``/``dv_acc`` when given).
     ``delta``: ``<o, do>`` ``[B, Tq, H]`` float32 when already known (computed here otherwise)."""
     run_dq, run_dkv, grads = band_attention_bwd_kernels(q, k, v, o, lse, do, scale, window, positions, key_valid,
-                                                        active_heads, dk_acc, dv_acc, launch, delta)
+                                                        active_heads, dk_acc, dv_acc, launch, delta, key_splits)
     run_dq()
     run_dkv()
     return grads
 
 
 def band_attention_bwd_kernels(q, k, v, o, lse, do, scale, window=None, positions=None, key_valid=None,
-                               active_heads=None, dk_acc=None, dv_acc=None, launch=DEFAULT_LAUNCH, delta=None):
+                               active_heads=None, dk_acc=None, dv_acc=None, launch=DEFAULT_LAUNCH, delta=None,
+                               key_splits=None):
     """The backward as two launches: ``(run_dq, run_dkv, (dq, dk, dv))``, each ``run_*`` a no-argument call that
-    fills its buffers. :func:`band_attention_bwd` runs both; timing runs each."""
-    B, Tq, H, D, Tk, HKV, W, pos, kvalid, active, bd, bm, bn = _prep(q, k, window, positions, key_valid,
-                                                                      active_heads)
+    fills its buffers. :func:`band_attention_bwd` runs both; timing runs each. ``dq`` is split over keys as the
+    forward (``key_splits``), its parts summed in float32."""
+    B, Tq, H, D, Tk, HKV, W, pos, kvalid, active, bd, bm, bn, splits = _prep(q, k, window, positions, key_valid,
+                                                                              active_heads, key_splits, launch)
     do = do.contiguous()
     delta = attention_delta(o, do) if delta is None else delta  # [B, Tq, H]
     dq = torch.empty(B, Tq, H, D, device=q.device, dtype=q.dtype)
+    dq_parts = torch.empty(splits, B, Tq, H, D, device=q.device, dtype=torch.float32) if splits > 1 else dq
     accumulate = dk_acc is not None
     dk = dk_acc if accumulate else torch.empty(B, Tk, HKV, D, device=q.device, dtype=torch.float32)
     dv = dv_acc if accumulate else torch.empty(B, Tk, HKV, D, device=q.device, dtype=torch.float32)
     dummy = dq
     common = dict(H=H, HKV=HKV, GROUP=H // HKV, D=D, BM=bm, BN=bn, BD=bd, PREC=dot_precision(q.dtype),
-                  HAS_POS=pos is not None, HAS_KVALID=kvalid is not None, WIDE=wide_offsets(q, k, v, do), num_stages=2)
+                  HAS_POS=pos is not None, HAS_KVALID=kvalid is not None, num_stages=2)
     flags = (pos if pos is not None else dummy, kvalid if kvalid is not None else dummy)
     kv_strides = (*k.stride(), *v.stride())
     scalars = (Tq, Tk, Tk - Tq, W, active, scale * LOG2E, scale)
 
     def run_dq():
-        _band_bwd_dq_kernel[(triton.cdiv(Tq, bm), B * H)](q, k, v, do, lse, delta, dq, *flags, *q.stride(),
-                                                          *kv_strides, *scalars, num_warps=launch.attention_warps,
-                                                          **common)
+        _band_bwd_dq_kernel[(triton.cdiv(Tq, bm), B * H, splits)](
+            q, k, v, do, lse, delta, dq_parts, *flags, *q.stride(), *kv_strides, *scalars, B * Tq * H,
+            num_warps=launch.attention_warps, WIDE=wide_offsets(q, k, v, do, dq_parts), SPLIT=splits > 1, **common)
+        if splits > 1:
+            dq.copy_(dq_parts.sum(dim=0))
 
     def run_dkv():
         _band_bwd_dkv_kernel[(triton.cdiv(Tk, bn), B * HKV)](q.contiguous(), k, v, do, lse, delta, dk, dv, *flags,
                                                              *kv_strides, *scalars, ACCUMULATE=accumulate,
-                                                             num_warps=launch.attention_warps, **common)
+                                                             num_warps=launch.attention_warps,
+                                                             WIDE=wide_offsets(q, k, v, do), **common)
 
     return run_dq, run_dkv, (dq, dk, dv)
 
 
 class BandAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, scale, window, positions, key_valid, active_heads):
-        o, lse = band_attention_fwd(q, k, v, scale, window, positions, key_valid, active_heads)
+    def forward(ctx, q, k, v, scale, window, positions, key_valid, active_heads, splits):
+        o, lse = band_attention_fwd(q, k, v, scale, window, positions, key_valid, active_heads, key_splits=splits)
         ctx.save_for_backward(q, k, v, o, lse, positions, key_valid)
-        ctx.cfg = (scale, window, active_heads)
+        ctx.cfg = (scale, window, active_heads, splits)
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, positions, key_valid = ctx.saved_tensors
-        scale, window, active = ctx.cfg
-        dq, dk, dv = band_attention_bwd(q, k, v, o, lse, do, scale, window, positions, key_valid, active)
-        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
+        scale, window, active, splits = ctx.cfg
+        dq, dk, dv = band_attention_bwd(q, k, v, o, lse, do, scale, window, positions, key_valid, active,
+                                        key_splits=splits)
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
 
 
 def window_attention(q, k, v, window_size, scale=None, active_heads=None):
     """Sliding-window branch: q ``[B, Tq, P, D]``, k/v ``[B, Tk, Hkv, D]``; keys ``t - W + 1 .. t``."""
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    return BandAttentionFunction.apply(q, k, v, float(scale), int(window_size), None, None, active_heads)
+    return BandAttentionFunction.apply(q, k, v, float(scale), int(window_size), None, None, active_heads, None)
 
 
-def band_attention(q, k, v, scale=None, window=None, positions=None, key_valid=None, active_heads=None):
+def band_attention(q, k, v, scale=None, window=None, positions=None, key_valid=None, active_heads=None,
+                   key_splits=None):
     """General entry: causal (``window=None``) or windowed attention with optional gathered row positions
-    (int ``[B, Tq]``, ``-1`` = empty row) and key validity flags (bool ``[B, Tk]``)."""
+    (int ``[B, Tq]``, ``-1`` = empty row) and key validity flags (bool ``[B, Tk]``). ``key_splits``: programs per
+    row tile over its keys, :func:`key_splits`'s choice when None."""
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    return BandAttentionFunction.apply(q, k, v, float(scale), window, positions, key_valid, active_heads)
+    return BandAttentionFunction.apply(q, k, v, float(scale), window, positions, key_valid, active_heads, key_splits)
 
 
 __all__ = ["window_attention", "band_attention", "band_attention_fwd", "band_attention_bwd",
-           "band_attention_bwd_kernels"]
+           "band_attention_bwd_kernels", "key_splits"]

@@ -166,7 +166,7 @@ def _grads(fn, inputs, seed):
     return out.detach(), grads
 
 
-def _compare_fn(name, ours, ref, inputs, tol=2e-5, seed=7, grad=True):
+def _compare_fn(name, ours, ref, inputs, tol=2e-5, seed=7, grad=True, grad_names="qkvg"):
     if not grad:
         with torch.no_grad():
             a, b = ours(*inputs), ref(*inputs)
@@ -176,7 +176,7 @@ def _compare_fn(name, ours, ref, inputs, tol=2e-5, seed=7, grad=True):
     ob, gb = _grads(ref, inputs, seed)
     msgs = [_close(name, oa, ob, tol)]
     for i, (x, y) in enumerate(zip(ga, gb)):
-        msgs.append(_close(f"d{'qkvg'[i]}", x, y, tol * 10))
+        msgs.append(_close(f"d{grad_names[i]}", x, y, tol * 10))
     return " ".join(msgs)
 
 
@@ -525,15 +525,16 @@ def gate_mix_folded():
 
 @check
 def nsa_on_model_heads():
-    """The NSA part on the model's heads as one autograd node (the padded, row-masked query written in one pass; the
-    mix's backward giving each branch its delta; dk/dv of two branches in one float32 pair; the three branches' dq
-    folded back in one pass) against the reference's composition (masked copy, ``pad_heads``, ``nsa_attention``):
+    """The NSA part on the model's heads as one autograd node (the padded, row-masked query written in one pass; keys
+    and values row-masked and pooled in one pass, their block gradients spread back in one; the mix's backward giving
+    each branch its delta; dk/dv of two branches in one float32 pair; the three branches' dq folded back in one pass)
+    against the reference's composition (masked copies, ``pad_heads``, ``nsa_attention``):
     values and the gradients of the query (a strided view, as the model passes it), keys, values and gates. 12 heads
     over 2 kv heads lay out as 32 padded heads, so kv group 0 holds copies of both kinds and group 1 ends in zero
     heads (the 7B's layout in small); with and without row flags, and one chunk continuing a cache (selected
     attention one row per program, the others in tiles of rows over the union of their blocks). Also the layout
-    passes alone: pad_query equals the reference's, fold_query_grads its autograd gradient, broadcast_kv_heads (the
-    dense part's running means per query head) a repeat and mask of the kv heads, with its gradient."""
+    passes alone: pool_blocks equals masking and the reference's compress_kv, unpool_grads their autograd gradient
+    (a partial last block, row flags), pad_query equals the reference's, fold_query_grads its autograd gradient."""
     from nsa_kernels import head_layout as HL
     from nsa_kernels import reference as R
     from nsa_kernels import triton_nsa as TN
@@ -550,13 +551,26 @@ def nsa_on_model_heads():
         gates = torch.sigmoid(_rand(1, Tq, P, 3, seed=83))
         gates[:, :, 2 * Hq:] = 0
         rows_on = (torch.arange(Tq) % 7 != 3)[None] if flagged else None
-        kw = dict(block_count=bc, block_size=bs, window_size=w, scale=D ** -0.5, rows_on=rows_on)
+        keys_on = (torch.arange(Tk) % 5 != 1)[None] if flagged else None
+        kw = dict(block_count=bc, block_size=bs, window_size=w, scale=D ** -0.5, rows_on=rows_on, keys_on=keys_on)
         launch = per_row if Tq < Tk else TN.DEFAULT_LAUNCH  # the chunk: one row per selected program
         msgs.append(f"T={Tq}/{Tk}{' flags' if flagged else ''}: " + _compare_fn(
             "nsa", lambda q, k, v, g: TN.nsa_attention_on_model_heads(q.transpose(1, 2), k, v, g, launch=launch,
                                                                      **kw),
             lambda q, k, v, g: R.nsa_attention_on_model_heads(q.transpose(1, 2), k, v, g, **kw),
             (query, k, v, gates)))
+    from nsa_kernels.compression import pool_blocks, unpool_grads
+
+    x = _rand(2, 5, 40, 24, seed=87).transpose(1, 2)  # strided [B, T, Hkv, D], a partial last block of 8 rows
+    x_on = torch.rand(2, 40, generator=torch.Generator().manual_seed(88)) > 0.3
+    masked, pooled = pool_blocks(x, 16, x_on)
+    leaf = x.detach().clone().requires_grad_(True)
+    expect_pooled = R.compress_kv(leaf * x_on[:, :, None, None], 16)
+    msgs.append(_close("pool_blocks", masked, x * x_on[:, :, None, None], 0.0) + " " +
+                _close("pooled", pooled, expect_pooled, 1e-6))
+    d_pooled, d_masked = _rand(*pooled.shape, seed=89), _rand(*masked.shape, seed=90)
+    (expect,) = torch.autograd.grad([expect_pooled, leaf * x_on[:, :, None, None]], leaf, [d_pooled, d_masked])
+    msgs.append(_close("unpool_grads", unpool_grads(d_pooled, 16, 40, d_masked, x_on, torch.float32), expect, 1e-6))
     q = _rand(2, 5, 9, 24, seed=84).transpose(1, 2)  # strided [B, T, H, D]
     on = torch.rand(2, 9, generator=torch.Generator().manual_seed(85)) > 0.4
     msgs.append(_close("pad_query", HL.pad_query(q, 16, on), R.pad_query(q, 16, on), 0.0))
@@ -564,10 +578,98 @@ def nsa_on_model_heads():
     leaf = q.detach().clone().requires_grad_(True)
     (expect,) = torch.autograd.grad(R.pad_heads(leaf * on[:, :, None, None], 16), leaf, sum(grads))
     msgs.append(_close("fold_query_grads", HL.fold_query_grads(grads, 5, on), expect, 1e-6))
-    kv_rows = _rand(2, 9, 2, 24, seed=90)  # kv heads -> 2 x 3 query heads, rows flagged
-    msgs.append(_compare_fn("broadcast_kv_heads", lambda x: HL.broadcast_kv_heads(x, 3, on),
-                            lambda x: x.repeat_interleave(3, dim=2) * on[:, :, None, None], (kv_rows,), tol=1e-6))
     return "; ".join(msgs)
+
+
+@check
+def running_means_against_cumsum():
+    """The dense part's running means (a scan over tiles of 64 keys) against cumsum / count repeated over each
+    group's heads, values and the gradient of the values: with and without key padding and row flags, ranges that
+    start and stop inside tiles, one that ends before the last key, and an empty one; bad ranges and flags
+    refused."""
+    from nsa_kernels.running_mean import running_means
+
+    B, Tk, Hkv, group, D = 2, 150, 2, 3, 24
+    key_valid = torch.ones(B, Tk, dtype=torch.bool)
+    key_valid[0, :7] = False
+    key_valid[1, 60:130] = False
+    msgs = []
+    for padded in (False, True):
+        kv = key_valid if padded else None
+        w = (kv if padded else torch.ones(B, Tk, dtype=torch.bool)).float()
+        for start, stop, flagged in ((0, Tk, False), (70, Tk, True), (5, 100, True), (64, 64, False)):
+            on = (torch.arange(stop - start) % 4 != 1)[None].expand(B, -1) if flagged else None
+
+            def expected(v, start=start, stop=stop, on=on, w=w):
+                sums = torch.cumsum(v * w[:, :, None, None], dim=1)[:, start:stop]
+                mean = sums / torch.cumsum(w, 1)[:, start:stop].clamp_min(1)[:, :, None, None]
+                mean = mean.repeat_interleave(group, dim=2)
+                return mean if on is None else mean * on[:, :, None, None]
+
+            v = _rand(B, Tk, Hkv, D, seed=start + stop)
+            msgs.append(f"{'padded ' if padded else ''}{start}..{stop}: " + _compare_fn(
+                "means", lambda v, start=start, stop=stop, on=on, kv=kv: running_means(v, kv, group)(start, stop, on),
+                expected, (v,), tol=1e-6, grad_names="v"))
+    means = running_means(v, None, group)
+    for bad, words in (((10, Tk + 1, None), "outside"), ((10, 5, None), "outside"),
+                       ((0, 9, torch.ones(B, 8, dtype=torch.bool)), "rows_on")):
+        try:
+            means(*bad)
+        except ValueError as error:
+            assert words in str(error), error
+        else:
+            raise AssertionError(f"running means took {bad[:2]}")
+    return "; ".join(msgs) + "; bad ranges and flags refused"
+
+
+def _naive_band(q, k, v, scale, window, positions, key_valid, active_heads):
+    """Band attention written out: [B, Tq, H, D] rows at ``positions`` (-1: empty row) over keys of the window
+    that ``key_valid`` marks; rows that see no key and heads from ``active_heads`` on give 0."""
+    B, Tq, H, D = q.shape
+    Tk = k.shape[1]
+    cols = torch.arange(Tk)
+    vis = (cols[None, None, :] <= positions[:, :, None]) & (cols[None, None, :] > positions[:, :, None] - window)
+    vis = vis & key_valid[:, None, :]
+    group = H // k.shape[2]
+    kx, vx = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+    s = torch.einsum("bqhd,bkhd->bhqk", q, kx) * scale
+    s = s.masked_fill(~vis[:, None], float("-inf"))
+    p = torch.where(vis[:, None], torch.softmax(s.masked_fill(~vis[:, None].any(-1, keepdim=True), 0.0), -1), 0.0)
+    out = torch.einsum("bhqk,bkhd->bqhd", p, vx)
+    return out * (torch.arange(H) < active_heads)[None, None, :, None]
+
+
+@check
+def band_key_splits():
+    """Band attention with each row tile's keys split over programs (the dense part's few text rows over a long
+    sequence) against the attention written out, values and gradients: gathered rows (empty ones and rows that see
+    a single key tile included) with key padding, and windowed rows with inactive heads; splits that divide the
+    key tiles, that do not, and more splits than key tiles (empty programs). key_splits=0 refused."""
+    from nsa_kernels.window_attention import band_attention
+
+    B, H, Hkv, D, Tk = 2, 4, 2, 32, 300
+    k, v = _rand(B, Tk, Hkv, D, seed=91), _rand(B, Tk, Hkv, D, seed=92)
+    key_valid = torch.ones(B, Tk, dtype=torch.bool)
+    key_valid[1, 20:90] = False
+    gathered = torch.tensor([[3, 40, 150, 299, -1, -1, 298, 297], [0, 1, 64, 100, 200, 250, 280, 299]])
+    plain = torch.arange(Tk - 70, Tk)[None].expand(B, 70)
+    msgs = []
+    for name, positions, window, active in (("gathered", gathered, Tk + 1, H), ("window", plain, 100, 3)):
+        q = _rand(B, positions.shape[1], H, D, seed=93)
+        pos_arg = positions if name == "gathered" else None
+        win_arg = None if name == "gathered" else window
+        for splits in (1, 2, 3, 9):
+            msgs.append(f"{name} splits={splits}: " + _compare_fn(
+                "band", lambda q, k, v: band_attention(q, k, v, D ** -0.5, win_arg, pos_arg, key_valid, active,
+                                                       key_splits=splits),
+                lambda q, k, v: _naive_band(q, k, v, D ** -0.5, window, positions, key_valid, active), (q, k, v)))
+    try:
+        band_attention(q, k, v, key_splits=0)
+    except ValueError as error:
+        assert "key_splits" in str(error), error
+    else:
+        raise AssertionError("key_splits=0 was accepted")
+    return "; ".join(msgs) + "; key_splits=0 refused"
 
 
 @check

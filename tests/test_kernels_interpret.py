@@ -99,6 +99,26 @@ def test_head_layout_passes_reject_what_they_cannot_lay_out():
                                         scale=1.0)
 
 
+def test_key_passes_reject_flags_and_splits_they_cannot_use():
+    """The keys' pooling and its gradient, the running means of the values and band attention's key splits check
+    their arguments before launching anything and say what was expected."""
+    import torch
+
+    from nsa_kernels.compression import pool_blocks, unpool_grads
+    from nsa_kernels.running_mean import running_means
+    from nsa_kernels.window_attention import band_attention
+
+    k = torch.zeros(1, 40, 2, 8)
+    with pytest.raises(ValueError, match=r"rows_on must be \[B, T\] = \(1, 40\)"):
+        pool_blocks(k, 16, torch.ones(1, 39, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"rows_on must be \[B, T\] = \(1, 40\)"):
+        unpool_grads(torch.zeros(1, 3, 2, 8), 16, 40, rows_on=torch.ones(2, 40, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"key_valid must be \[B, Tk\] = \(1, 40\)"):
+        running_means(k, torch.ones(1, 41, dtype=torch.bool), 2)
+    with pytest.raises(ValueError, match="key_splits must be at least 1, got 0"):
+        band_attention(torch.zeros(1, 3, 4, 8), k, k, key_splits=0)
+
+
 def test_tile_unions_rejects_bad_tile_rows():
     import torch
 
