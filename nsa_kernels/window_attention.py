@@ -10,7 +10,8 @@ A row that sees no key (padding rows) outputs 0.
 
 When the row tiles are too few to fill the GPU (the dense part's text rows, a handful of tiles over the whole
 sequence; one decoded row), each row tile's keys are split into runs of whole key tiles, one program each, and
-the partial softmax states (forward) or partial ``dq`` (backward) are combined afterwards (:func:`key_splits`).
+the partial softmax states (forward) or partial ``dq`` (backward) are combined afterwards
+(:func:`choose_key_splits`).
 """
 
 from __future__ import annotations
@@ -52,6 +53,14 @@ def _band_visible(cols, pos, W, b, Tk, cmask, kvalid_ptr, HAS_KVALID: tl.constex
         kv_ok = tl.load(kvalid_ptr + b * Tk + cols, mask=cmask, other=0)
         vis = vis & (kv_ok != 0)[None, :]
     return vis
+
+
+@triton.jit
+def _store_normalized(o_ptr, lse_ptr, acc, m_i, l_i, io_mask, rmask):
+    """The rows' output ``acc / l`` and base-2 log-sum-exp ``m + log2(l)``: 0 and ``inf`` for rows that saw no key."""
+    empty = l_i == 0.0
+    tl.store(o_ptr, (acc / tl.where(empty, 1.0, l_i)[:, None]).to(o_ptr.dtype.element_ty), mask=io_mask)
+    tl.store(lse_ptr, tl.where(empty, float("inf"), m_i + tl.log2(l_i)), mask=rmask)
 
 
 @triton.jit
@@ -104,10 +113,7 @@ def _band_fwd_kernel(
             tl.store(part_stats + 2 * split * split_stride + stat_off, m_i, mask=rmask)
             tl.store(part_stats + (2 * split + 1) * split_stride + stat_off, l_i, mask=rmask)
         else:
-            empty = l_i == 0.0
-            out = acc / tl.where(empty, 1.0, l_i)[:, None]
-            tl.store(o_ptr, out.to(o.dtype.element_ty), mask=io_mask)
-            tl.store(lse + (b * Tq + rows) * H + h, tl.where(empty, float("inf"), m_i + tl.log2(l_i)), mask=rmask)
+            _store_normalized(o_ptr, lse + (b * Tq + rows) * H + h, acc, m_i, l_i, io_mask, rmask)
 
 
 @triton.jit
@@ -134,9 +140,7 @@ def _band_combine_kernel(
             alpha = tl.exp2(m_s - m_use)
             l_i += alpha * tl.load(part_stats + (2 * split + 1) * split_stride + stat_off, mask=rmask, other=0.0)
             acc += alpha[:, None] * tl.load(part_acc + split * split_stride * D + row_off, mask=io_mask, other=0.0)
-        empty = l_i == 0.0
-        tl.store(o + row_off, (acc / tl.where(empty, 1.0, l_i)[:, None]).to(o.dtype.element_ty), mask=io_mask)
-        tl.store(lse + stat_off, tl.where(empty, float("inf"), m + tl.log2(l_i)), mask=rmask)
+        _store_normalized(o + row_off, lse + stat_off, acc, m, l_i, io_mask, rmask)
 
 
 @triton.jit
@@ -245,7 +249,7 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def key_splits(row_programs: int, key_tiles: int, device: torch.device, launch=DEFAULT_LAUNCH) -> int:
+def choose_key_splits(row_programs: int, key_tiles: int, device: torch.device, launch=DEFAULT_LAUNCH) -> int:
     """Programs per row tile, each over a run of its ``key_tiles`` key tiles: 1 when the ``row_programs`` row
     tiles fill the GPU (``launch.band_programs_per_sm`` per SM), else as many as get there, at least 8 key tiles
     each. Off the GPU (the interpreter) 1."""
@@ -272,7 +276,7 @@ def _prep(q, k, window, positions, key_valid, active_heads, splits, launch):
         bm, bn = 32, 32
     row_programs = triton.cdiv(Tq, bm) * B * H
     if splits is None:
-        splits = key_splits(row_programs, triton.cdiv(min(Tk, W + bm - 1), bn), q.device, launch)
+        splits = choose_key_splits(row_programs, triton.cdiv(min(Tk, W + bm - 1), bn), q.device, launch)
     elif splits < 1:
         raise ValueError(f"key_splits must be at least 1, got {splits}")
     return B, Tq, H, D, Tk, HKV, W, pos, kvalid, active, bd, bm, bn, int(splits)
@@ -282,7 +286,7 @@ def band_attention_fwd(q, k, v, scale, window=None, positions=None, key_valid=No
                        launch=DEFAULT_LAUNCH, key_splits=None):
     """q ``[B, Tq, H, D]``, k/v ``[B, Tk, Hkv, D]`` (any strides). Returns ``(o [B, Tq, H, D], lse2)``,
     ``lse2`` the base-2 log-sum-exp ``[B, Tq, H]`` float32 (``inf`` for empty rows). ``key_splits``: programs
-    per row tile over its keys (chosen by :func:`key_splits` when None)."""
+    per row tile over its keys (chosen by :func:`choose_key_splits` when None)."""
     B, Tq, H, D, Tk, HKV, W, pos, kvalid, active, bd, bm, bn, splits = _prep(q, k, window, positions, key_valid,
                                                                               active_heads, key_splits, launch)
     o = torch.empty(B, Tq, H, D, device=q.device, dtype=q.dtype)
@@ -385,11 +389,11 @@ def band_attention(q, k, v, scale=None, window=None, positions=None, key_valid=N
                    key_splits=None):
     """General entry: causal (``window=None``) or windowed attention with optional gathered row positions
     (int ``[B, Tq]``, ``-1`` = empty row) and key validity flags (bool ``[B, Tk]``). ``key_splits``: programs per
-    row tile over its keys, :func:`key_splits`'s choice when None."""
+    row tile over its keys, :func:`choose_key_splits`'s choice when None."""
     if scale is None:
         scale = q.shape[-1] ** -0.5
     return BandAttentionFunction.apply(q, k, v, float(scale), window, positions, key_valid, active_heads, key_splits)
 
 
 __all__ = ["window_attention", "band_attention", "band_attention_fwd", "band_attention_bwd",
-           "band_attention_bwd_kernels", "key_splits"]
+           "band_attention_bwd_kernels", "choose_key_splits"]

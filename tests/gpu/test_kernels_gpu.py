@@ -359,7 +359,7 @@ def test_band_key_splits_on_text_rows():
     """The dense part's text rows of a 4K prompt (192 gathered rows, 28 / 4 heads) are few enough that the
     automatic choice splits each row tile's keys over programs; values and gradients equal the unsplit kernels'
     (float32: within 1e-5; bf16: within its rounding)."""
-    from nsa_kernels.window_attention import band_attention, key_splits
+    from nsa_kernels.window_attention import band_attention, choose_key_splits
 
     T, rows = 4096, 192
     g = torch.Generator(device=DEV).manual_seed(11)
@@ -368,7 +368,7 @@ def test_band_key_splits_on_text_rows():
     k = torch.randn(1, T, HKV, D, device=DEV, generator=g)
     v = torch.randn(1, T, HKV, D, device=DEV, generator=g)
     go = torch.randn(1, rows, 28, D, device=DEV, generator=g)
-    assert key_splits(3 * 28, T // 64, q.device) > 1
+    assert choose_key_splits(3 * 28, T // 64, q.device) > 1
 
     def run(dtype, splits):
         xs = [x.to(dtype).detach().requires_grad_(True) for x in (q, k, v)]
