@@ -280,14 +280,15 @@ def compression_attention_fwd(q, k_cmp, v_cmp, block_size, scale, num_keys=None,
 
 
 def compression_attention_bwd(q, k_cmp, v_cmp, o, lse, do, block_size, scale, num_keys=None, active_heads=None,
-                              launch=DEFAULT_LAUNCH, delta=None):
-    """``dq`` (q dtype), ``dk_cmp``, ``dv_cmp`` (k_cmp dtype). ``delta``: ``<o, do>`` ``[B, P, Tq]`` float32 when
-    already known (computed here otherwise)."""
+                              launch=DEFAULT_LAUNCH, delta=None, kv_grads_dtype=None):
+    """``dq`` (q dtype), ``dk_cmp``, ``dv_cmp`` (``kv_grads_dtype``, by default k_cmp's; the kernels sum them in
+    float32). ``delta``: ``<o, do>`` ``[B, P, Tq]`` float32 when already known (computed here otherwise)."""
     run_dq, run_dkv, (dq, dk, dv) = compression_attention_bwd_kernels(q, k_cmp, v_cmp, o, lse, do, block_size, scale,
                                                                       num_keys, active_heads, launch, delta)
     run_dq()
     run_dkv()
-    return dq, dk.to(k_cmp.dtype), dv.to(v_cmp.dtype)
+    kv_dtype = kv_grads_dtype or k_cmp.dtype
+    return dq, dk.to(kv_dtype), dv.to(kv_dtype)
 
 
 def compression_attention_bwd_kernels(q, k_cmp, v_cmp, o, lse, do, block_size, scale, num_keys=None,

@@ -583,11 +583,10 @@ def mask_mixed_inputs(q, k, v, gate_logits, query_vision: torch.Tensor, key_visi
         query_vision: bool ``[Tq]``; key_vision: bool ``[Tk]``.
 
     Returns:
-        ``(q, k, v, gate_logits)`` masked (``q`` or ``v`` None when given None).
+        ``(q, k, v, gate_logits)`` masked (``v`` None when given None).
     """
-    masked_q = None if q is None else _vision_rows(q, query_vision)
     masked_v = None if v is None else _vision_rows(v, key_vision)
-    return masked_q, _vision_rows(k, key_vision), masked_v, _vision_rows(gate_logits, query_vision)
+    return _vision_rows(q, query_vision), _vision_rows(k, key_vision), masked_v, _vision_rows(gate_logits, query_vision)
 
 
 def _vision_rows(x: torch.Tensor, vision: torch.Tensor) -> torch.Tensor:

@@ -22,8 +22,8 @@ import torch
 
 from . import reference as _ref
 from ._triton_utils import DEFAULT_LAUNCH, LaunchSettings
-from .compression import (compress_kv, compression_attention, compression_attention_bwd_kernels,
-                          compression_attention_fwd, pool_blocks, unpool_grads)
+from .compression import (compress_kv, compression_attention, compression_attention_bwd, compression_attention_fwd,
+                          pool_blocks, unpool_grads)
 from .gate_mix import mix_branches, mix_bwd, mix_fwd
 from .head_layout import fold_query_grads, pad_query
 from .running_mean import running_means
@@ -127,10 +127,8 @@ class _NSAOnModelHeads(torch.autograd.Function):
         num_keys = k_on.shape[1]
         d_cmp, d_slc, d_swd, dgates, (delta_cmp, delta_slc, delta_swd) = mix_bwd(
             o_cmp, o_slc, o_swd, gates, dout, fold_to=heads, deltas=True)
-        run_dq, run_dkv, (dq_cmp, dk_cmp, dv_cmp) = compression_attention_bwd_kernels(
-            q_pad, k_cmp, v_cmp, o_cmp, lse_cmp, d_cmp, block_size, scale, num_keys, active, launch, delta_cmp)
-        run_dq()
-        run_dkv()
+        dq_cmp, dk_cmp, dv_cmp = compression_attention_bwd(q_pad, k_cmp, v_cmp, o_cmp, lse_cmp, d_cmp, block_size,
+                                                           scale, num_keys, active, launch, delta_cmp, torch.float32)
         del d_cmp
         dq_slc, dk, dv = selected_attention_bwd(q_pad, k_on, v_on, block_indices, o_slc, lse_slc, d_slc, block_size,
                                                 scale, launch=launch, active_heads=active, delta=delta_slc)
