@@ -294,10 +294,13 @@ class VideoNSATokens:
     Attributes:
         is_vision: bool ``[B, Tk]`` for every key position (cached ones first), from the M-RoPE ids.
         key_padding_mask: bool ``[B, Tk]``, True for real tokens, or None when nothing is padded.
+        plan: the hybrid attention's ``HybridPlan`` for the pass's query rows (``nsa_kernels.plan_hybrid``), built
+            once here so that no layer waits on the GPU to read it.
     """
 
     is_vision: torch.Tensor
     key_padding_mask: torch.Tensor | None
+    plan: object = None
 
 
 def _mrope_rows(position_ids: torch.Tensor | None) -> torch.Tensor | None:
@@ -537,6 +540,7 @@ class VideoNSAAttention(Qwen2_5_VLAttention):
             window_size=self.config.nsa_window_size,
             scale=self.scaling,
             query_chunk=self.config.prefill_chunk_tokens,
+            plan=videonsa_tokens.plan,
             **dense_kwargs,
         )
         output = output.reshape(batch, length, -1)
@@ -706,14 +710,17 @@ class VideoNSATextModel(Qwen2_5_VLTextModel):
         if not bool(real_new.any()):
             return None
         if cache is None:
-            return VideoNSATokens(new, padding)
-        flags = cache.videonsa_token_is_vision
-        if flags is None:
-            raise ValueError(
-                "This pass adds vision tokens to a cache whose earlier tokens VideoNSA did not type (the cache "
-                "was not filled by this model). Prefill the whole prompt with this model."
-            )
-        return VideoNSATokens(flags[:, : past + length], padding)
+            is_vision = new
+        else:
+            is_vision = cache.videonsa_token_is_vision
+            if is_vision is None:
+                raise ValueError(
+                    "This pass adds vision tokens to a cache whose earlier tokens VideoNSA did not type (the cache "
+                    "was not filled by this model). Prefill the whole prompt with this model."
+                )
+            is_vision = is_vision[:, : past + length]
+        plan = load_nsa_kernels(self.config).plan_hybrid(is_vision, padding, length)
+        return VideoNSATokens(is_vision, padding, plan)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -10,7 +10,9 @@ text tokens):
   it (query ``[1, 28, T, D]``, key/value ``[1, 4, T, D]``, gate logits, vision flags), on i.i.d. random inputs and
   on video-like ones (``videonsa/video_like.py``).
 
-Forward under ``no_grad`` and forward + backward. Kernel diagnostics from the same run (padded 64-head layout,
+Forward under ``no_grad`` and forward + backward, each timed as one call on an idle GPU and per call of calls queued
+back to back, as the layers of a pass run (the hybrid rows get the pass's ``HybridPlan``, which the model builds once
+per pass, so that no call waits on the GPU). Kernel diagnostics from the same run (padded 64-head layout,
 never a headline): selected attention under each schedule of ``--selected`` (one row per program, tiles of R rows
 over the union of their blocks, see :func:`schedule`), and the mean union size per tile.
 
@@ -40,15 +42,37 @@ def timed(fn, reps):
     return bench_attention.timed(fn, reps)[0]
 
 
+def back_to_back_ms(fn, calls=10):
+    """Milliseconds per call of ``calls`` calls queued one after the other (CUDA events around all of them, after a
+    warm-up), as the layers of a pass run: a call that never waits on the GPU is queued while the previous one
+    runs, so its launch time hides behind the GPU's work."""
+    fn()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(calls):
+        fn()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) / calls
+
+
 def fwd_and_train_ms(run, inputs, reps):
-    """``{"fwd_ms", "fwdbwd_ms"}`` of ``run(*inputs)``: forward under no_grad, then forward + backward of a random
-    output gradient to every input (``torch.autograd.grad``: the gradients are returned, as to the projections
-    in the model, not added into ``.grad`` of leaves)."""
-    with torch.no_grad():
-        fwd = timed(lambda: run(*inputs), reps)
+    """``{"fwd_ms", "fwdbwd_ms", "fwd_b2b_ms", "fwdbwd_b2b_ms"}`` of ``run(*inputs)``: forward under no_grad, then
+    forward + backward of a random output gradient to every input (``torch.autograd.grad``: the gradients are
+    returned, as to the projections in the model, not added into ``.grad`` of leaves); each as one call on an idle
+    GPU (median of ``reps``) and per call of calls queued back to back (:func:`back_to_back_ms`)."""
     leaves = [x.detach().requires_grad_() for x in inputs]
     grad = torch.randn_like(run(*inputs))
-    return {"fwd_ms": fwd, "fwdbwd_ms": timed(lambda: torch.autograd.grad(run(*leaves), leaves, grad), reps)}
+
+    def train():
+        return torch.autograd.grad(run(*leaves), leaves, grad)
+
+    with torch.no_grad():
+        fwd = timed(lambda: run(*inputs), reps)
+        fwd_b2b = back_to_back_ms(lambda: run(*inputs), 2 * reps)
+    return {"fwd_ms": fwd, "fwdbwd_ms": timed(train, reps), "fwd_b2b_ms": fwd_b2b,
+            "fwdbwd_b2b_ms": back_to_back_ms(train, 2 * reps)}
 
 
 def layer_inputs(T, kind, seed=0):
@@ -105,18 +129,26 @@ def schedule(variant, T):
 
 
 def hybrid_rows(T, reps, kinds, variant):
+    """The hybrid layer as the model calls it: with the pass's plan, which the model builds once per pass for all
+    its layers (``plan_ms``: that build, timed on its own)."""
+    from nsa_kernels import reference
     from nsa_kernels import triton_nsa as TN
 
+    plan_hybrid = getattr(reference, "plan_hybrid", None)  # None in A/B runs of commits before plans
     out = {}
     for kind in kinds:
         q, k, v, logits, vision = layer_inputs(T, kind)
         kw = dict(block_size=BS, block_count=BC, window_size=W, launch=schedule(variant, T))
+        if plan_hybrid is not None:
+            kw["plan"] = plan_hybrid(vision, None, T)
 
         def run(q, k, v, logits):
             return TN.hybrid_attention(q, k, v, logits, vision, **kw)
 
         name = f"hybrid ({kind})"
         out[name] = fwd_and_train_ms(run, (q, k, v, logits), reps)
+        if plan_hybrid is not None:
+            out[name]["plan_ms"] = timed(lambda: plan_hybrid(vision, None, T), reps)
         print(f"  T={T} {name} [{variant}]: {out[name]}", flush=True)
     return out
 
@@ -171,13 +203,15 @@ def profile_layer(T, kind, forward_only=False):
     from torch.profiler import ProfilerActivity, profile
 
     from nsa_kernels import triton_nsa as TN
+    from nsa_kernels.reference import plan_hybrid
 
     *inputs, vision = layer_inputs(T, kind)
     leaves = [x.detach().requires_grad_(not forward_only) for x in inputs]
+    plan = plan_hybrid(vision, None, T)  # once per pass in the model
 
     def step():
         with torch.set_grad_enabled(not forward_only):
-            out = TN.hybrid_attention(*leaves, vision, block_size=BS, block_count=BC, window_size=W)
+            out = TN.hybrid_attention(*leaves, vision, block_size=BS, block_count=BC, window_size=W, plan=plan)
         if not forward_only:
             torch.autograd.grad(out, leaves, torch.ones_like(out))
 
@@ -190,6 +224,44 @@ def profile_layer(T, kind, forward_only=False):
                                                                max_name_column_width=50, max_shapes_column_width=60)
     what = "Forward (no_grad)" if forward_only else "Forward + backward"
     return f"{what} of the hybrid layer, T={T}, {kind} inputs\n{table}"
+
+
+def profile_host(T, kind, calls=20):
+    """Where the host's time goes in the hybrid layer's forward (no_grad, with the pass's plan): the mean time to
+    queue one call (no sync), the GPU time of one call, and cProfile's functions by own time over ``calls`` calls."""
+    import cProfile
+    import io
+    import pstats
+    import time
+
+    from nsa_kernels import triton_nsa as TN
+    from nsa_kernels.reference import plan_hybrid
+
+    *inputs, vision = layer_inputs(T, kind)
+    plan = plan_hybrid(vision, None, T)
+
+    def run():
+        return TN.hybrid_attention(*inputs, vision, block_size=BS, block_count=BC, window_size=W, plan=plan)
+
+    with torch.no_grad():
+        run()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            run()
+        queued = (time.perf_counter() - start) / calls
+        torch.cuda.synchronize()
+        gpu = timed(run, 5)
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(calls):
+            run()
+        profiler.disable()
+        torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(45)
+    return (f"Host time of the hybrid layer's forward, T={T}, {kind} inputs: {queued * 1e3:.3f} ms to queue one call "
+            f"(no sync), {gpu:.3f} ms a call timed (CUDA events)\n{text.getvalue()}")
 
 
 def main():
@@ -207,13 +279,16 @@ def main():
     ap.add_argument("--profile", type=int, default=0, metavar="T",
                     help="only profile one forward + backward of the hybrid layer at T tokens per input kind")
     ap.add_argument("--profile-forward", action="store_true", help="with --profile: the forward alone, no_grad")
+    ap.add_argument("--profile-host", action="store_true",
+                    help="with --profile: the host's time in the forward (queueing time, cProfile) instead")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     lengths = [int(x) for x in args.lengths.split(",") if x]
     kinds = [x for x in args.kinds.split(",") if x]
     variants = [x for x in args.selected.split(",") if x]
     if args.profile:
-        text = "\n\n".join(profile_layer(args.profile, kind, args.profile_forward) for kind in kinds)
+        text = "\n\n".join(profile_host(args.profile, kind) if args.profile_host else
+                             profile_layer(args.profile, kind, args.profile_forward) for kind in kinds)
         print(text, flush=True)
         if args.out:
             with open(args.out, "w") as f:
@@ -235,6 +310,8 @@ def main():
     cmd = " ".join(["python bench/bench_layer.py"] + sys.argv[1:])
     lines = [f"Date: {stamp}; device: {device}; torch {torch.__version__}, triton {triton.__version__}",
              f"Command: `{cmd}`", "",
+             "Each time as one call on an idle GPU (median of the repetitions) and, after the slash, per call of calls "
+             "queued back to back as the layers of a pass run; the ratios are of the back-to-back times.", "",
              "| T | implementation | fwd ms | fwd+bwd ms | fwd vs flash | fwd vs cuDNN | fwd+bwd vs cuDNN |",
              "|---|---|---|---|---|---|---|"]
     for T, res in results.items():
@@ -249,9 +326,16 @@ def main():
             def ratio(a, base):
                 return f"{a / base:.2f}x" if base else "—"
 
-            lines.append(f"| {T} | {name} | {e['fwd_ms']:.2f} | {e['fwdbwd_ms']:.2f} | "
-                         f"{ratio(e['fwd_ms'], flash.get('fwd_ms'))} | {ratio(e['fwd_ms'], cudnn.get('fwd_ms'))} | "
-                         f"{ratio(e['fwdbwd_ms'], cudnn.get('fwdbwd_ms'))} |")
+            lines.append(f"| {T} | {name} | {e['fwd_ms']:.2f} / {e['fwd_b2b_ms']:.2f} | "
+                         f"{e['fwdbwd_ms']:.2f} / {e['fwdbwd_b2b_ms']:.2f} | "
+                         f"{ratio(e['fwd_b2b_ms'], flash.get('fwd_b2b_ms'))} | "
+                         f"{ratio(e['fwd_b2b_ms'], cudnn.get('fwd_b2b_ms'))} | "
+                         f"{ratio(e['fwdbwd_b2b_ms'], cudnn.get('fwdbwd_b2b_ms'))} |")
+    plans = [f"{T}: {e['plan_ms']:.3f} ms" for T, res in results.items() for name, e in res["rows"].items()
+             if "plan_ms" in e and "random" in name]
+    if plans:
+        lines += ["", "The hybrid rows run with the pass's plan (`plan_hybrid`), which the model builds once per pass "
+                  "for all its layers; that build alone: " + ", ".join(plans) + "."]
     if variants:
         tile_sizes = sorted({int(key[2:].split()[0]) for res in results.values() for d in res["selected"].values()
                              for key in d if key.startswith("R=") and key.endswith("mean blocks")})

@@ -2,6 +2,7 @@
 
 from . import reference
 from .dispatch import Backend, resolve_backend
-from .reference import hybrid_attention, nsa_head_layout, token_is_vision
+from .reference import HybridPlan, hybrid_attention, nsa_head_layout, plan_hybrid, token_is_vision
 
-__all__ = ["Backend", "reference", "hybrid_attention", "nsa_head_layout", "resolve_backend", "token_is_vision"]
+__all__ = ["Backend", "HybridPlan", "reference", "hybrid_attention", "nsa_head_layout", "plan_hybrid", "resolve_backend",
+           "token_is_vision"]

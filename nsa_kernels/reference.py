@@ -625,6 +625,119 @@ def _add_nsa_in_chunks(target, rows, q, k, v, gate_logits, vision, mixed, padded
         num_rows, k, v, emit, chunk_rows=chunk_rows, branches=branches, fold_to=num_heads, **nsa_kwargs)
 
 
+@dataclass(frozen=True)
+class DenseRows:
+    """The dense part's query rows in a pass: ``attend`` (bool ``[B, Tq]``) run attention, ``means_needed`` (bool
+    ``[B, Tq]``) are real rows with a zero query, whose output is the running mean of the visible values; the host
+    flags size the work: ``most_attending`` (the most attending rows of one sample), ``any_means``, ``all_attend``."""
+
+    attend: torch.Tensor
+    means_needed: torch.Tensor
+    most_attending: int
+    any_means: bool
+    all_attend: bool
+
+
+def _dense_rows_on_device(row_real: torch.Tensor, zero_rows: torch.Tensor):
+    """``(attend, means_needed, facts)``: the :class:`DenseRows` masks and its host flags as one device tensor (None
+    for an empty pass), which the caller reads with its other host values in one sync."""
+    attend = row_real & ~zero_rows
+    means_needed = row_real & zero_rows
+    if not attend.numel():
+        return attend, means_needed, None
+    facts = torch.stack([attend.sum(dim=1).max(), means_needed.any().long(), attend.all().long()])
+    return attend, means_needed, facts
+
+
+def _dense_rows(attend, means_needed, facts: list[int] | None) -> DenseRows:
+    most, any_means, all_attend = facts if facts is not None else (0, 0, 1)
+    return DenseRows(attend, means_needed, int(most), bool(any_means), bool(all_attend))
+
+
+def dense_rows(row_real: torch.Tensor, zero_rows: torch.Tensor) -> DenseRows:
+    """The :class:`DenseRows` of a pass whose real query rows are ``row_real`` and zero-query rows ``zero_rows``
+    (bool ``[B, Tq]`` each); one host sync."""
+    attend, means_needed, facts = _dense_rows_on_device(row_real, zero_rows)
+    return _dense_rows(attend, means_needed, None if facts is None else facts.tolist())
+
+
+@dataclass(frozen=True)
+class HybridPlan:
+    """What a pass's hybrid attention decides from its token types alone, the same in every layer.
+
+    Built once per pass by :func:`plan_hybrid`, where the host reads the GPU's answers in one sync; a layer given
+    the plan queues all its work without waiting on the GPU (each layer would otherwise read them again).
+
+    Attributes:
+        num_keys, num_queries: the pass's key positions (cache included) and query rows.
+        padded: whether an attention mask was given (each sample then runs on its real tokens, compacted).
+        query_vision: bool ``[B, Tq]``, the real vision queries.
+        dense_zero_rows: bool ``[B, Tq]``, the rows whose query the dense part zeroes (vision rows of mixed samples).
+        nsa_only: bool ``[B]``, samples whose every real token is vision (no dense part).
+        nsa_samples, mixed_samples: per sample, whether it runs the NSA part, and whether on the mixed path.
+        sample_keys, sample_rows: per sample, the indices of its real keys and query rows when ``padded`` and it
+            runs the NSA part, else None.
+        dense_rows: the dense part's :class:`DenseRows`.
+    """
+
+    num_keys: int
+    num_queries: int
+    padded: bool
+    query_vision: torch.Tensor
+    dense_zero_rows: torch.Tensor
+    nsa_only: torch.Tensor
+    nsa_samples: tuple[bool, ...]
+    mixed_samples: tuple[bool, ...]
+    sample_keys: tuple[torch.Tensor | None, ...]
+    sample_rows: tuple[torch.Tensor | None, ...]
+    dense_rows: DenseRows
+
+    def check(self, token_is_vision: torch.Tensor, attention_mask: torch.Tensor | None, num_queries: int) -> None:
+        """Raise ValueError unless this plan was built for a pass of these sizes (and padding or none)."""
+        got = (token_is_vision.shape[0], token_is_vision.shape[1], num_queries, attention_mask is not None)
+        want = (len(self.nsa_samples), self.num_keys, self.num_queries, self.padded)
+        if got != want:
+            raise ValueError(
+                f"the HybridPlan was built for (batch, keys, queries, padded) = {want} but this call has {got}; "
+                "build it with plan_hybrid(token_is_vision, attention_mask, num_queries) of this pass")
+
+
+def plan_hybrid(token_is_vision: torch.Tensor, attention_mask: torch.Tensor | None, num_queries: int) -> HybridPlan:
+    """The :class:`HybridPlan` of a pass: ``token_is_vision`` and ``attention_mask`` as :func:`hybrid_attention`
+    takes them (bool ``[B, Tk]``, the mask None when nothing is padded), ``num_queries`` the pass's query rows (the
+    last ones of the ``Tk`` positions). One host sync (plus one per padded NSA sample)."""
+    if token_is_vision.dtype != torch.bool or token_is_vision.dim() != 2:
+        raise ValueError(f"token_is_vision must be a bool tensor [batch, positions]; got {token_is_vision.dtype} "
+                         f"{tuple(token_is_vision.shape)}")
+    if attention_mask is not None and (attention_mask.dtype != torch.bool or
+                                       attention_mask.shape != token_is_vision.shape):
+        raise ValueError(f"attention_mask must be None or a bool tensor shaped like token_is_vision "
+                         f"{tuple(token_is_vision.shape)}; got {attention_mask.dtype} {tuple(attention_mask.shape)}")
+    batch, num_keys = token_is_vision.shape
+    if not 0 <= num_queries <= num_keys:
+        raise ValueError(f"num_queries must be between 0 and the {num_keys} key positions, got {num_queries}")
+    padded = attention_mask is not None
+    real = attention_mask if padded else torch.ones_like(token_is_vision)
+    query_valid = real[:, num_keys - num_queries :]
+    query_vision = token_is_vision[:, num_keys - num_queries :] & query_valid
+    uses_nsa = query_vision.any(dim=1)
+    all_vision = (token_is_vision | ~real).all(dim=1)
+    mixed = uses_nsa & ~all_vision
+    zero_rows = mixed[:, None] & query_vision
+    attend, means_needed, facts = _dense_rows_on_device(query_valid, zero_rows)
+    host = torch.cat([uses_nsa.long(), mixed.long()] + ([] if facts is None else [facts])).tolist()
+    nsa_samples = tuple(bool(x) for x in host[:batch])
+    mixed_samples = tuple(bool(x) for x in host[batch : 2 * batch])
+    keys, rows = [None] * batch, [None] * batch
+    for b in range(batch):
+        if padded and nsa_samples[b]:
+            keys[b] = torch.nonzero(attention_mask[b]).flatten()
+            rows[b] = torch.nonzero(query_valid[b]).flatten()
+    return HybridPlan(num_keys, num_queries, padded, query_vision, zero_rows, uses_nsa & all_vision, nsa_samples,
+                      mixed_samples, tuple(keys), tuple(rows),
+                      _dense_rows(attend, means_needed, host[2 * batch :] if facts is not None else None))
+
+
 def hybrid_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -643,6 +756,7 @@ def hybrid_attention(
     query_chunk: int | None = None,
     nsa_branches: NSABranches | None = None,
     nsa_heads_fn=None,
+    plan: HybridPlan | None = None,
 ):
     """The VideoNSA attention of one text decoder layer (reference-semantics sections 2-5).
 
@@ -671,35 +785,31 @@ def hybrid_attention(
             the model's heads: :func:`nsa_attention_on_model_heads` signature (the unmasked query, keys and values,
             and the mixed path's vision rows as ``rows_on`` and ``keys_on``), so that a backend lays out the padded
             query and the masked keys (and folds their gradients) its own way.
+        plan: the pass's :class:`HybridPlan` (:func:`plan_hybrid` of ``token_is_vision``, ``attention_mask`` and
+            ``Tq``), which every layer of a pass can share; built here when None (one host sync).
 
     Returns:
         ``[B, Tq, Hq, D]`` (the input of ``o_proj``); with ``return_intermediates``, also a list with one dict
         per sample (``None`` for dense-path samples) holding ``gates64``, the NSA intermediates and, for the
         mixed path, ``dense_output``.
     """
-    _check_hybrid_inputs(query, key, value, gate_logits, token_is_vision, attention_mask)
+    check_hybrid_inputs(query, key, value, gate_logits, token_is_vision, attention_mask)
     batch, num_heads, num_q, head_dim = query.shape
     kv_heads, num_keys = key.shape[1], key.shape[2]
     scale = head_dim**-0.5 if scale is None else scale
     padded_heads, _ = nsa_head_layout(num_heads, kv_heads)
     nsa_fn = nsa_attention if nsa_fn is None else nsa_fn
-    padded = attention_mask is not None
-    if not padded:
-        attention_mask = torch.ones(batch, num_keys, dtype=torch.bool, device=query.device)
+    if plan is None:
+        plan = plan_hybrid(token_is_vision, attention_mask, num_q)
+    else:
+        plan.check(token_is_vision, attention_mask, num_q)
+    padded, nsa_samples, mixed_samples = plan.padded, plan.nsa_samples, plan.mixed_samples
     if dense_fn is None:
         def dense_fn(q, zero_rows):
             return dense_attention(q * ~zero_rows[:, None, :, None], key, value, scale, attention_mask)
 
-    query_valid = attention_mask[:, num_keys - num_q :]
-    query_vision = token_is_vision[:, num_keys - num_q :] & query_valid
-    uses_nsa = query_vision.any(dim=1)  # per sample
-    all_vision = (token_is_vision | ~attention_mask).all(dim=1)
-    mixed = uses_nsa & ~all_vision
-    # the host's view of every sample's path, read once before any attention work is queued
-    nsa_samples, mixed_samples = torch.stack([uses_nsa, mixed]).tolist()
-
     # Dense part: the whole query for dense-path samples, the text-masked query for mixed samples.
-    dense_out = dense_fn(query, mixed[:, None] & query_vision)
+    dense_out = dense_fn(query, plan.dense_zero_rows)
     in_chunks = query_chunk is not None and not return_intermediates and not records_grad(
         query, key, value, gate_logits)
     nsa_only = [n and not m for n, m in zip(nsa_samples, mixed_samples)]  # every real token is vision
@@ -709,7 +819,7 @@ def hybrid_attention(
             if nsa_only[b]:
                 out[b].zero_()
     elif any(nsa_only):
-        out = dense_out * ~(uses_nsa & all_vision)[:, None, None, None]
+        out = dense_out * ~plan.nsa_only[:, None, None, None]
     else:
         out = dense_out
 
@@ -717,8 +827,7 @@ def hybrid_attention(
     nsa_rows = []
     for b in (b for b in range(batch) if nsa_samples[b]):
         if padded:  # the sample's real tokens, compacted in order
-            keys = torch.nonzero(attention_mask[b]).flatten()
-            rows = torch.nonzero(query_valid[b]).flatten()
+            keys, rows = plan.sample_keys[b], plan.sample_rows[b]
             q_b = query[b][:, rows].transpose(0, 1)[None]  # [1, m, Hq, D]
             k_b = key[b][:, keys].transpose(0, 1)[None]
             v_b = value[b][:, keys].transpose(0, 1)[None]
@@ -767,12 +876,12 @@ def hybrid_attention(
     elif nsa_rows:  # out-of-place so that autograd sees every sample's rows
         nsa_full = torch.zeros_like(out)
         for b, rows, rows_out in nsa_rows:
-            nsa_full = nsa_full.index_put((torch.tensor(b, device=out.device), rows), rows_out[0].to(out.dtype))
+            nsa_full = nsa_full.index_put((torch.full((), b, device=out.device), rows), rows_out[0].to(out.dtype))
         out = nsa_full + out
     return (out, intermediates) if return_intermediates else out
 
 
-def _check_hybrid_inputs(query, key, value, gate_logits, token_is_vision, attention_mask) -> None:
+def check_hybrid_inputs(query, key, value, gate_logits, token_is_vision, attention_mask) -> None:
     """Reject inputs of the wrong rank, shape or dtype with a message that says what to pass instead."""
     if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
         raise ValueError(

@@ -209,7 +209,7 @@ def _slc_bwd_dkv_kernel(
     g = bg % HKV
     b = bg // HKV
     cols = blk * BS + tl.arange(0, BS)
-    cmask = cols < Tk
+    cmask = (cols < Tk) & (start < end)  # an empty item (the unused end of its class's region) moves no data
     dd = tl.arange(0, BD)
     dmask = dd < D
     kv_mask = cmask[:, None] & dmask[None, :]
@@ -328,10 +328,12 @@ def tma_usable(k: torch.Tensor, v: torch.Tensor, bd: int) -> bool:
 
 
 def _invert(bi, Tq, Tk, HKV, S, block_size, OFF, item_rows, group_class, num_classes):
-    """Per-block row lists: items (key, start, end) of at most ``item_rows`` rows over ``row_list``, key =
-    (b * Hkv + g) * NB + block. ``group_class`` (a list per kv head) puts kv head ``g``'s items in class
-    ``group_class[g]`` (-1: none); the items are ordered by class, and the item count of each class is returned
-    (one host sync) so that each class can have its own launch."""
+    """Per-block row lists, built without reading the GPU: items (key, start, end) of at most ``item_rows`` rows
+    over ``row_list``, key = (b * Hkv + g) * NB + block. ``group_class`` (a list per kv head) puts kv head ``g``'s
+    items in class ``group_class[g]`` (-1: none). Each class owns a region of the item arrays as long as its most
+    items can be (every listed pair of its kv heads, plus one partial item per block); its items come first, the
+    rest of the region is empty (start = end = 0). Returns the arrays, ``NB`` and the regions as (first item,
+    length) per class, so that each class can have its own launch over its region."""
     B = bi.shape[0]
     NB = -(-Tk // block_size)
     dev = bi.device
@@ -340,7 +342,8 @@ def _invert(bi, Tq, Tk, HKV, S, block_size, OFF, item_rows, group_class, num_cla
     i32 = torch.int32
     idx = bi.to(i32)
     pos = torch.arange(Tq, device=dev, dtype=i32) + OFF
-    cls = torch.tensor(group_class, device=dev, dtype=i32)[None, None, :, None]
+    # (no blocking copy: torch.tensor(..., device=cuda) would wait for the queued work)
+    cls = torch.tensor(group_class, dtype=i32).to(dev, non_blocking=True)[None, None, :, None]
     valid = (idx >= 0) & (idx * block_size <= pos[None, :, None, None]) & (cls >= 0)
     bg = (torch.arange(B, device=dev, dtype=i32)[:, None] * HKV +
           torch.arange(HKV, device=dev, dtype=i32)[None, :])[:, None, :, None]
@@ -353,15 +356,26 @@ def _invert(bi, Tq, Tk, HKV, S, block_size, OFF, item_rows, group_class, num_cla
     offsets = bounds[:-1]
     counts = bounds[1:] - offsets
     n_items = (counts + item_rows - 1) // item_rows
-    class_items = n_items.view(num_classes, n_keys).sum(1).tolist()
-    total = sum(class_items)
-    item_slot = torch.repeat_interleave(torch.arange(n_slots, device=dev), n_items, output_size=total)
-    first_item = torch.cumsum(n_items, 0) - n_items
-    within = torch.arange(total, device=dev) - first_item[item_slot]
+    last_item = torch.cumsum(n_items, 0)  # items before each slot's end, class-major
+    class_first = torch.cat([last_item.new_zeros(1), last_item.view(num_classes, n_keys)[:-1, -1]])
+    class_items = last_item.view(num_classes, n_keys)[:, -1] - class_first
+    regions, first = [], 0
+    for c in range(num_classes):
+        heads_in_class = B * group_class.count(c)
+        length = -(-heads_in_class * Tq * S // item_rows) + heads_in_class * NB
+        regions.append((first, length))
+        first += length
+    region_class = torch.cat([torch.full((length,), c, device=dev) for c, (_, length) in enumerate(regions)])
+    within_class = torch.cat([torch.arange(length, device=dev) for _, length in regions])
+    live = within_class < class_items[region_class]
+    item = class_first[region_class] + within_class  # the item's number in the class-major order
+    item_slot = torch.searchsorted(last_item, item, right=True).clamp_(max=max(n_slots - 1, 0))
+    within = item - (last_item[item_slot] - n_items[item_slot])
     item_start = offsets[item_slot] + within * item_rows
     item_end = torch.minimum(item_start + item_rows, offsets[item_slot] + counts[item_slot])
+    item_start, item_end = item_start * live, item_end * live
     return (item_slot.remainder(n_keys).to(i32).contiguous(), item_start.to(i32).contiguous(),
-            item_end.to(i32).contiguous(), rows.to(i32).contiguous(), NB, class_items)
+            item_end.to(i32).contiguous(), rows.to(i32).contiguous(), NB, regions)
 
 
 def selected_attention_bwd(q, k, v, block_indices, o, lse, do, block_size, scale, dk_acc=None, dv_acc=None,
@@ -407,13 +421,14 @@ def selected_attention_bwd_kernels(q, k, v, block_indices, o, lse, do, block_siz
         group_heads = [min(max(active - g * group, 0), group) for g in range(HKV)]
         classes = sorted(set(group_heads) - {0}, reverse=True)
         group_class = [classes.index(n) if n else -1 for n in group_heads]
-        item_key, item_start, item_end, rows, NB, class_items = _invert(
+        if not classes:  # no head computed: dk and dv stay as they are
+            return
+        item_key, item_start, item_end, rows, NB, regions = _invert(
             bi, Tq, Tk, HKV, S, block_size, Tk - Tq, launch.selected_dkv_item_rows, group_class, len(classes))
         pairs = max(launch.selected_dkv_rows, bh)
         q_rows = q.contiguous()  # read with do's offsets
         wide = wide_offsets(q_rows, do)
-        first = 0
-        for heads, n_items in zip(classes, class_items):
+        for heads, (first, n_items) in zip(classes, regions):
             if n_items:
                 _slc_bwd_dkv_kernel[(n_items,)](
                     q_rows, k, v, do, lse, delta, dk, dv, item_key, item_start, item_end, rows, *k.stride(),
@@ -422,7 +437,6 @@ def selected_attention_bwd_kernels(q, k, v, block_indices, o, lse, do, block_siz
                     BD=bd, PREC=prec, WIDE=wide,
                     num_warps=launch.selected_dkv_warps if bd > 64 else 4, num_stages=launch.selected_dkv_stages,
                 )
-            first += n_items
 
     return run_dq, run_dkv, (dq, dk, dv)
 

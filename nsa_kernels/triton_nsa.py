@@ -183,7 +183,7 @@ def _zero_rows(q_t: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=1) if parts else q_t.new_zeros(q_t.shape[:2], dtype=torch.bool)
 
 
-def dense_attention(q, k, v, scale, key_padding_mask=None, zero_rows=None):
+def dense_attention(q, k, v, scale, key_padding_mask=None, zero_rows=None, rows=None):
     """Causal GQA attention, the reference's ``dense_attention`` contract.
 
     Rows whose query is all zero (the text-masked query at vision rows of the mixed path), or that ``zero_rows``
@@ -195,6 +195,8 @@ def dense_attention(q, k, v, scale, key_padding_mask=None, zero_rows=None):
     Args:
         q: ``[B, Hq, Tq, D]``; k, v: ``[B, Hkv, Tk, D]``; query row ``r`` at position ``Tk - Tq + r``.
         key_padding_mask: bool ``[B, Tk]`` (True = real token) or None.
+        rows: the pass's ``reference.DenseRows`` when already known (``HybridPlan.dense_rows``; ``zero_rows`` is
+            then not read); found here otherwise, with one host sync.
 
     Returns:
         ``[B, Tq, Hq, D]``; rows at padding positions are zero.
@@ -206,14 +208,12 @@ def dense_attention(q, k, v, scale, key_padding_mask=None, zero_rows=None):
     in_place = not _ref.records_grad(q, k, v)
     q_t, k_t, v_t = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     pos_all = torch.arange(Tq, device=dev) + (Tk - Tq)
-    zero_rows = _zero_rows(q_t) if zero_rows is None else zero_rows
-    row_real = torch.ones(B, Tq, dtype=torch.bool, device=dev) if key_padding_mask is None else \
-        key_padding_mask[:, Tk - Tq:]
-    attend = row_real & ~zero_rows
-    means_needed = row_real & zero_rows
-    # one host sync for both sizes, before any attention work of this call is queued
-    n_att, any_means, all_attend = (torch.stack([attend.sum(dim=1).max(), means_needed.any(), attend.all()]).tolist()
-                                    if Tq else (0, False, True))
+    if rows is None:  # one host sync, before any attention work of this call is queued
+        row_real = torch.ones(B, Tq, dtype=torch.bool, device=dev) if key_padding_mask is None else \
+            key_padding_mask[:, Tk - Tq:]
+        rows = _ref.dense_rows(row_real, _zero_rows(q_t) if zero_rows is None else zero_rows)
+    attend, means_needed = rows.attend, rows.means_needed
+    n_att, any_means, all_attend = rows.most_attending, rows.any_means, rows.all_attend
     means = running_means(v_t, key_padding_mask, group) if any_means else None
     means_first = any_means and not in_place and n_att < Tq  # the means make the output, attending rows added
     if n_att == Tq:  # some sample attends with every row: run all rows in place of a gather
@@ -262,13 +262,17 @@ def nsa_branches(active_heads: int, pass_rows: int, launch=DEFAULT_LAUNCH) -> _r
 
 def hybrid_attention(query, key, value, gate_logits, token_is_vision, attention_mask=None, *, block_size=64,
                      block_count=32, window_size=256, scale=None, return_intermediates=False, query_chunk=None,
-                     launch=DEFAULT_LAUNCH):
-    """``reference.hybrid_attention`` with the Triton NSA and dense attention (same signature and result)."""
+                     plan=None, launch=DEFAULT_LAUNCH):
+    """``reference.hybrid_attention`` with the Triton NSA and dense attention (same signature and result). Given the
+    pass's ``plan`` (``reference.plan_hybrid``), it queues its work without a host sync."""
     head_dim = query.shape[-1]
     sc = head_dim ** -0.5 if scale is None else scale
+    if plan is None:  # (inputs checked first, so that a bad one is named as such)
+        _ref.check_hybrid_inputs(query, key, value, gate_logits, token_is_vision, attention_mask)
+        plan = _ref.plan_hybrid(token_is_vision, attention_mask, query.shape[2])
 
-    def dense_fn(q, zero_rows):
-        return dense_attention(q, key, value, sc, attention_mask, zero_rows)
+    def dense_fn(q, zero_rows):  # zero_rows is plan.dense_zero_rows, whose rows the plan has counted
+        return dense_attention(q, key, value, sc, attention_mask, zero_rows, plan.dense_rows)
 
     # the padded heads 2*Hq.. have constant zero queries and gates: skip them (see nsa_attention)
     active = 2 * query.shape[1]
@@ -278,4 +282,5 @@ def hybrid_attention(query, key, value, gate_logits, token_is_vision, attention_
                                  scale=sc, return_intermediates=return_intermediates, nsa_fn=nsa_fn,
                                  dense_fn=dense_fn, query_chunk=query_chunk,
                                  nsa_branches=nsa_branches(active, query.shape[2], launch),
-                                 nsa_heads_fn=functools.partial(nsa_attention_on_model_heads, launch=launch))
+                                 nsa_heads_fn=functools.partial(nsa_attention_on_model_heads, launch=launch),
+                                 plan=plan)

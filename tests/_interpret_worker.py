@@ -460,7 +460,7 @@ def selected_dkv_skips_inactive_heads():
     sc = D ** -0.5
     kc = R.compress_kv(k, bs)
     msgs = []
-    for active in (24, 21, 12):  # group 1 keeps 8 heads, 5 heads (rows do not fill a step), none
+    for active in (24, 21, 12, 0):  # group 1 keeps 8 heads, 5 heads (rows do not fill a step), none; no head at all
         q_act = q.clone()
         q_act[:, :, active:] = 0
         _, lse = R.compression_attention(q_act, kc, R.compress_kv(v, bs), bs, sc, Tk)
@@ -475,12 +475,18 @@ def selected_dkv_skips_inactive_heads():
             results.append((out.detach(), *torch.autograd.grad(out, leaves, go)))
         for name, ours, ref in zip(("o", "dq", "dk", "dv"), *results):
             msgs.append(_close(f"active {active} {name}", ours, ref, 2e-5 if name == "o" else 2e-4))
-    # a kv head of class -1 gets no work item; the other's items list each of its (row, block) pairs once
-    keys, starts, ends, rows, NB, class_items = S._invert(bi, Tq, Tk, Hkv, bi.shape[-1], bs, Tk - Tq, 3, [0, -1], 1)
+    # a kv head of class -1 gets no work item; the other's items list each of its (row, block) pairs once, in
+    # items of at most 3 rows, and the end of its region is empty
+    keys, starts, ends, rows, NB, regions = S._invert(bi, Tq, Tk, Hkv, bi.shape[-1], bs, Tk - Tq, 3, [0, -1], 1)
     pos = torch.arange(Tq) + Tk - Tq
-    listed = (bi[:, :, 0] >= 0) & (bi[:, :, 0] * bs <= pos[None, :, None])
-    assert class_items == [keys.numel()] and bool(((keys // NB) % Hkv == 0).all()), keys
-    assert int((ends - starts).sum()) == int(listed.sum()), (ends - starts, listed.sum())
+    listed = (bi[:, :, 0] >= 0) & (bi[:, :, 0] * bs <= pos[None, :, None])  # [B, Tq, S] of kv head 0
+    items = ends > starts
+    assert regions == [(0, keys.numel())] and bool(((keys[items] // NB) % Hkv == 0).all()), keys
+    assert bool((ends - starts <= 3).all()) and not bool(items[int(items.sum()):].any()), (starts, ends)
+    pairs = sorted((int(keys[i]) // (Hkv * NB), int(keys[i]) % NB, int(rows[j]))
+                   for i in range(keys.numel()) for j in range(starts[i], ends[i]))
+    want = sorted((b, int(bi[b, r, 0, s]), r) for b, r, s in torch.nonzero(listed).tolist())
+    assert pairs == want, (pairs, want)
     return "; ".join(msgs) + "; a kv head without heads gets no item"
 
 

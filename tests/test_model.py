@@ -70,6 +70,30 @@ def test_attention_layer_computes_the_reference_function():
     torch.testing.assert_close(captured["out"], attention.o_proj(expected.reshape(1, hidden.shape[1], -1)))
 
 
+def test_one_plan_per_pass_reaches_every_layer(monkeypatch):
+    """The pass's token types are planned once (plan_hybrid: the host reads the GPU's answers there, once) and every
+    layer's hybrid attention gets that plan instead of planning, and waiting on the GPU, again."""
+    model = tiny_model()
+    kernels = modeling_videonsa.load_nsa_kernels(model.config)
+    plans, seen = [], []
+    plan_hybrid, hybrid_attention = kernels.plan_hybrid, kernels.reference.hybrid_attention
+
+    def planning(*args):
+        plans.append(plan_hybrid(*args))
+        return plans[-1]
+
+    def attending(*args, plan=None, **kwargs):
+        seen.append(plan)
+        return hybrid_attention(*args, plan=plan, **kwargs)
+
+    monkeypatch.setattr(kernels, "plan_hybrid", planning)
+    monkeypatch.setattr(kernels.reference, "hybrid_attention", attending)
+    with torch.no_grad():
+        model(**video_prompt(TEXT_VIDEO_TEXT))
+    assert len(plans) == 1 and plans[0].mixed_samples == (True,)
+    assert len(seen) == model.config.text_config.num_hidden_layers and all(p is plans[0] for p in seen)
+
+
 def test_dense_switch_and_text_only_prompts_are_qwen25vl():
     model = tiny_model()
     twin = qwen_twin(model)

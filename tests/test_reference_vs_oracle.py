@@ -475,6 +475,38 @@ def test_batch_padding_does_not_shift_blocks():
     torch.testing.assert_close(padded[0], alone[0], atol=1e-6, rtol=1e-5)
 
 
+def test_one_plan_serves_every_layer_of_a_pass():
+    """A pass's plan (plan_hybrid), built once, gives each layer's call the numbers of a call that plans for itself,
+    on a left-padded batch of a dense, a mixed and an NSA-only sample; a plan of other sizes and bad flags are
+    refused with what to do."""
+    ref = _reference()
+    samples = [make_sample(100, vision_mask(100, []), seed=1),
+               make_sample(180, vision_mask(180, [(3, 70), (90, 170)]), seed=2, zero_q_rows=(120,)),
+               make_sample(64, vision_mask(64, [(0, 64)]), seed=3)]
+    is_vis, mask = torch.zeros(3, 200, dtype=torch.bool), torch.zeros(3, 200, dtype=torch.bool)
+    for b, s in enumerate(samples):
+        is_vis[b, 200 - s["vis"].shape[0]:] = s["vis"]
+        mask[b, 200 - s["vis"].shape[0]:] = True
+    plan = ref.plan_hybrid(is_vis, mask, 200)
+    assert (plan.nsa_samples, plan.mixed_samples) == ((False, True, True), (False, True, False))
+    assert plan.sample_keys[0] is None and plan.sample_rows[2].tolist() == list(range(136, 200))
+    g = torch.Generator().manual_seed(9)
+    for layer in range(2):  # two layers' inputs, one plan
+        q, k, v = (torch.randn(3, h, 200, 16, generator=g) for h in (28, 4, 4))
+        logits = torch.randn(3, 200, 28, 3, generator=g)
+        alone = ref.hybrid_attention(q, k, v, logits, is_vis, mask, block_count=3)
+        planned = ref.hybrid_attention(q, k, v, logits, is_vis, mask, block_count=3, plan=plan)
+        assert torch.equal(alone, planned), layer
+    with pytest.raises(ValueError, match="plan_hybrid"):  # a continuation's 150 query rows, the pass's plan
+        ref.hybrid_attention(q[:, :, 50:], k, v, logits[:, 50:], is_vis, mask, block_count=3, plan=plan)
+    with pytest.raises(ValueError, match="plan_hybrid"):  # planned without the padding mask
+        ref.hybrid_attention(q, k, v, logits, is_vis, mask, block_count=3, plan=ref.plan_hybrid(is_vis, None, 200))
+    with pytest.raises(ValueError, match="attention_mask must be None or a bool"):
+        ref.plan_hybrid(is_vis, mask.long(), 200)
+    with pytest.raises(ValueError, match="num_queries"):
+        ref.plan_hybrid(is_vis, mask, 201)
+
+
 # ------------------------------------------------------------------------------------------------------
 # 4. a pass that continues a cache (spec §7: chunked prefill = unchunked; a decode step is dense)
 # ------------------------------------------------------------------------------------------------------

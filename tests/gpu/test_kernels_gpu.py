@@ -380,3 +380,33 @@ def test_band_key_splits_on_text_rows():
         errs = [_rel(a, b) for a, b in zip(split, whole)]
         print(f"\n{dtype} split vs unsplit: out {errs[0]:.1e} dq {errs[1]:.1e} dk {errs[2]:.1e} dv {errs[3]:.1e}")
         assert max(errs) < tol, errs
+
+
+def test_hybrid_layer_given_its_plan_never_waits_on_the_gpu():
+    """Given the pass's plan (as the model gives it to every layer), the hybrid layer's forward and backward (28 / 4
+    heads, text | video | text: the text rows split over keys, the selected dk/dv row lists) queue every launch
+    without a host sync, and give the values of a call that plans for itself (dk / dv within the float32 atomics'
+    order)."""
+    T = 8192
+    g = torch.Generator(device=DEV).manual_seed(T)
+    xs = [torch.randn(1, h, T, D, device=DEV, generator=g, dtype=torch.bfloat16) for h in (28, HKV, HKV)]
+    xs.append(torch.randn(1, T, 28, 3, device=DEV, generator=g, dtype=torch.bfloat16))
+    xs = [x.requires_grad_(True) for x in xs]
+    vision = torch.zeros(1, T, dtype=torch.bool, device=DEV)
+    vision[:, 128:T - 64] = True
+    go = torch.randn(1, T, 28, D, device=DEV, generator=g, dtype=torch.bfloat16)
+    plan = R.plan_hybrid(vision, None, T)
+
+    def step(plan):
+        out = TN.hybrid_attention(*xs, vision, block_size=BS, block_count=BC, window_size=W, plan=plan)
+        return [out, *torch.autograd.grad(out, xs, go)]
+
+    want = step(None)  # (compiles every kernel)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = step(plan)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dlogits"), got, want):
+        assert torch.equal(a, b) if name in ("out", "dq", "dlogits") else _rel(a, b) < 1e-2, name
