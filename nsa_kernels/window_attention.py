@@ -17,6 +17,7 @@ the partial softmax states (forward) or partial ``dq`` (backward) are combined a
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -261,7 +262,28 @@ def choose_key_splits(row_programs: int, key_tiles: int, device: torch.device, l
     return max(1, min(triton.cdiv(target, row_programs), key_tiles // 8))
 
 
-def _prep(q, k, window, positions, key_valid, active_heads, splits, launch):
+class _BandLaunch(NamedTuple):
+    """What the band kernels are launched with: the sizes of q ``[B, Tq, H, D]`` and k ``[B, Tk, Hkv, D]``, the
+    window ``W`` (``Tk + 1``: causal), row positions (int32) and key flags (int8) or None, the heads computed, the
+    tile sizes (feature, rows, keys) and the programs per row tile over its keys."""
+
+    B: int
+    Tq: int
+    H: int
+    D: int
+    Tk: int
+    HKV: int
+    W: int
+    pos: torch.Tensor | None
+    kvalid: torch.Tensor | None
+    active: int
+    bd: int
+    bm: int
+    bn: int
+    splits: int
+
+
+def _prep(q, k, window, positions, key_valid, active_heads, splits, launch) -> _BandLaunch:
     B, Tq, H, D = q.shape
     Tk, HKV = k.shape[1], k.shape[2]
     if H % HKV:
@@ -279,7 +301,7 @@ def _prep(q, k, window, positions, key_valid, active_heads, splits, launch):
         splits = choose_key_splits(row_programs, triton.cdiv(min(Tk, W + bm - 1), bn), q.device, launch)
     elif splits < 1:
         raise ValueError(f"key_splits must be at least 1, got {splits}")
-    return B, Tq, H, D, Tk, HKV, W, pos, kvalid, active, bd, bm, bn, int(splits)
+    return _BandLaunch(B, Tq, H, D, Tk, HKV, W, pos, kvalid, active, bd, bm, bn, int(splits))
 
 
 def band_attention_fwd(q, k, v, scale, window=None, positions=None, key_valid=None, active_heads=None,
