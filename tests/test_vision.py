@@ -2,6 +2,7 @@
 padded MLP (VideoNSAVisionMLP) against Qwen2.5-VL's."""
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -192,3 +193,24 @@ def test_padded_vision_mlp_calls_wrapped_projections():
         plain = Qwen2_5_VLMLP(config, bias=True)
         plain.load_state_dict(theirs.state_dict())  # same weights, plain up_proj: a different function
         assert not torch.allclose(ours(inputs), plain(inputs))
+
+
+def test_tower_arithmetic_of_the_benchmark_counts_every_product(monkeypatch):
+    """``bench/bench_vision.py``'s ``tower_flops`` (the floor it states) equals torch's own count of the tower's
+    matrix products, convolution and attention (FlopCounterMode on transformers' tower, eager attention so that
+    every score and weighted sum is a counted product): windowed and full-attention blocks, a video of square
+    frames whose windows tile them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    import bench_vision
+
+    config = tiny_config(num_layers=1).vision_config
+    config.depth, config.fullatt_block_indexes = 3, [FULL_ATTENTION_LAYER]
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    tower = Qwen2_5_VisionTransformerPretrainedModel._from_config(config).eval()
+    for steps, side in ((2, 8), (1, 4)):
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            tower(torch.randn(steps * side * side, PATCH_DIM), grid_thw=torch.tensor([[steps, side, side]]))
+        assert bench_vision.tower_flops(config, steps, side) == counter.get_total_flops(), (steps, side)
