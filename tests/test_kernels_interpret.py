@@ -8,6 +8,7 @@ when absent) and against ``nsa_kernels.reference``, forward and gradients.
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import os
@@ -23,10 +24,11 @@ WORKER = os.path.join(HERE, "_interpret_worker.py")
 SHARDS = [
     ["conf_branches_T200", "small_branches_T70", "topk_multichunk", "dense_text_only_and_padding",
      "conf_topk_T320_bc3", "small_branches_T1", "conf_dense_T200", "conf_topk_T200",
-     "selected_dkv_skips_inactive_heads"],
+     "selected_dkv_skips_inactive_heads", "band_key_splits"],
     ["small_nsa_with_gates_T100", "small_hybrid_mixed_padded", "small_branches_chunk", "conf_topk_T320_bc3_q0",
      "selected_union_tiles", "tile_unions_against_sets", "hybrid_in_query_chunks", "attention_delta_layouts",
-     "selected_dkv_row_lists_in_items", "int64_offsets", "gate_mix_folded", "nsa_on_model_heads"],
+     "selected_dkv_row_lists_in_items", "int64_offsets", "gate_mix_folded", "nsa_on_model_heads",
+     "running_means_against_cumsum"],
 ]
 ALL = [name for shard in SHARDS for name in shard]
 
@@ -48,6 +50,16 @@ def results():
             raise RuntimeError(f"interpreter worker failed (rc {p.returncode}):\n{stderr[-4000:]}")
         out.update(json.loads(line[-1][len("@@RESULTS@@"):]))
     return out
+
+
+def test_every_check_runs_in_a_shard():
+    """Each check the worker defines (a function decorated ``@check``) is in exactly one shard: a check left out
+    would never run. Read from the worker's source: importing it would switch this process to the interpreter."""
+    with open(WORKER) as file:
+        tree = ast.parse(file.read())
+    defined = [node.name for node in tree.body if isinstance(node, ast.FunctionDef)
+               and any(isinstance(d, ast.Name) and d.id == "check" for d in node.decorator_list)]
+    assert sorted(ALL) == sorted(defined) and len(set(ALL)) == len(ALL), set(defined) ^ set(ALL)
 
 
 @pytest.mark.parametrize("name", ALL)
