@@ -671,7 +671,6 @@ class HybridPlan:
     Attributes:
         num_keys, num_queries: the pass's key positions (cache included) and query rows.
         padded: whether an attention mask was given (each sample then runs on its real tokens, compacted).
-        query_vision: bool ``[B, Tq]``, the real vision queries.
         dense_zero_rows: bool ``[B, Tq]``, the rows whose query the dense part zeroes (vision rows of mixed samples).
         nsa_only: bool ``[B]``, samples whose every real token is vision (no dense part).
         nsa_samples, mixed_samples: per sample, whether it runs the NSA part, and whether on the mixed path.
@@ -683,7 +682,6 @@ class HybridPlan:
     num_keys: int
     num_queries: int
     padded: bool
-    query_vision: torch.Tensor
     dense_zero_rows: torch.Tensor
     nsa_only: torch.Tensor
     nsa_samples: tuple[bool, ...]
@@ -733,7 +731,7 @@ def plan_hybrid(token_is_vision: torch.Tensor, attention_mask: torch.Tensor | No
         if padded and nsa_samples[b]:
             keys[b] = torch.nonzero(attention_mask[b]).flatten()
             rows[b] = torch.nonzero(query_valid[b]).flatten()
-    return HybridPlan(num_keys, num_queries, padded, query_vision, zero_rows, uses_nsa & all_vision, nsa_samples,
+    return HybridPlan(num_keys, num_queries, padded, zero_rows, uses_nsa & all_vision, nsa_samples,
                       mixed_samples, tuple(keys), tuple(rows),
                       _dense_rows(attend, means_needed, host[2 * batch :] if facts is not None else None))
 
@@ -793,7 +791,7 @@ def hybrid_attention(
         per sample (``None`` for dense-path samples) holding ``gates64``, the NSA intermediates and, for the
         mixed path, ``dense_output``.
     """
-    check_hybrid_inputs(query, key, value, gate_logits, token_is_vision, attention_mask)
+    _check_hybrid_inputs(query, key, value, gate_logits, token_is_vision, attention_mask)
     batch, num_heads, num_q, head_dim = query.shape
     kv_heads, num_keys = key.shape[1], key.shape[2]
     scale = head_dim**-0.5 if scale is None else scale
@@ -881,7 +879,7 @@ def hybrid_attention(
     return (out, intermediates) if return_intermediates else out
 
 
-def check_hybrid_inputs(query, key, value, gate_logits, token_is_vision, attention_mask) -> None:
+def _check_hybrid_inputs(query, key, value, gate_logits, token_is_vision, attention_mask) -> None:
     """Reject inputs of the wrong rank, shape or dtype with a message that says what to pass instead."""
     if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
         raise ValueError(
