@@ -173,6 +173,9 @@ class VideoNSAConfig(Qwen2_5_VLConfig):
     def to_dict(self):
         output = super().to_dict()
         output.pop(KERNELS_BINDING, None)
+        # the vision config is transformers' class: its binding (the tower's kernels) is dropped here
+        if isinstance(output.get("vision_config"), dict):
+            output["vision_config"].pop(KERNELS_BINDING, None)
         return output
 
     def __post_init__(self, **kwargs):

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 import transformers
 from packaging.version import Version
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 # The transformers releases this file is tested with: 5.17 (the GPU machine's) up to the newest 5.x. Checked before
 # the imports below, which would otherwise fail (or worse, run) with a less helpful message on other releases.
@@ -77,6 +78,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (  # noqa: E402
     Qwen2_5_VLRMSNorm,
     Qwen2_5_VLTextModel,
     Qwen2_5_VLVisionAttention,
+    Qwen2_5_VisionPatchEmbed,
     apply_rotary_pos_emb,
     apply_rotary_pos_emb_vision,
     eager_attention_forward,
@@ -228,11 +230,12 @@ def _bundled_kernels_module(config) -> str:
 
 
 def bind_nsa_kernels(config):
-    """Resolve the kernels package of ``config``'s checkpoint, import it and bind ``config`` (and its text config)
-    to it; returns the module. Run when a model is built, so that a config reused for another checkpoint follows."""
+    """Resolve the kernels package of ``config``'s checkpoint, import it and bind ``config`` (and its text and vision
+    configs) to it; returns the module. Run when a model is built, so that a config reused for another checkpoint
+    follows."""
     name = _bundled_kernels_module(config)
     module = importlib.import_module(name)
-    for owner in (config, getattr(config, "text_config", None)):
+    for owner in (config, getattr(config, "text_config", None), getattr(config, "vision_config", None)):
         if owner is not None:
             setattr(owner, KERNELS_BINDING, name)
     return module
@@ -734,22 +737,97 @@ _VISION_SEGMENTS_PER_CALL = 2**15
 
 
 def _equal_length_segments(cu_seqlens: torch.Tensor, num_heads: int, device: torch.device):
-    """Yield ``[segments, length]`` row indices into the packed sequence: the segments of ``cu_seqlens`` grouped by
-    length (in order within a group), each group split so that one call's attention scores stay bounded."""
-    starts = cu_seqlens[:-1].to(device=device, dtype=torch.long)
-    lengths = cu_seqlens[1:].to(device=device, dtype=torch.long) - starts
-    distinct, counts = torch.unique(lengths, return_counts=True)  # sorted, as argsort orders the groups
-    groups = starts[torch.argsort(lengths, stable=True)].split(counts.tolist())  # host sync (transformers' too)
-    for length, group_starts in zip(distinct.tolist(), groups):
+    """Yield ``(rows, length)``: the segments of ``cu_seqlens`` grouped by length (in order within a group), each group
+    split so that one call's attention scores stay bounded. ``rows`` selects a call's ``segments * length`` rows of
+    the packed sequence: a slice where its segments lie end to end (a view, nothing gathered: every segment of a
+    video whose frames tile into whole windows), else ``[segments, length]`` indices."""
+    bounds = cu_seqlens.tolist()  # one host read (transformers' per-segment loop reads them too)
+    groups: dict[int, list[int]] = {}
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        groups.setdefault(end - start, []).append(start)
+    for length in sorted(groups):
         if length == 0:
             continue
         per_call = max(1, min(_VISION_SEGMENTS_PER_CALL, _VISION_SCORES_PER_CALL // (num_heads * length * length)))
-        offsets = torch.arange(length, device=device)
-        for call_starts in group_starts.split(per_call):
-            yield call_starts[:, None] + offsets
+        starts = groups[length]
+        for first in range(0, len(starts), per_call):
+            call = starts[first : first + per_call]
+            if call[-1] - call[0] == (len(call) - 1) * length:  # ascending, disjoint: end to end
+                yield slice(call[0], call[-1] + length), length
+            else:
+                yield torch.tensor(call, device=device)[:, None] + torch.arange(length, device=device), length
 
 
-class VideoNSAVisionAttention(Qwen2_5_VLVisionAttention):
+# The segment plan of each cu_seqlens tensor while it lives: the tower hands the same tensor to every block of a kind
+# (windowed or full), so its boundaries are read from the GPU once per pass rather than once per block.
+_SEGMENT_PLANS = WeakIdKeyDictionary()
+
+
+def _segment_plan(cu_seqlens: torch.Tensor, num_heads: int, device: torch.device) -> list:
+    """:func:`_equal_length_segments` as a list, remembered for ``cu_seqlens`` (until it changes or is freed)."""
+    key = (cu_seqlens._version, num_heads, device)
+    cached = _SEGMENT_PLANS.get(cu_seqlens)
+    if cached is None or cached[0] != key:
+        cached = _SEGMENT_PLANS[cu_seqlens] = (key, list(_equal_length_segments(cu_seqlens, num_heads, device)))
+    return cached[1]
+
+
+class _FastVisionPath:
+    """Switch of the vision tower's modules between their fast path and transformers' operations (same function).
+
+    On CUDA, in a pass that records no gradient for the tensors given, :meth:`_vision_kernels` hands out
+    ``nsa_kernels.vision`` (one Triton pass each for the rotary embedding, RMSNorm and ``silu(gate) * up``, in place
+    of transformers' chains of float32 passes). ``use_fast_path = False`` (on a module or the class) keeps
+    transformers' operations: the benchmark's comparison."""
+
+    use_fast_path = True
+
+    def _vision_kernels(self, *tensors: torch.Tensor):
+        """``nsa_kernels.vision`` of this model's kernels where its passes may run on ``tensors``, else None."""
+        if not self.use_fast_path or not tensors[0].is_cuda:
+            return None
+        if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors):
+            return None
+        return importlib.import_module(f"{load_nsa_kernels(self.config).__name__}.vision")
+
+
+class VideoNSAVisionPatchEmbed(_FastVisionPath, Qwen2_5_VisionPatchEmbed):
+    """Qwen2.5-VL's patch embedding, on CUDA as the matrix product it is: its 3-D convolution has stride = kernel size
+    and no bias, so each patch's output is its ``channels x 2 x 14 x 14`` pixels times the flattened kernel. cuDNN runs
+    the convolution as an implicit GEMM far below cuBLAS's rate (``docs/benchmarks.md``). On CPU, with
+    ``use_fast_path = False`` and for a wrapped ``proj``, Qwen2.5-VL's convolution."""
+
+    def __init__(self, config, embed: Qwen2_5_VisionPatchEmbed):
+        with torch.device("meta"):  # the tower's own convolution is taken over: none is drawn (or allocated) anew
+            super().__init__(embed.patch_size, embed.temporal_patch_size, embed.in_channels, embed.embed_dim)
+        self.proj = embed.proj
+        self.config = config
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """``[patches, channels * 2 * 14 * 14]`` pixels -> ``[patches, embed_dim]``."""
+        if (not self.use_fast_path or not hidden_states.is_cuda or type(self.proj) is not nn.Conv3d
+                or self.proj.bias is not None):
+            return super().forward(hidden_states)
+        weight = self.proj.weight  # [embed_dim, channels, 2, 14, 14]
+        return F.linear(hidden_states.reshape(-1, weight[0].numel()).to(weight.dtype), weight.flatten(1))
+
+
+class VideoNSAVisionRMSNorm(_FastVisionPath, Qwen2_5_VLRMSNorm):
+    """Qwen2.5-VL's RMS norm of the vision tower, in one pass where :class:`_FastVisionPath` allows."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-6):
+        super().__init__(hidden_size, eps=eps)
+        self.config = config
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """``[..., hidden]`` -> ``[..., hidden]``."""
+        kernels = self._vision_kernels(hidden_states, self.weight)
+        if kernels is None:
+            return super().forward(hidden_states)
+        return kernels.rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+
+class VideoNSAVisionAttention(_FastVisionPath, Qwen2_5_VLVisionAttention):
     """Qwen2.5-VL's vision attention, with its non-flash path computed in a few batched calls per layer.
 
     The vision tower packs every patch into one sequence cut into segments by ``cu_seqlens`` (one per temporal patch
@@ -757,10 +835,19 @@ class VideoNSAVisionAttention(Qwen2_5_VLVisionAttention):
     within itself. With flash-attn, transformers runs all segments in one varlen call (kept as it is here). Without
     it, transformers runs one attention call per segment, whose launch overhead dominates for long videos
     (``docs/benchmarks.md``). Here the segments of equal length, nearly all of them (only windows cut by a frame's
-    right or bottom edge are shorter), are gathered into ``[segments, heads, length, head_dim]`` batches that go through
-    the configured attention interface (sdpa, eager, ...) without a mask: the same function, one call per distinct
-    segment length (more only when a batch's scores would exceed ``_VISION_SCORES_PER_CALL``).
+    right or bottom edge are shorter), are batched as ``[segments, heads, length, head_dim]`` (views of the qkv product
+    where they lie end to end, else gathered) for the configured attention interface (sdpa, eager, ...) without a
+    mask: the same function, one call per distinct segment length (more only when a batch's scores would exceed
+    ``_VISION_SCORES_PER_CALL``). The rotary embedding runs in one pass where :class:`_FastVisionPath` allows
+    (transformers' function bit for bit).
     """
+
+    def _rotary(self, query, key, cos, sin):
+        """``apply_rotary_pos_emb_vision`` of ``query``, ``key`` ``[tokens, heads, head_dim]``."""
+        kernels = self._vision_kernels(query, key)
+        if kernels is None:
+            return apply_rotary_pos_emb_vision(query, key, cos, sin)
+        return kernels.apply_rotary_pos_emb_vision(query, key, cos, sin)
 
     def forward(
         self,
@@ -776,23 +863,30 @@ class VideoNSAVisionAttention(Qwen2_5_VLVisionAttention):
             )
         seq_length = hidden_states.shape[0]
         query, key, value = self.qkv(hidden_states).reshape(seq_length, 3, self.num_heads, -1).unbind(1)
-        query, key = apply_rotary_pos_emb_vision(query, key, *position_embeddings)  # [tokens, heads, head_dim]
+        query, key = self._rotary(query, key, *position_embeddings)  # [tokens, heads, head_dim]
         attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
-        output = value.new_empty(value.shape)
-        for rows in _equal_length_segments(cu_seqlens, self.num_heads, value.device):
-            output[rows] = attention_interface(  # [segments, length, heads, head_dim]
+        output = None
+        for rows, length in _segment_plan(cu_seqlens, self.num_heads, value.device):
+            attended = attention_interface(  # [segments, length, heads, head_dim]
                 self,
-                query[rows].transpose(1, 2),  # [segments, heads, length, head_dim]
-                key[rows].transpose(1, 2),
-                value[rows].transpose(1, 2),
-                attention_mask=None,
+                *(x[rows].reshape(-1, length, *x.shape[1:]).transpose(1, 2) for x in (query, key, value)),
+                attention_mask=None,  # q, k, v above: [segments, heads, length, head_dim]
                 scaling=self.scaling,
                 dropout=0.0 if not self.training else self.attention_dropout,
                 is_causal=False,
                 **kwargs,
             )[0]
+            if isinstance(rows, slice) and rows == slice(0, seq_length):  # one call: its output is the layer's
+                output = attended
+                break
+            if output is None:
+                output = value.new_empty(value.shape)
+            # indices index [segments, length] rows; a slice, segments * length rows
+            output[rows] = attended.flatten(0, 1) if isinstance(rows, slice) else attended
+        if output is None:  # no segment: an empty sequence
+            output = value.new_empty(value.shape)
         return self.proj(output.reshape(seq_length, -1))
 
 
@@ -801,7 +895,7 @@ class VideoNSAVisionAttention(Qwen2_5_VLVisionAttention):
 _ROW_ALIGNMENT = 8
 
 
-class VideoNSAVisionMLP(Qwen2_5_VLMLP):
+class VideoNSAVisionMLP(_FastVisionPath, Qwen2_5_VLMLP):
     """Qwen2.5-VL's vision MLP (same parameters, same function) with its inner width padded for fast matmuls.
 
     The released vision tower's inner width is 3,420, a row of 6,840 bytes in bf16: not a multiple of 16 bytes, so
@@ -811,8 +905,12 @@ class VideoNSAVisionMLP(Qwen2_5_VLMLP):
     the down weight gets the matching zero columns: the padded inner units are ``silu(0) * 0 = 0`` and add
     nothing, so the output is the plain MLP's. The padded weights are rebuilt on every call (a few MB, a copy
     each), so training updates and gradients go to the original parameters. Wrapped projections take Qwen2.5-VL's
-    own path.
+    own path. ``silu(gate) * up`` runs in one pass where :class:`_FastVisionPath` allows (torch's bits).
     """
+
+    def __init__(self, config, bias: bool = False):
+        super().__init__(config, bias=bias)
+        self.config = config
 
     def forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
         """``hidden_state`` ``[..., hidden]`` -> ``[..., hidden]``."""
@@ -828,20 +926,36 @@ class VideoNSAVisionMLP(Qwen2_5_VLMLP):
         gate_up_bias = None
         if self.gate_proj.bias is not None:
             gate_up_bias = torch.cat([F.pad(self.gate_proj.bias, (0, pad)), F.pad(self.up_proj.bias, (0, pad))])
-        gate, up = F.linear(hidden_state, gate_up_weight, gate_up_bias).chunk(2, dim=-1)
-        return F.linear(self.act_fn(gate) * up, F.pad(self.down_proj.weight, (0, pad)), self.down_proj.bias)
+        gate_up = F.linear(hidden_state, gate_up_weight, gate_up_bias)  # [..., 2 * padded]
+        kernels = self._vision_kernels(gate_up) if self.config.hidden_act == "silu" else None
+        if kernels is None:
+            gate, up = gate_up.chunk(2, dim=-1)
+            inner = self.act_fn(gate) * up
+        else:
+            inner = kernels.silu_and_mul(gate_up.reshape(-1, gate_up.shape[-1])).view(*gate_up.shape[:-1], -1)
+        return F.linear(inner, F.pad(self.down_proj.weight, (0, pad)), self.down_proj.bias)
 
 
 class VideoNSAVisionTransformer(Qwen2_5_VisionTransformerPretrainedModel):
     """Qwen2.5-VL's vision tower whose blocks attend with :class:`VideoNSAVisionAttention` and run
-    :class:`VideoNSAVisionMLP` (same parameters, same function)."""
+    :class:`VideoNSAVisionMLP`, normalised by :class:`VideoNSAVisionRMSNorm` and embedded by
+    :class:`VideoNSAVisionPatchEmbed` (same parameters, same function)."""
 
     def __init__(self, config, *inputs, **kwargs):
         super().__init__(config, *inputs, **kwargs)
+        self.patch_embed = VideoNSAVisionPatchEmbed(config, self.patch_embed)
         for block in self.blocks:
             block.attn = VideoNSAVisionAttention(config)
             block.mlp = VideoNSAVisionMLP(config, bias=True)
+            block.norm1, block.norm2 = (VideoNSAVisionRMSNorm(config, config.hidden_size) for _ in range(2))
+        self.merger.ln_q = VideoNSAVisionRMSNorm(config, config.hidden_size)  # the merger's context width
         self.post_init()
+
+    def set_fast_path(self, enabled: bool) -> None:
+        """Switch every module's :class:`_FastVisionPath` (False: transformers' operations, the same function)."""
+        for module in self.modules():
+            if isinstance(module, _FastVisionPath):
+                module.use_fast_path = enabled
 
 
 class VideoNSAModel(Qwen2_5_VLModel):

@@ -8,8 +8,10 @@ hold the same parameters):
 * ``transformers``: Qwen2.5-VL's blocks as transformers runs them without flash-attn (one SDPA call per attention
   segment; the MLP's 3,420-wide products on unaligned rows);
 * ``batched attention``: :class:`VideoNSAVisionAttention` (segments of equal length batched) + Qwen2.5-VL's MLP;
-* ``ours``: :class:`VideoNSAVisionAttention` + :class:`VideoNSAVisionMLP` (inner width padded to 16-byte rows),
-  the package's tower.
+* ``ours, transformers' operations``: :class:`VideoNSAVisionAttention` + :class:`VideoNSAVisionMLP` (inner width
+  padded to 16-byte rows), with the rest as transformers computes it (``set_fast_path(False)``);
+* ``ours``: the same on the fast path: the patch embedding as one matrix product, the rotary embedding, RMSNorm and
+  ``silu(gate) * up`` in one Triton pass each (``nsa_kernels.vision``). The package's tower.
 
 Per row and length: the tower's time (best of ``--reps``, CUDA-synchronised, after one warm-up pass) and the largest
 difference of its output to the ``transformers`` row's. ``--rows-max`` skips the ``transformers`` row above a length
@@ -32,7 +34,7 @@ import time
 
 import torch
 from bench_end_to_end import GRID_HW, config_7b  # the prefill benchmark's model and video geometry
-ROWS = ("transformers", "batched attention", "ours")
+ROWS = ("transformers", "batched attention", "ours, transformers' operations", "ours")
 
 
 def tower_flops(config, steps: int, grid_hw: int = GRID_HW) -> float:
@@ -68,15 +70,16 @@ def profile_tower(tower, pixels, steps: int, piece_steps: int, floor_s: float) -
     kinds = {"matrix products": 0.0, "attention": 0.0, "the rest (norms, rotary, casts, copies, activations)": 0.0}
     for event in events:
         name = event.key.lower()
-        kind = ("matrix products" if any(x in name for x in ("gemm", "cutlass", "xmma", "sm90_", "cublas")) else
-                "attention" if any(x in name for x in ("flash", "fmha", "attention", "cudnn")) else
+        # attention first: flash's template arguments name cutlass types
+        kind = ("attention" if any(x in name for x in ("flash", "fmha", "attention")) else
+                "matrix products" if any(x in name for x in ("gemm", "cutlass", "xmma", "sm90_", "cublas")) else
                 "the rest (norms, rotary, casts, copies, activations)")
         kinds[kind] += event.self_device_time_total / 1e6
     total = sum(kinds.values())
     lines = [f"CUDA time of the package's tower: {total:.3f} s; arithmetic floor {floor_s:.3f} s "
              f"({total / floor_s:.1f}x)"]
     lines += [f"- {kind}: {seconds:.3f} s" for kind, seconds in kinds.items()]
-    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=70)
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=120)
     return "\n".join(lines) + "\n\n" + table
 
 
@@ -97,9 +100,10 @@ def set_row(tower, row: str):
     from modeling_videonsa import VideoNSAVisionAttention, VideoNSAVisionMLP
 
     attention = Qwen2_5_VLVisionAttention if row == "transformers" else VideoNSAVisionAttention
-    mlp = VideoNSAVisionMLP if row == "ours" else Qwen2_5_VLMLP
+    mlp = VideoNSAVisionMLP if row.startswith("ours") else Qwen2_5_VLMLP
     for block in tower.blocks:
         block.attn.__class__, block.mlp.__class__ = attention, mlp
+    tower.set_fast_path(row == "ours")
 
 
 def encode(tower, pixels, steps: int, piece_steps: int) -> torch.Tensor:

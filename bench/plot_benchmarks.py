@@ -27,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 LAYER_RUN = "h200_layer_2026-12-04_plan.json"
-E2E_RUN = "h200_e2e_2026-12-04_pm.json"
+E2E_RUN = "h200_e2e_2026-12-04_vision.json"
 MEMORY_RUNS = ("h200_memory_2026-12-03_run1.json", "h200_memory_2026-12-03_run3.json")
 
 

@@ -697,6 +697,68 @@ def attention_delta_layouts():
     return "; ".join(msgs) + "; mismatched shapes refused"
 
 
+def _ulps(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype | None = None) -> float:
+    """Largest difference in units of the last place of ``dtype`` (default ``want``'s), relative to ``want``."""
+    eps = torch.finfo(dtype or want.dtype).eps
+    return ((got.float() - want.float()).abs() / eps / want.float().abs().clamp_min(1e-30)).max().item()
+
+
+@check
+def vision_kernels_equal_transformers():
+    """The vision tower's one-pass kernels against transformers' operations, in float32 and bfloat16 (the interpreter
+    rounds to bfloat16 and takes exp its own way, so bfloat16 and silu are held to a unit or two of the last place
+    here; the GPU tests hold the rotary embedding and silu bit for bit):
+
+    * the rotary embedding, q and k as the strided views of the fused qkv product, a row count that is no multiple
+      of the rows per program: equal in float32;
+    * RMSNorm on rows as wide as no power of two, strided rows, a float32 weight on bfloat16 inputs (the output
+      takes the promoted dtype as in transformers);
+    * ``silu(gate) * up`` on a row-strided ``gate | up`` product of odd width;
+    * bad shapes refused."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRMSNorm
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision as theirs
+
+    from nsa_kernels import vision
+
+    N, H, D = 37, 3, 20
+    angles = _rand(N, D // 2, seed=71) * 5
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    msgs = []
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k, _ = (_rand(N, 3, H, D, seed=72) * 3).to(dtype).unbind(1)
+        got, want = vision.apply_rotary_pos_emb_vision(q, k, cos, sin), theirs(q, k, cos, sin)
+        for name, a, b in zip("qk", got, want):
+            assert a.dtype == b.dtype and (torch.equal(a, b) if dtype == torch.float32 else _ulps(a, b) <= 1), dtype
+        wide = _rand(N, 2, 45, seed=73)[:, 1] * 4  # rows of 45 with a row stride of 90
+        for weight_dtype in {dtype, torch.float32}:
+            norm = Qwen2_5_VLRMSNorm(45, eps=1e-6)
+            norm.weight.data = (_rand(45, seed=74) + 1).to(weight_dtype)
+            x = wide.to(dtype)
+            a, b = vision.rms_norm(x, norm.weight.data, norm.variance_epsilon), norm(x).detach()
+            # float32: the sum of squares in another order; bfloat16 (the input's rounding of the normed row, then
+            # the product's if the weight is bfloat16 too)
+            assert a.dtype == b.dtype and a.shape == b.shape and _ulps(a, b, dtype) <= (4 if dtype == torch.float32
+                                                                                       else 2)
+        gate_up = (_rand(N, 2, 2 * 13, seed=75)[:, 0] * 4).to(dtype)  # row stride 52
+        gate, up = gate_up.chunk(2, dim=-1)
+        a, b = vision.silu_and_mul(gate_up), torch.nn.functional.silu(gate) * up
+        # two roundings (silu, then its product), each of which the interpreter may take a unit off
+        assert a.dtype == b.dtype and a.shape == b.shape and _ulps(a, b) <= (4 if dtype == torch.float32 else 2)
+        msgs.append(f"{dtype}: rotary {'equal' if dtype == torch.float32 else 'within 1 ulp'}, norm and silu close")
+    bad_calls = [(vision.apply_rotary_pos_emb_vision, (q, k[:5], cos, sin), "head_dim"),
+                 (vision.apply_rotary_pos_emb_vision, (q[..., :5], k[..., :5], cos[:, :5], sin[:, :5]), "even"),
+                 (vision.rms_norm, (wide, torch.ones(44), 1e-6), "weight must be [45]"),
+                 (vision.silu_and_mul, (gate_up[:, :25],), "2 * width")]
+    for fn, args, words in bad_calls:
+        try:
+            fn(*args)
+        except ValueError as error:
+            assert words in str(error), error
+        else:
+            raise AssertionError(f"{fn.__name__} took bad shapes")
+    return "; ".join(msgs) + "; bad shapes refused"
+
+
 def main():
     shard, num = (int(sys.argv[1]), int(sys.argv[2])) if len(sys.argv) > 2 else (0, 1)
     only = set(sys.argv[3].split(",")) if len(sys.argv) > 3 and sys.argv[3] else None

@@ -95,9 +95,12 @@ def test_construction_and_from_pretrained_validate(tmp_path):
 
 def test_kernels_binding_is_not_serialised(tmp_path):
     model = tiny_model()
-    assert load_nsa_kernels(model.config) is load_nsa_kernels(model.config.text_config)
-    text = model.config.to_dict()["text_config"]
-    assert not [key for key in text if "kernels" in key] and not [k for k in model.config.to_dict() if "kernels" in k]
+    kernels = load_nsa_kernels(model.config)
+    for sub in (model.config.text_config, model.config.vision_config):
+        assert load_nsa_kernels(sub) is kernels
+    for sub in ("text_config", "vision_config"):
+        assert not [key for key in model.config.to_dict()[sub] if "kernels" in key], sub
+    assert not [k for k in model.config.to_dict() if "kernels" in k]
     model.config.save_pretrained(tmp_path)
     assert "kernels" not in (tmp_path / "config.json").read_text()
 

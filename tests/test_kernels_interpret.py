@@ -28,7 +28,7 @@ SHARDS = [
     ["small_nsa_with_gates_T100", "small_hybrid_mixed_padded", "small_branches_chunk", "conf_topk_T320_bc3_q0",
      "selected_union_tiles", "tile_unions_against_sets", "hybrid_in_query_chunks", "attention_delta_layouts",
      "selected_dkv_row_lists_in_items", "int64_offsets", "gate_mix_folded", "nsa_on_model_heads",
-     "running_means_against_cumsum"],
+     "running_means_against_cumsum", "vision_kernels_equal_transformers"],
 ]
 ALL = [name for shard in SHARDS for name in shard]
 

@@ -40,9 +40,9 @@ def stock_twin(visual):
     return stock.to(visual.device)
 
 
-def pixels_and_grid(seed: int = 0):
+def pixels_and_grid(seed: int = 0, grids=GRIDS):
     generator = torch.Generator().manual_seed(seed)
-    grid = torch.tensor(GRIDS)
+    grid = torch.tensor(grids)
     pixels = torch.randn(int(grid.prod(dim=1).sum()), PATCH_DIM, generator=generator)
     return pixels, grid
 
@@ -59,11 +59,17 @@ def test_vision_tower_uses_the_batched_attention_with_unchanged_keys():
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("implementation", ["sdpa", "eager"])
-def test_vision_tower_equals_qwen25vl_per_segment_attention(implementation, device):
+@pytest.mark.parametrize("grids", [GRIDS, [(2, 8, 4), (1, 4, 8)]], ids=["edge windows", "whole windows"])
+def test_vision_tower_equals_qwen25vl_per_segment_attention(implementation, device, grids, monkeypatch):
+    """Every segment as its own call (transformers) against the batches: gathered where windows are cut at the
+    frames' edges, views where every segment lies end to end (whole windows: one call per layer)."""
+    # transformers' patch embedding is a convolution, which cuDNN runs in TF32 unless told not to; ours is a float32
+    # matrix product
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     visual = tiny_vision_model(implementation).model.visual.to(device)
     stock = stock_twin(visual)
     assert visual.config._attn_implementation == stock.config._attn_implementation == implementation
-    pixels, grid = (tensor.to(device) for tensor in pixels_and_grid())
+    pixels, grid = (tensor.to(device) for tensor in pixels_and_grid(grids=grids))
     with torch.no_grad():
         ours, theirs = visual(pixels, grid_thw=grid), stock(pixels, grid_thw=grid)
     tolerance = {"rtol": 1e-5, "atol": 1e-5} if device == "cpu" else {"rtol": 1e-4, "atol": 1e-4}  # other kernels
@@ -91,6 +97,35 @@ def test_one_attention_call_per_segment_length(monkeypatch):
     assert full_lengths == [4, 24, 32, 48] and sorted(shape[2] for shape in calls[:3]) == [4, 8, 16]
     segments = sum(shape[0] for shape in calls[3:7])
     assert segments == int(grid[:, 0].sum())  # one segment per temporal patch in the full-attention layer
+
+
+def test_segments_end_to_end_are_slices_others_indices(monkeypatch):
+    """A call's segments are a slice of the packed rows where they lie end to end, else ``[segments, length]``
+    indices; groups come shortest first, split by the bound on scores per call."""
+    def calls(bounds):
+        return [(rows if isinstance(rows, slice) else rows.tolist(), length) for rows, length in
+                modeling_videonsa._equal_length_segments(torch.tensor(bounds), 2, torch.device("cpu"))]
+
+    assert calls([0, 4, 8, 12]) == [(slice(0, 12), 4)]
+    assert calls([0, 4, 8, 10, 14, 14]) == [(slice(8, 10), 2), ([[0, 1, 2, 3], [4, 5, 6, 7], [10, 11, 12, 13]], 4)]
+    monkeypatch.setattr(modeling_videonsa, "_VISION_SCORES_PER_CALL", 2 * 2 * 4 * 4)  # two segments of 4 per call
+    assert calls([0, 4, 8, 12, 16, 18]) == [(slice(16, 18), 2), (slice(0, 8), 4), (slice(8, 16), 4)]
+
+
+def test_segments_planned_once_per_pass_and_kind(monkeypatch):
+    """The windowed blocks share one plan, the full-attention block has its own: two plans per pass, each made anew
+    in the next pass (a new video, new boundaries)."""
+    visual = tiny_vision_model("sdpa").model.visual
+    plans = []
+    planner = modeling_videonsa._equal_length_segments
+    monkeypatch.setattr(modeling_videonsa, "_equal_length_segments", lambda *args: plans.append(args) or planner(*args))
+    with torch.no_grad():
+        for seed, grids in ((0, GRIDS), (1, [(2, 8, 4)])):
+            pixels, grid = pixels_and_grid(seed, grids)
+            plans.clear()
+            torch.testing.assert_close(visual(pixels, grid_thw=grid).pooler_output,
+                                       stock_twin(visual)(pixels, grid_thw=grid).pooler_output, rtol=1e-5, atol=1e-5)
+            assert len(plans) == 2 and len({id(args[0]) for args in plans}) == 2
 
 
 @pytest.mark.parametrize("implementation", ["sdpa", "eager"])
@@ -214,3 +249,61 @@ def test_tower_arithmetic_of_the_benchmark_counts_every_product(monkeypatch):
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             tower(torch.randn(steps * side * side, PATCH_DIM), grid_thw=torch.tensor([[steps, side, side]]))
         assert bench_vision.tower_flops(config, steps, side) == counter.get_total_flops(), (steps, side)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vision_kernels_are_transformers_on_cuda(dtype, monkeypatch):
+    """On CUDA, ``nsa_kernels.vision`` at the 7B tower's sizes against transformers' operations:
+
+    * the rotary embedding (16 heads of 80, q and k the strided views of the qkv product) and ``silu(gate) * up``
+      (the padded MLP's 2 x 3,424 product) bit for bit;
+    * RMSNorm over 1,280: in bfloat16 within one unit of the last place (its sum of squares in another order),
+      nearly all equal; in float32 within four;
+    * the tiny tower without gradients, which takes all three, against the same tower on transformers' operations
+      (``set_fast_path(False)``), each kernel called."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRMSNorm, apply_rotary_pos_emb_vision
+
+    from nsa_kernels import vision
+
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    q, k, _ = (torch.randn(5000, 3, 16, 80, device="cuda", generator=generator) * 4).to(dtype).unbind(1)
+    angles = torch.rand(5000, 40, device="cuda", generator=generator) * 60
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    for ours, theirs in zip(vision.apply_rotary_pos_emb_vision(q, k, cos, sin),
+                            apply_rotary_pos_emb_vision(q, k, cos, sin)):
+        assert torch.equal(ours, theirs)
+    gate_up = (torch.randn(3000, 2 * 3424, device="cuda", generator=generator) * 4).to(dtype)
+    gate, up = gate_up.chunk(2, dim=-1)
+    assert torch.equal(vision.silu_and_mul(gate_up), torch.nn.functional.silu(gate) * up)
+    norm = Qwen2_5_VLRMSNorm(1280).to("cuda", dtype)
+    norm.weight.data = torch.rand(1280, device="cuda", generator=generator).to(dtype) + 0.5
+    x = (torch.randn(3000, 1280, device="cuda", generator=generator) * 3).to(dtype)
+    with torch.no_grad():
+        ours, theirs = vision.rms_norm(x, norm.weight, norm.variance_epsilon), norm(x)
+    ulps = (ours.float() - theirs.float()).abs() / (theirs.float().abs() * torch.finfo(dtype).eps)
+    assert ours.dtype == theirs.dtype
+    if dtype == torch.float32:  # the sum's order and the approximate rsqrt (torch's too) in float32's last bits
+        assert ulps.max() <= 4
+    else:  # rounded to bfloat16, nearly always to the same value
+        assert ulps.max() <= 1 and (ours == theirs).float().mean() > 0.99
+
+    calls = []
+    for name in ("apply_rotary_pos_emb_vision", "rms_norm", "silu_and_mul"):
+        def counted(*args, _fn=getattr(vision, name), _name=name):
+            calls.append(_name)
+            return _fn(*args)
+        monkeypatch.setattr(vision, name, counted)
+    visual = tiny_vision_model("sdpa").model.visual.to("cuda", dtype)
+    pixels, grid = pixels_and_grid()
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # transformers' patch embedding, a convolution
+    with torch.no_grad():
+        outputs = []
+        for fast in (True, False):
+            visual.set_fast_path(fast)
+            outputs.append(visual(pixels.to("cuda", dtype), grid_thw=grid.to("cuda")).pooler_output)
+    assert set(calls) == {"apply_rotary_pos_emb_vision", "rms_norm", "silu_and_mul"}
+    assert calls.count("rms_norm") == 2 * len(visual.blocks) + 1  # each block's two norms and the merger's
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(*outputs, **tolerance)
