@@ -764,8 +764,9 @@ _SEGMENT_PLANS = WeakIdKeyDictionary()
 
 
 def _segment_plan(cu_seqlens: torch.Tensor, num_heads: int, device: torch.device) -> list:
-    """:func:`_equal_length_segments` as a list, remembered for ``cu_seqlens`` (until it changes or is freed)."""
-    key = (cu_seqlens._version, num_heads, device)
+    """:func:`_equal_length_segments` as a list, remembered for ``cu_seqlens`` (until it changes or is freed; tensors
+    made under ``torch.inference_mode`` have no version counter, and the tower never changes them)."""
+    key = (None if cu_seqlens.is_inference() else cu_seqlens._version, num_heads, device)
     cached = _SEGMENT_PLANS.get(cu_seqlens)
     if cached is None or cached[0] != key:
         cached = _SEGMENT_PLANS[cu_seqlens] = (key, list(_equal_length_segments(cu_seqlens, num_heads, device)))

@@ -114,18 +114,21 @@ def test_segments_end_to_end_are_slices_others_indices(monkeypatch):
 
 def test_segments_planned_once_per_pass_and_kind(monkeypatch):
     """The windowed blocks share one plan, the full-attention block has its own: two plans per pass, each made anew
-    in the next pass (a new video, new boundaries)."""
+    in the next pass (a new video, new boundaries), also under ``torch.inference_mode`` (lmms-eval's, whose tensors
+    have no version counter)."""
     visual = tiny_vision_model("sdpa").model.visual
     plans = []
     planner = modeling_videonsa._equal_length_segments
     monkeypatch.setattr(modeling_videonsa, "_equal_length_segments", lambda *args: plans.append(args) or planner(*args))
-    with torch.no_grad():
-        for seed, grids in ((0, GRIDS), (1, [(2, 8, 4)])):
-            pixels, grid = pixels_and_grid(seed, grids)
-            plans.clear()
-            torch.testing.assert_close(visual(pixels, grid_thw=grid).pooler_output,
-                                       stock_twin(visual)(pixels, grid_thw=grid).pooler_output, rtol=1e-5, atol=1e-5)
-            assert len(plans) == 2 and len({id(args[0]) for args in plans}) == 2
+    stock = stock_twin(visual)
+    for mode, seed, grids in ((torch.no_grad, 0, GRIDS), (torch.no_grad, 1, [(2, 8, 4)]),
+                              (torch.inference_mode, 2, GRIDS)):
+        pixels, grid = pixels_and_grid(seed, grids)
+        plans.clear()
+        with mode():
+            ours, theirs = visual(pixels, grid_thw=grid).pooler_output, stock(pixels, grid_thw=grid).pooler_output
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+        assert len(plans) == 2 and len({id(args[0]) for args in plans}) == 2, mode
 
 
 @pytest.mark.parametrize("implementation", ["sdpa", "eager"])
