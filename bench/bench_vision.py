@@ -2,8 +2,8 @@
 
 Random bf16 weights; one video of ``N / 64`` temporal patches of 16 x 16 patches (224 x 224 frames, 64 merged tokens
 each), encoded in pieces of ``--piece-tokens`` merged tokens as ``videonsa.long_context.video_features`` does in a
-chunked prefill. Rows, all on the same weights (the blocks' attention and MLP classes are swapped in place; they
-hold the same parameters):
+chunked prefill. Rows, all on the same weights (the blocks' attention and MLP classes are swapped in place, and the
+fast path switched, see ``set_row``; they hold the same parameters):
 
 * ``transformers``: Qwen2.5-VL's blocks as transformers runs them without flash-attn (one SDPA call per attention
   segment; the MLP's 3,420-wide products on unaligned rows);
@@ -94,7 +94,8 @@ def build_tower():
 
 
 def set_row(tower, row: str):
-    """Point every block at the attention and MLP classes of ``row`` (same parameters, other forward)."""
+    """Point every block at the attention and MLP classes of ``row`` (same parameters, other forward) and switch the
+    tower's fast path on for ``ours`` only."""
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLMLP, Qwen2_5_VLVisionAttention
 
     from modeling_videonsa import VideoNSAVisionAttention, VideoNSAVisionMLP
