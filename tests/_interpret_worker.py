@@ -151,6 +151,16 @@ def conf_dense_T200():
 # ---------------------------------------------------------------------------------------------------------
 # small random shapes against the reference (forward and gradients)
 # ---------------------------------------------------------------------------------------------------------
+def _refused(call, words: str, what: str) -> None:
+    """``call()`` raises a ValueError whose message names ``words``; ``what`` names the call in the failure."""
+    try:
+        call()
+    except ValueError as error:
+        assert words in str(error), error
+    else:
+        raise AssertionError(f"{what} was accepted")
+
+
 def _rand(*shape, seed):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(*shape, generator=g, dtype=torch.float32)
@@ -520,12 +530,7 @@ def gate_mix_folded():
                       lambda *x: R.mix_branches(*x, fold_to=7), inputs, tol=1e-6)
     _, grads = _grads(lambda *x: TN.mix_branches(*x, fold_to=7), inputs, seed=7)
     assert all(bool((g[:, :, 14:] == 0).all()) for g in grads), "padded heads got a gradient"
-    try:
-        TN.mix_branches(*inputs, fold_to=9)
-    except ValueError as error:
-        assert "fold_to=9" in str(error), error
-    else:
-        raise AssertionError("fold_to past half the padded heads was accepted")
+    _refused(lambda: TN.mix_branches(*inputs, fold_to=9), "fold_to=9", "fold_to past half the padded heads")
     return msg + "; padded heads get zero gradients; fold_to=9 refused"
 
 
@@ -619,12 +624,7 @@ def running_means_against_cumsum():
     means = running_means(v, None, group)
     for bad, words in (((10, Tk + 1, None), "outside"), ((10, 5, None), "outside"),
                        ((0, 9, torch.ones(B, 8, dtype=torch.bool)), "rows_on")):
-        try:
-            means(*bad)
-        except ValueError as error:
-            assert words in str(error), error
-        else:
-            raise AssertionError(f"running means took {bad[:2]}")
+        _refused(lambda: means(*bad), words, f"running means of {bad[:2]}")
     return "; ".join(msgs) + "; bad ranges and flags refused"
 
 
@@ -669,12 +669,7 @@ def band_key_splits():
                 "band", lambda q, k, v: band_attention(q, k, v, D ** -0.5, win_arg, pos_arg, key_valid, active,
                                                        key_splits=splits),
                 lambda q, k, v: _naive_band(q, k, v, D ** -0.5, window, positions, key_valid, active), (q, k, v)))
-    try:
-        band_attention(q, k, v, key_splits=0)
-    except ValueError as error:
-        assert "key_splits" in str(error), error
-    else:
-        raise AssertionError("key_splits=0 was accepted")
+    _refused(lambda: band_attention(q, k, v, key_splits=0), "key_splits", "key_splits=0")
     return "; ".join(msgs) + "; key_splits=0 refused"
 
 
@@ -688,12 +683,7 @@ def attention_delta_layouts():
     expect = (o.double() * do.double()).sum(-1)
     msgs = [_close("tokens first", attention_delta(o, do), expect, 1e-5),
             _close("heads first", attention_delta(o, do, heads_first=True), expect.transpose(1, 2), 1e-5)]
-    try:
-        attention_delta(o, do[:, :6])
-    except ValueError as error:
-        assert "one shape" in str(error), error
-    else:
-        raise AssertionError("attention_delta took o and do of different shapes")
+    _refused(lambda: attention_delta(o, do[:, :6]), "one shape", "attention_delta of o and do of different shapes")
     return "; ".join(msgs) + "; mismatched shapes refused"
 
 
@@ -750,12 +740,7 @@ def vision_kernels_equal_transformers():
                  (vision.rms_norm, (wide, torch.ones(44), 1e-6), "weight must be [45]"),
                  (vision.silu_and_mul, (gate_up[:, :25],), "2 * width")]
     for fn, args, words in bad_calls:
-        try:
-            fn(*args)
-        except ValueError as error:
-            assert words in str(error), error
-        else:
-            raise AssertionError(f"{fn.__name__} took bad shapes")
+        _refused(lambda: fn(*args), words, f"{fn.__name__} of bad shapes")
     return "; ".join(msgs) + "; bad shapes refused"
 
 
