@@ -709,9 +709,6 @@ class VideoNSATextModel(Qwen2_5_VLTextModel):
             return None
         past = int(cache.get_seq_length()) if cache is not None else 0
         padding = _key_padding_mask(attention_mask, batch, past + length, _static_capacity(cache))
-        real_new = new if padding is None else new & padding[:, past:]
-        if not bool(real_new.any()):
-            return None
         if cache is None:
             is_vision = new
         else:
@@ -723,6 +720,8 @@ class VideoNSATextModel(Qwen2_5_VLTextModel):
                 )
             is_vision = is_vision[:, : past + length]
         plan = load_nsa_kernels(self.config).plan_hybrid(is_vision, padding, length)
+        if not any(plan.nsa_samples):  # the new vision tokens are all padding: dense
+            return None
         return VideoNSATokens(is_vision, padding, plan)
 
 

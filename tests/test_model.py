@@ -94,6 +94,20 @@ def test_one_plan_per_pass_reaches_every_layer(monkeypatch):
     assert len(seen) == model.config.text_config.num_hidden_layers and all(p is plans[0] for p in seen)
 
 
+def test_vision_tokens_only_under_padding_make_a_dense_pass(monkeypatch):
+    """New vision tokens that are all padding leave the pass dense (no hybrid plan handed to the layers); one real
+    vision token makes it hybrid, with a plan that runs that sample's NSA part."""
+    text_model = tiny_model().model.language_model
+    kernels = modeling_videonsa.load_nsa_kernels(text_model.config)
+    flags = torch.tensor([[True, True, False, False], [False, False, False, False]])
+    monkeypatch.setattr(kernels, "token_is_vision", lambda rows: flags)
+    position_ids = torch.zeros(3, 2, 4, dtype=torch.long)  # M-RoPE rows; the types come from the patched function
+    padded_vision = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])  # sample 0's vision tokens are its left padding
+    assert text_model._type_tokens(position_ids, padded_vision, None, 2, 4) is None
+    tokens = text_model._type_tokens(position_ids, torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]), None, 2, 4)
+    assert tokens is not None and tokens.plan.nsa_samples == (True, False)
+
+
 def test_dense_switch_and_text_only_prompts_are_qwen25vl():
     model = tiny_model()
     twin = qwen_twin(model)
